@@ -1,0 +1,33 @@
+"""SigLIP So400m/14 @ 384 px in plain PyTorch: numerically identical to transformers' SiglipModel.
+
+    import siglip_so400m
+    model, processor = siglip_so400m.load("google/siglip-so400m-patch14-384")
+    logits = model(processor.images(["cat.jpg"]), processor.texts(["a photo of 2 cats"]))
+"""
+
+from .api import Processor, load
+from .config import SiglipConfig, TextConfig, VisionConfig
+from .image import ImageProcessor, ImageReadError, load_image
+from .loss import sigmoid_loss
+from .model import SigLIP, TextTower, VisionTower
+from .text import Tokenizer
+from .weights import DEFAULT_REPO, Checkpoint, CheckpointError
+
+__all__ = [
+    "DEFAULT_REPO",
+    "Checkpoint",
+    "CheckpointError",
+    "ImageProcessor",
+    "ImageReadError",
+    "Processor",
+    "SigLIP",
+    "SiglipConfig",
+    "TextConfig",
+    "TextTower",
+    "Tokenizer",
+    "VisionConfig",
+    "VisionTower",
+    "load",
+    "load_image",
+    "sigmoid_loss",
+]

@@ -1,0 +1,234 @@
+"""Finding a checkpoint (Hub id, local folder, or bare .safetensors file) and loading its weights.
+
+The only module that touches the disk or the Hub. Weights are read from safetensors alone (no
+pickle), mmap'd, and assigned straight into a model built on the meta device: no random init and no
+second copy. A dtype conversion reads the file in slices of a few hundred MB, so that converting to
+bf16 never holds more than the bf16 model plus one slice of fp32.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import SiglipConfig
+
+DEFAULT_REPO = "google/siglip-so400m-patch14-384"
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
+TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+_SLICE_BYTES = 64 * 2**20  # per mmap while converting dtypes: bounds the fp32 pages held at once
+_MAX_LISTED = 8
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or does not fit; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's files are: `name` as the user gave it, `revision` the resolved commit for a
+    Hub checkpoint (None for local files), `folder` holding config and tokenizer files if any."""
+
+    name: str
+    revision: str | None
+    folder: Path | None
+    weight_files: tuple[Path, ...]
+    config: SiglipConfig
+
+
+def resolve(name: str | Path = DEFAULT_REPO, *, revision: str | None = None,
+            config: SiglipConfig | str | Path | None = None,
+            towers: tuple[str, ...] = ("vision", "text")) -> Checkpoint:
+    """A Hub id, a local folder in the Hub layout, or a .safetensors file -> its files and config."""
+    path = Path(name).expanduser()
+    if path.exists():
+        if revision is not None:
+            raise CheckpointError(f"revision={revision!r} applies to Hub ids, but {name} is a local path")
+        if path.is_file():
+            return _from_file(path, config)
+        return _from_folder(str(name), path, None, config)
+    if isinstance(name, str) and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not name.startswith("."):
+        folder = _download(name, revision, towers)
+        return _from_folder(name, folder, folder.name, config)
+    raise CheckpointError(f"{name}: no such file or folder, and not a Hub id like {DEFAULT_REPO}")
+
+
+def _download(repo_id: str, revision: str | None, towers: tuple[str, ...]) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    patterns = ["config.json", "preprocessor_config.json", WEIGHTS, WEIGHTS_INDEX, "model-*.safetensors"]
+    if "text" in towers:
+        patterns += TOKENIZER_FILES
+    at = f"{repo_id}@{revision or 'main'}"
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{repo_id}: no such model on the Hub (or it is private: log in "
+                              "with `hf auth login`)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{at}: no such revision on the Hub") from None
+    except LocalEntryNotFoundError:  # offline (HF_HUB_OFFLINE=1 or no network) and not cached
+        raise CheckpointError(
+            f"cannot fetch {at}: the Hub is unreachable or HF_HUB_OFFLINE=1, and it is not in the "
+            f"local cache. Either pass a local folder (--model DIR / load('DIR')), or cache the "
+            f"repo first on a machine with network: hf download {repo_id}") from None
+    except HfHubHTTPError as e:  # IncompleteSnapshotError and other HTTP failures
+        raise CheckpointError(f"cannot fetch {at}: {e}") from None
+
+
+def _from_folder(name: str, folder: Path, revision: str | None,
+                 config: SiglipConfig | str | Path | None) -> Checkpoint:
+    index = folder / WEIGHTS_INDEX
+    if (folder / WEIGHTS).is_file():
+        files = (folder / WEIGHTS,)
+    elif index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = tuple(folder / s for s in shards)
+        missing = [str(f) for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{WEIGHTS_INDEX} in {folder} names shards that are missing: "
+                                  + _cut(missing))
+    else:
+        pickles = [p for p in PICKLE_WEIGHTS if (folder / p).exists()]
+        if pickles:
+            raise CheckpointError(
+                f"{folder} has only {pickles[0]}, a pickle file: loading one can run arbitrary code, "
+                "so siglip_so400m reads safetensors only. Convert it once where you trust the file, "
+                "e.g. `SiglipModel.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)` "
+                "with transformers, and load OUT.")
+        where = f"{name}@{revision}" if revision else str(folder)
+        raise CheckpointError(f"no {WEIGHTS} in {where} (is this a SigLIP checkpoint folder?)")
+    if config is None:
+        if not (folder / "config.json").is_file():
+            raise CheckpointError(f"no config.json in {folder}")
+        config = folder / "config.json"
+    return Checkpoint(name, revision, folder, files, _read_config(config))
+
+
+def _from_file(path: Path, config: SiglipConfig | str | Path | None) -> Checkpoint:
+    if path.name in PICKLE_WEIGHTS or path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
+        raise CheckpointError(f"{path} is a pickle file: loading one can run arbitrary code, so "
+                              "siglip_so400m reads safetensors only (convert it where you trust it)")
+    if path.suffix != ".safetensors":
+        raise CheckpointError(f"{path}: expected a .safetensors file or a checkpoint folder")
+    if config is None:
+        if not (path.parent / "config.json").is_file():
+            raise CheckpointError(f"{path} is a bare weights file: pass its config too, e.g. "
+                                  "config='configs/siglip-so400m-patch14-384.json'")
+        config = path.parent / "config.json"
+    return Checkpoint(str(path), None, path.parent, (path,), _read_config(config))
+
+
+def _read_config(config: SiglipConfig | str | Path) -> SiglipConfig:
+    if isinstance(config, SiglipConfig):
+        return config
+    try:
+        return SiglipConfig.from_json(config)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"bad config: {e}") from None
+
+
+def _cut(items: list[str]) -> str:
+    shown = ", ".join(items[:_MAX_LISTED])
+    return shown + (f", ... ({len(items) - _MAX_LISTED} more)" if len(items) > _MAX_LISTED else "")
+
+
+def _open(file: Path):
+    try:
+        return safe_open(str(file), framework="pt")
+    except SafetensorError as e:
+        raise CheckpointError(f"{file} is truncated or corrupt ({e}); delete it and fetch it "
+                              "again") from None
+    except OSError as e:
+        raise CheckpointError(f"cannot read {file}: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None) -> None:
+    """Check the checkpoint against `model` (built on the meta device), then assign its tensors.
+
+    `model` may hold one tower only: the other tower's tensors are then neither read nor checked
+    beyond their names. Every tensor of the checkpoint must belong to the full model, every
+    parameter of `model` must be in the checkpoint, and shapes must agree.
+    """
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    full = _full_key_set(ckpt.config)
+    where: dict[str, Path] = {}
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for file in ckpt.weight_files:
+        with _open(file) as f:
+            for k in f.keys():  # noqa: SIM118 (safe_open is no dict)
+                if k.endswith(".position_ids"):
+                    continue  # a buffer that older exports saved; we compute positions instead
+                s = f.get_slice(k)
+                where[k] = file
+                found[k] = (tuple(s.get_shape()), s.get_dtype())
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in full]
+    wrong = [f"{k}: file {found[k][0]} vs config {expected[k]}"
+             for k in expected if k in found and found[k][0] != expected[k]]
+    if missing or unexpected or wrong:
+        names = ", ".join(f.name for f in ckpt.weight_files)
+        lines = [f"{names} does not fit its config:"]
+        if missing:
+            lines.append(f"  missing keys: {_cut(missing)}")
+        if unexpected:
+            lines.append(f"  unexpected keys: {_cut(unexpected)}")
+        if wrong:
+            lines.append(f"  wrong shapes: {_cut(wrong)}")
+        lines.append("(is this a SigLIP checkpoint, and does config.json belong to these weights?)")
+        raise CheckpointError("\n".join(lines))
+    bad_dtype = [f"{k} ({found[k][1]})" for k in expected if found[k][1] not in _FLOAT_DTYPES]
+    if bad_dtype:
+        raise CheckpointError(f"non-float tensors in the checkpoint: {_cut(bad_dtype)}")
+
+    state: dict[str, torch.Tensor] = {}
+    # Read in slices, each through its own mmap: when a tensor is converted, the fp32 pages of
+    # its slice are released with the mmap instead of piling up until the whole file is read.
+    for file in ckpt.weight_files:
+        keys = [k for k in expected if where[k] == file]
+        for group in _slices(keys, found):
+            with _open(file) as f:
+                for k in group:
+                    state[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+
+
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+
+
+def _slices(keys: list[str], found: dict[str, tuple[tuple[int, ...], str]]) -> list[list[str]]:
+    groups: list[list[str]] = [[]]
+    size = 0
+    for k in keys:
+        shape, dt = found[k]
+        n = _BYTES[dt]
+        for d in shape:
+            n *= d
+        if groups[-1] and size + n > _SLICE_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(k)
+        size += n
+    return groups
+
+
+def _full_key_set(cfg: SiglipConfig) -> set[str]:
+    from .model import SigLIP
+
+    with torch.device("meta"):
+        return set(SigLIP(cfg).state_dict())
