@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 import siglip_so400m
 from siglip_so400m import CheckpointError, SiglipConfig, TextConfig, VisionConfig
-from tests.conftest import SO400M_CONFIG, hub_cache
+from siglip_so400m.testing import SO400M_CONFIG, hub_cache
 
 REPO = "google/siglip-so400m-patch14-384"
 

@@ -11,7 +11,7 @@ import torch
 
 import siglip_so400m
 from siglip_so400m import SigLIP, SiglipConfig, sigmoid_loss
-from tests.conftest import SO400M_CONFIG, hf_config
+from siglip_so400m.testing import SO400M_CONFIG, hf_config
 
 TEXTS = ["a photo of 2 cats", "a red circle", "", "Café naïve résumé", "東京 猫 😀", "x " * 80]
 

@@ -12,6 +12,7 @@ from .loss import sigmoid_loss
 from .model import SigLIP, TextTower, VisionTower
 from .text import Tokenizer
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError
+from .zeroshot import ZeroShotClassifier, zero_shot
 
 __all__ = [
     "DEFAULT_REPO",
@@ -27,7 +28,9 @@ __all__ = [
     "Tokenizer",
     "VisionConfig",
     "VisionTower",
+    "ZeroShotClassifier",
     "load",
     "load_image",
     "sigmoid_loss",
+    "zero_shot",
 ]

@@ -8,6 +8,7 @@ attention mask: the model was trained on padded sequences and pools the last pos
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import string
@@ -65,6 +66,13 @@ class Tokenizer:
                    pad_token=_content(cfg.get("pad_token", "</s>")),
                    extra_special_tokens=extra,
                    legacy=bool(cfg.get("legacy", True)))
+
+    def identity(self) -> str:
+        """A digest of everything that decides the ids (for caches of text embeddings)."""
+        h = hashlib.sha256(self.sp.serialized_model_proto())
+        h.update(repr((self.max_length, self.do_lower_case, self.unk_token, sorted(self.specials.items()),
+                       self.eos_id, self.pad_id)).encode())
+        return h.hexdigest()
 
     def _piece_id(self, piece: str) -> int:
         i = self.sp.piece_to_id(piece)

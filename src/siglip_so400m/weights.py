@@ -42,6 +42,14 @@ class Checkpoint:
     weight_files: tuple[Path, ...]
     config: SiglipConfig
 
+    def identity(self) -> str:
+        """A string that changes when the weights do (for caches): the commit of a Hub checkpoint;
+        path, size and modification time of each local weight file."""
+        if self.revision is not None:
+            return f"{self.name}@{self.revision}"
+        stats = [(str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in self.weight_files]
+        return json.dumps(stats)
+
 
 def resolve(name: str | Path = DEFAULT_REPO, *, revision: str | None = None,
             config: SiglipConfig | str | Path | None = None,

@@ -1,0 +1,186 @@
+"""Zero-shot classification: score images against text labels, the SigLIP way.
+
+What other tools get wrong and this does not: texts are padded to 64 with EOS and lowercased
+(the processor does it), the text tower runs once per (labels, templates) and never per image, and
+every score comes three ways: the logit, the sigmoid (SigLIP's own probability that a label matches,
+independent of the other labels) and the softmax (relative among the labels given).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor
+
+from .api import Processor
+from .image import ImageInput
+from .model import SigLIP
+from .text import Tokenizer
+from .weights import Checkpoint
+
+DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline default
+
+
+def default_cache_dir() -> Path:
+    """$SIGLIP_SO400M_CACHE, else $XDG_CACHE_HOME/siglip_so400m, else ~/.cache/siglip_so400m."""
+    if os.environ.get("SIGLIP_SO400M_CACHE"):
+        return Path(os.environ["SIGLIP_SO400M_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siglip_so400m"
+
+
+def check_labels(labels: Sequence[str]) -> list[str]:
+    """Labels without duplicates (merged, with a warning); empty lists or labels are errors."""
+    if isinstance(labels, str):
+        raise TypeError("labels must be a list of strings, not one string")
+    if not labels:
+        raise ValueError("no labels given")
+    for label in labels:
+        if not isinstance(label, str) or not label.strip():
+            raise ValueError(f"labels must be non-empty strings, got {label!r}")
+    unique = list(dict.fromkeys(labels))
+    if len(unique) < len(labels):
+        dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
+        warnings.warn(f"duplicate labels merged: {', '.join(map(repr, dupes))}", stacklevel=2)
+    return unique
+
+
+def check_templates(templates: Sequence[str]) -> list[str]:
+    if isinstance(templates, str) or not templates:
+        raise ValueError("templates must be a non-empty list of strings")
+    for t in templates:
+        try:
+            ok = t.format("x") != t.format("y")
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"template {t!r} must contain one {{}} where the label goes "
+                             "(and no other braces)")
+    return list(dict.fromkeys(templates))
+
+
+class LabelCache:
+    """Label embeddings on disk, one safetensors file per (checkpoint, tokenizer, templates, dtype):
+    a second run with the same labels does not run the text tower at all."""
+
+    def __init__(self, root: str | Path, ckpt: Checkpoint, tokenizer: Tokenizer,
+                 templates: Sequence[str], dtype: torch.dtype):
+        key = json.dumps({"checkpoint": ckpt.identity(), "tokenizer": tokenizer.identity(),
+                          "templates": list(templates), "dtype": str(dtype)})
+        self.path = Path(root) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def get(self) -> dict[str, Tensor]:
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                # Tensor names are the labels' sha256 (any string is then a safe name).
+                names = json.loads((f.metadata() or {}).get("labels", "{}"))
+                stored = set(f.keys())
+                return {label: f.get_tensor(name) for label, name in names.items() if name in stored}
+        except (FileNotFoundError, SafetensorError, OSError, ValueError):
+            return {}  # no cache yet, or a damaged one that the next put() replaces
+
+    def put(self, embeddings: dict[str, Tensor]) -> None:
+        merged = {**self.get(), **embeddings}
+        names = {label: hashlib.sha256(label.encode()).hexdigest() for label in merged}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
+        save_file({names[k]: v.contiguous() for k, v in merged.items()}, tmp,
+                  metadata={"labels": json.dumps(names)})
+        os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old file or the new one
+
+
+@torch.inference_mode()
+def embed_labels(model: SigLIP, tokenizer: Tokenizer, labels: Sequence[str], templates: Sequence[str],
+                 batch_size: int = 32) -> Tensor:
+    """(N, D) float32 label embeddings: each template filled in, encoded, normalized, averaged over
+    templates and normalized again (the CLIP/SigLIP prompt-ensembling recipe)."""
+    texts = [t.format(label) for label in labels for t in templates]
+    for label in labels:
+        long = [t for t in templates if tokenizer.is_truncated(t.format(label))]
+        if long:
+            warnings.warn(f"label {label!r} is over {tokenizer.max_length} tokens with template "
+                          f"{long[0]!r}; truncated", stacklevel=3)
+    device = next(model.parameters()).device
+    out = []
+    for i in range(0, len(texts), batch_size):
+        ids = tokenizer(texts[i : i + batch_size]).to(device)
+        out.append(model.encode_text(ids, normalize=True).float())
+    emb = torch.cat(out).view(len(labels), len(templates), -1).mean(1)  # (N, T, D) -> (N, D)
+    return F.normalize(emb, dim=-1)
+
+
+class ZeroShotClassifier:
+    """Labels embedded once, then any number of images scored against them."""
+
+    def __init__(self, model: SigLIP, processor: Processor, labels: Sequence[str],
+                 templates: Sequence[str] = (DEFAULT_TEMPLATE,), *, cache: LabelCache | None = None,
+                 text_batch_size: int = 32):
+        self.model = model
+        self.processor = processor
+        self.labels = check_labels(labels)
+        self.templates = check_templates(templates)
+        cached = cache.get() if cache else {}
+        todo = [label for label in self.labels if label not in cached]
+        self.text_tower_ran = bool(todo)
+        if todo:
+            if processor.tokenizer is None:
+                raise RuntimeError("the checkpoint has no spiece.model to tokenize labels with")
+            fresh = embed_labels(model, processor.tokenizer, todo, self.templates, text_batch_size)
+            fresh = dict(zip(todo, fresh.cpu(), strict=True))
+            cached.update(fresh)
+            if cache:
+                cache.put(fresh)
+        device = next(model.parameters()).device
+        self.label_emb = torch.stack([cached[label] for label in self.labels]).to(device)  # (N, D)
+
+    @torch.inference_mode()
+    def logits(self, pixel_values: Tensor) -> Tensor:
+        """(B, 3, S, S) -> (B, N) float32 logits exp(t') cos + b against the labels."""
+        device = self.label_emb.device
+        img = self.model.encode_image(pixel_values.to(device), normalize=True).float()
+        return self.model.logits(img, self.label_emb).float()
+
+    def scores(self, logits: Tensor) -> list[list[dict[str, float | str]]]:
+        """Per image, every label sorted best first with its logit, sigmoid and softmax."""
+        sig, soft = logits.sigmoid(), logits.softmax(dim=-1)
+        out = []
+        for i in range(logits.shape[0]):
+            order = logits[i].argsort(descending=True, stable=True).tolist()
+            out.append([{"label": self.labels[j], "logit": logits[i, j].item(),
+                         "sigmoid": sig[i, j].item(), "softmax": soft[i, j].item()} for j in order])
+        return out
+
+    def __call__(self, images: ImageInput | list[ImageInput], batch_size: int = 8) -> list[list[dict]]:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        out = []
+        for i in range(0, len(images), batch_size):
+            out += self.scores(self.logits(self.processor.images(images[i : i + batch_size])))
+        return out
+
+
+def zero_shot(model: SigLIP, processor: Processor, images: ImageInput | list[ImageInput],
+              labels: Sequence[str], template: str = DEFAULT_TEMPLATE,
+              templates: Sequence[str] | None = None, batch_size: int = 8,
+              cache_dir: str | Path | None = None) -> list[list[dict]]:
+    """Classify images against labels. Returns, per image, the labels sorted best first, each a dict
+    with `label`, `logit`, `sigmoid` (independent per label; SigLIP's native probability) and
+    `softmax` (relative over the given labels). Several `templates` are averaged; `cache_dir` keeps
+    label embeddings on disk between calls."""
+    templates = list(templates) if templates is not None else [template]
+    cache = None
+    if cache_dir is not None:
+        ckpt = getattr(model, "checkpoint", None)
+        if ckpt is None or processor.tokenizer is None:
+            raise ValueError("cache_dir needs a model from siglip_so400m.load() with its tokenizer")
+        dtype = next(model.parameters()).dtype
+        cache = LabelCache(cache_dir, ckpt, processor.tokenizer, templates, dtype)
+    return ZeroShotClassifier(model, processor, labels, templates, cache=cache)(images, batch_size)
