@@ -8,7 +8,7 @@
 from .api import Processor, load
 from .config import SiglipConfig, TextConfig, VisionConfig
 from .image import ImageProcessor, ImageReadError, load_image
-from .loss import sigmoid_loss
+from .loss import distributed_sigmoid_loss, sigmoid_loss
 from .model import SigLIP, TextTower, VisionTower
 from .text import Tokenizer
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError
@@ -29,6 +29,7 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "ZeroShotClassifier",
+    "distributed_sigmoid_loss",
     "load",
     "load_image",
     "sigmoid_loss",

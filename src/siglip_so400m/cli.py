@@ -242,11 +242,60 @@ def _progress(total: int):
     return tqdm(total=total, unit="img", file=sys.stderr, leave=False)
 
 
+def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune SigLIP with the sigmoid loss, in one "
+                                "process or under torchrun --nproc_per_node N (same command).")
+    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--data", required=True, help="a CSV/JSONL of (image path, caption), or a folder")
+    p.add_argument("--output-dir", required=True, help="where checkpoints and the result go; a run "
+                   "there is resumed")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 10%% of --steps, at most "
+                   "1000), then cosine decay to 0")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients (0: off)")
+    lock = p.add_mutually_exclusive_group()
+    lock.add_argument("--lock-image", action="store_true", help="keep the image tower fixed (LiT)")
+    lock.add_argument("--lock-text", action="store_true", help="keep the text tower fixed")
+    lock.add_argument("--only-logit-params", action="store_true",
+                      help="train only logit_scale and logit_bias")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    args = vars(p.parse_args(argv))
+    args["max_grad_norm"] = args["max_grad_norm"] or None
+    from .data import DataError
+    from .train import train
+    from .weights import CheckpointError
+
+    try:
+        cfg = TrainConfig(**args)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        train(cfg)
+    except (CheckpointError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="siglip-so400m", description="SigLIP So400m/14@384 in PyTorch.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
+    sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog="siglip-so400m zero-shot")
-    return 2
+    return finetune_main(rest, prog="siglip-so400m finetune")

@@ -1,0 +1,344 @@
+"""Fine-tuning with the sigmoid loss, in one process or under torchrun (DDP + the loss across ranks).
+
+The same command gives the same run whatever the number of processes: `batch_size` is the global
+batch, every step's global batch depends on the step alone (see data.GlobalBatches), and the loss
+across ranks equals the global-batch loss. A checkpoint every `save_every` steps is written beside
+the old one and then swapped in, so a run killed at any moment resumes from the last complete one
+and ends where an uninterrupted run ends. The result is saved in the Hugging Face layout, loadable
+by `siglip_so400m.load` and by `transformers.SiglipModel.from_pretrained` alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from .api import load, pick_device
+from .data import GlobalBatches, ImageTextDataset, collate, read_pairs
+from .loss import distributed_sigmoid_loss
+from .model import SigLIP
+from .weights import TOKENIZER_FILES, resolve
+
+CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
+
+
+@dataclass
+class TrainConfig:
+    model: str
+    data: str
+    output_dir: str
+    steps: int
+    batch_size: int = 32  # global: split across processes
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    warmup_steps: int | None = None  # None: 10% of the steps, at most 1000
+    max_grad_norm: float | None = 1.0
+    lock_image: bool = False  # LiT: keep the image tower as it is
+    lock_text: bool = False
+    only_logit_params: bool = False  # train only logit_scale and logit_bias
+    precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively
+    grad_checkpointing: bool = False
+    save_every: int = 500  # 0: only at the end
+    log_every: int = 10
+    seed: int = 0
+    num_workers: int = 2
+    revision: str | None = None
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise ValueError("steps and batch_size must be at least 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
+
+
+class _Embedder(nn.Module):
+    """What DDP wraps: both towers, each under no_grad when locked."""
+
+    def __init__(self, model: SigLIP, lock_image: bool, lock_text: bool):
+        super().__init__()
+        self.model, self.lock_image, self.lock_text = model, lock_image, lock_text
+
+    def forward(self, pixel_values: Tensor, input_ids: Tensor) -> tuple[Tensor, Tensor]:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_image):
+            img = self.model.encode_image(pixel_values, normalize=True)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.lock_text):
+            txt = self.model.encode_text(input_ids, normalize=True)
+        return img.float(), txt.float()
+
+
+def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    if world > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return rank, world, dev
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    from .api import pick_dtype
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if pick_dtype(device) == torch.bfloat16 else None
+
+
+def _schedule(cfg: TrainConfig):
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else min(1000, cfg.steps // 10)
+
+    def factor(step: int) -> float:  # linear warm-up, then cosine decay to zero at the last step
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, cfg.steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _trainable(model: SigLIP, lock_image: bool, lock_text: bool) -> dict[str, nn.Parameter]:
+    locked = {tower for tower, lock in (("vision_model", lock_image), ("text_model", lock_text)) if lock}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.split(".")[0] not in locked)
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Run (or resume) a fine-tuning; returns the output folder with the model in the Hub layout."""
+    rank, world, device = _setup_distributed(cfg.device)
+    out = Path(cfg.output_dir)
+    log = _Log(rank, out)
+    ckpt = resolve(cfg.model, revision=cfg.revision)
+    model, processor = load(ckpt, dtype=torch.float32, device=device)
+    model.train()
+    if cfg.grad_checkpointing:
+        for tower in (model.vision_model, model.text_model):
+            tower.encoder.gradient_checkpointing = True
+    lock_image = cfg.lock_image or cfg.only_logit_params
+    lock_text = cfg.lock_text or cfg.only_logit_params
+    params = _trainable(model, lock_image, lock_text)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]  # biases, norms, logit scale and bias
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(cfg))
+
+    identity = ckpt.identity()
+    start, skipped = 0, 0
+    state_dir = _find_checkpoint(out)
+    if state_dir is not None:
+        start, skipped = _restore(state_dir, params, opt, sched, identity, device)
+        log.info(f"resuming from step {start} ({state_dir})")
+
+    pairs = read_pairs(cfg.data)
+    sampler = GlobalBatches(len(pairs), cfg.batch_size, cfg.steps, start_step=start, rank=rank,
+                            world=world, seed=cfg.seed)
+    loader = DataLoader(ImageTextDataset(pairs, processor), batch_sampler=sampler, collate_fn=collate,
+                        num_workers=cfg.num_workers, persistent_workers=False)
+    net = _Embedder(model, lock_image, lock_text)
+    if world > 1:
+        ids = [device.index] if device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(net, device_ids=ids)
+    amp = _autocast_dtype(cfg.precision, device)
+    log.info(f"{len(pairs)} pairs, {cfg.steps} steps of {cfg.batch_size} on {world} process(es), "
+             f"{device.type}, {'bf16 autocast' if amp else 'fp32'}, training "
+             f"{sum(p.numel() for p in params.values()):,} parameters")
+
+    bar = log.progress(cfg.steps, start)
+    seen_bad: set[str] = set()
+    t0, step = time.perf_counter(), start
+    for step, (pixels, ids, bad) in enumerate(loader, start=start):
+        with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            img, txt = net(pixels.to(device), ids.to(device))
+        loss = distributed_sigmoid_loss(img, txt, model.logit_scale, model.logit_bias)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+
+        skipped += _sum_over_ranks(len(bad), world, device)
+        for msg in bad:
+            if msg not in seen_bad:
+                seen_bad.add(msg)
+                log.warn(f"skipped unreadable image: {msg}")
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            global_loss = _sum_over_ranks(loss.item(), world, device) / world
+            rate = (done - start) * cfg.batch_size / (time.perf_counter() - t0)
+            log.step(done, loss=global_loss, lr=sched.get_last_lr()[0], images_per_s=rate, skipped=skipped)
+        bar.update(1)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            _save_checkpoint(out, done, skipped, params, opt, sched, identity, rank, world)
+        _fault_injection(done)
+    bar.close()
+    if start < cfg.steps:
+        _save_checkpoint(out, cfg.steps, skipped, params, opt, sched, identity, rank, world)
+    if rank == 0:
+        save_pretrained(model, ckpt.folder, out)
+        (out / "training_args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    log.info(f"saved to {out} after {max(step + 1, start)} steps; {skipped} unreadable images skipped")
+    if dist.is_initialized():
+        dist.barrier()
+    return out
+
+
+def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
+    """config.json + model.safetensors in the Hub layout, with the source checkpoint's tokenizer and
+    preprocessor files copied beside them."""
+    out.mkdir(parents=True, exist_ok=True)
+    config = {"architectures": ["SiglipModel"], **model.config.to_dict()}
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    _atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    for name in ("preprocessor_config.json", *TOKENIZER_FILES):
+        if source is not None and (source / name).is_file() and source.resolve() != out.resolve():
+            shutil.copyfile(source / name, out / name)
+
+
+def _atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _sum_over_ranks(value: float, world: int, device: torch.device) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
+
+
+def _find_checkpoint(out: Path) -> Path | None:
+    # A kill between the two renames of _save_checkpoint leaves only the old state as .old.
+    for name in (CHECKPOINT, CHECKPOINT + ".old"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
+
+
+def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tensor], opt, sched,
+                     identity: str, rank: int, world: int) -> None:
+    """Trainable parameters, optimizer moments and the step, written beside the last checkpoint and
+    swapped in by renames: whenever the process dies, one complete checkpoint is on disk."""
+    if rank == 0:
+        tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {k: v.detach().cpu().contiguous() for k, v in params.items()}
+        save_file(trainable, tmp / "trainable.safetensors")
+        opt_state = opt.state_dict()
+        tensors = {f"{i}.{k}": v.cpu().contiguous() for i, s in opt_state["state"].items()
+                   for k, v in s.items()}
+        save_file(tensors, tmp / "optimizer.safetensors")
+        state = {"step": step, "skipped": skipped, "base": identity, "names": list(params),
+                 "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
+        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+
+
+def _restore(state_dir: Path, params: dict[str, nn.Parameter], opt, sched, identity: str,
+             device: torch.device) -> tuple[int, int]:
+    state = json.loads((state_dir / "state.json").read_text())
+    if state["base"] != identity or state["names"] != list(params):
+        raise ValueError(f"{state_dir} belongs to another run (other base model or other trainable "
+                         "parameters); use a new --output-dir or delete it")
+    with torch.no_grad():
+        for k, v in load_file(state_dir / "trainable.safetensors").items():
+            params[k].copy_(v)
+    moments = load_file(state_dir / "optimizer.safetensors", device=str(device))
+    opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
+    for key, v in moments.items():
+        i, name = key.split(".", 1)
+        opt_state["state"].setdefault(int(i), {})[name] = v
+    opt.load_state_dict(opt_state)
+    sched.load_state_dict(state["scheduler"])
+    return state["step"], state["skipped"]
+
+
+def _fault_injection(step: int) -> None:
+    """Tests kill the run mid-way with SIGLIP_SO400M_KILL_AFTER_STEP=N, as a crash or an OOM kill
+    would: no cleanup, no final save."""
+    if os.environ.get("SIGLIP_SO400M_KILL_AFTER_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class _Log:
+    """Progress and messages from rank 0: a tqdm bar on a terminal, plain lines otherwise, and every
+    logged step as a JSON line in OUTPUT_DIR/train_log.jsonl."""
+
+    def __init__(self, rank: int, out: Path):
+        self.rank, self.out = rank, out
+        self.tty = sys.stderr.isatty()
+        self.bar = None
+
+    def info(self, msg: str) -> None:
+        if self.rank == 0:
+            self._write(msg)
+
+    def warn(self, msg: str) -> None:
+        self._write(f"warning: {msg}")
+
+    def _write(self, msg: str) -> None:
+        if self.bar is not None:
+            self.bar.write(msg, file=sys.stderr)
+        else:
+            print(msg, file=sys.stderr, flush=True)
+
+    def progress(self, total: int, initial: int):
+        if self.rank == 0 and self.tty:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr)
+            return self.bar
+        return _NoBar()
+
+    def step(self, step: int, **values: float) -> None:
+        if self.rank != 0:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with open(self.out / "train_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{values['loss']:.4f}", img_s=f"{values['images_per_s']:.1f}")
+        else:
+            self._write(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
+                        f"{values['images_per_s']:.1f} img/s, {int(values['skipped'])} skipped")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

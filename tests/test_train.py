@@ -1,0 +1,233 @@
+"""Fine-tuning: data sources and their errors, learning on a synthetic task, one process equal to
+torchrun with two, kill-and-resume equal to an uninterrupted run, and the saved Hub layout."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from safetensors.torch import load_file
+
+import siglip_so400m
+from siglip_so400m.data import DataError, GlobalBatches, read_pairs
+from siglip_so400m.train import TrainConfig, train
+
+ROOT = Path(__file__).parents[1]
+COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
+SHAPES = ["circle", "square", "triangle"]
+CAPTIONS = [f"a {c} {s}" for c in COLORS for s in SHAPES]  # 9 classes: chance is 1/9
+
+
+def draw_shapes(folder: Path, n: int, seed: int) -> list[dict]:
+    """PIL-drawn coloured shapes on a grey background, captioned "a red circle" and so on."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
+        img = Image.new("RGB", (64, 64), (235, 235, 235))
+        d = ImageDraw.Draw(img)
+        x, y, r = rng.randint(18, 46), rng.randint(18, 46), rng.randint(10, 16)
+        box = (x - r, y - r, x + r, y + r)
+        if shape == "circle":
+            d.ellipse(box, fill=COLORS[color])
+        elif shape == "square":
+            d.rectangle(box, fill=COLORS[color])
+        else:
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
+        img.save(folder / f"{seed}_{i}.png")
+        rows.append({"image": f"{seed}_{i}.png", "caption": f"a {color} {shape}"})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict], fields=("image", "caption")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(fields))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("shapes")
+    return write_csv(folder / "train.csv", draw_shapes(folder, 180, seed=0))
+
+
+def retrieval_top1(model_dir: Path, folder: Path, rows: list[dict]) -> float:
+    model, proc = siglip_so400m.load(model_dir)
+    with torch.no_grad():
+        txt = model.encode_text(proc.texts(CAPTIONS), normalize=True)
+        img = model.encode_image(proc.images([folder / r["image"] for r in rows]), normalize=True)
+    best = (img @ txt.t()).argmax(1).tolist()
+    return sum(CAPTIONS[k] == r["caption"] for k, r in zip(best, rows, strict=True)) / len(rows)
+
+
+def config(ckpt: Path, data: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(model=str(ckpt), data=str(data), output_dir=str(out), steps=4, batch_size=8, lr=1e-3,
+                precision="fp32", num_workers=0, log_every=1, save_every=0)
+    return TrainConfig(**{**base, **kw})
+
+
+def test_a_short_run_lowers_the_loss_and_learns_retrieval(tiny_ckpt, shapes, tmp_path):
+    out = train(config(tiny_ckpt, shapes, tmp_path / "run", steps=300, batch_size=32, lr=3e-3,
+                       log_every=25))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 300
+    assert log[-1]["loss"] < log[0]["loss"] - 0.8
+    held_out = draw_shapes(tmp_path / "test", 90, seed=1)  # images the run never saw
+    before = retrieval_top1(tiny_ckpt, tmp_path / "test", held_out)
+    after = retrieval_top1(out, tmp_path / "test", held_out)
+    assert before < 0.3 and after > 0.5, (before, after)  # chance is 1/9
+
+
+def test_saved_model_loads_in_ours_and_in_transformers_with_the_same_outputs(tiny_ckpt, shapes, tmp_path):
+    from transformers import SiglipModel
+
+    out = train(config(tiny_ckpt, shapes, tmp_path / "run"))
+    assert {"config.json", "model.safetensors", "spiece.model", "tokenizer_config.json",
+            "preprocessor_config.json"} <= {f.name for f in out.iterdir()}
+    ours, proc = siglip_so400m.load(out)
+    hf = SiglipModel.from_pretrained(out).eval()
+    pixels = proc.images([shapes.parent / "0_0.png", shapes.parent / "0_1.png"])
+    ids = proc.texts(CAPTIONS[:3])
+    with torch.no_grad():
+        ref = hf(pixel_values=pixels, input_ids=ids)
+        torch.testing.assert_close(ours(pixels, ids), ref.logits_per_image, atol=1e-5, rtol=0)
+    trained = load_file(out / "model.safetensors")
+    base = load_file(tiny_ckpt / "model.safetensors")
+    assert not torch.equal(trained["logit_bias"], base["logit_bias"])  # it did train
+
+
+@pytest.mark.parametrize(("lock", "changed"), [
+    ({"lock_image": True}, {"text_model", "logit_scale", "logit_bias"}),
+    ({"lock_text": True}, {"vision_model", "logit_scale", "logit_bias"}),
+    ({"only_logit_params": True}, {"logit_scale", "logit_bias"}),
+])
+def test_locked_towers_stay_as_they_were(tiny_ckpt, shapes, tmp_path, lock, changed):
+    out = train(config(tiny_ckpt, shapes, tmp_path / "run", steps=2, **lock))
+    base, trained = load_file(tiny_ckpt / "model.safetensors"), load_file(out / "model.safetensors")
+    moved = {k.split(".")[0] for k in base if not torch.equal(base[k], trained[k])}
+    assert moved == changed
+
+
+def run_finetune(args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    script = str(ROOT / "scripts" / "finetune.py")
+    launcher = [sys.executable, script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
+    return subprocess.run([*launcher, *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def common_args(ckpt: Path, data: Path, out: Path, steps: int = 4) -> list[str]:
+    return ["--model", str(ckpt), "--data", str(data), "--output-dir", str(out), "--steps", str(steps),
+            "--batch-size", "8", "--lr", "1e-3", "--precision", "fp32", "--num-workers", "0",
+            "--log-every", "1"]
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_processes_end_with_the_same_parameters_as_one_process(tiny_ckpt, shapes, tmp_path, nproc):
+    """Global batch 8: one process takes all 8, two take 4 each, three take 3/3/2."""
+    one = run_finetune(common_args(tiny_ckpt, shapes, tmp_path / "one"))
+    many = run_finetune(common_args(tiny_ckpt, shapes, tmp_path / "many"), nproc=nproc)
+    assert one.returncode == 0, one.stderr
+    assert many.returncode == 0, many.stderr
+    assert f"on {nproc} process(es)" in many.stderr
+    a = load_file(tmp_path / "one" / "model.safetensors")
+    b = load_file(tmp_path / "many" / "model.safetensors")
+    base = load_file(tiny_ckpt / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if "k_proj.bias" in k or "in_proj_bias" in k:
+            # A key bias adds the same amount to every score of a query, which the softmax ignores:
+            # its true gradient is 0, its computed one rounding noise that Adam scales up to about lr.
+            torch.testing.assert_close(b[k], a[k], atol=4 * 1e-3, rtol=0, msg=k)
+        else:
+            torch.testing.assert_close(b[k], a[k], atol=2e-5, rtol=1e-4, msg=k)
+    assert sum(not torch.equal(a[k], base[k]) for k in a) > 0.9 * len(a)  # nearly all of it trained
+    log = lambda d: [json.loads(x)["loss"] for x in (d / "train_log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert log(tmp_path / "many") == pytest.approx(log(tmp_path / "one"), abs=1e-5)
+
+
+def test_a_killed_run_resumes_and_ends_where_an_uninterrupted_run_ends(tiny_ckpt, shapes, tmp_path):
+    args = lambda out: [*common_args(tiny_ckpt, shapes, out, steps=7), "--save-every", "2"]  # noqa: E731
+    whole = run_finetune(args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    killed = run_finetune(args(tmp_path / "cut"), env={"SIGLIP_SO400M_KILL_AFTER_STEP": "5"})
+    assert killed.returncode == -9  # SIGKILL after step 5: steps 5 is lost, 4 was saved
+    assert not (tmp_path / "cut" / "model.safetensors").exists()
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 4
+    resumed = run_finetune(args(tmp_path / "cut"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resuming from step 4" in resumed.stderr
+    a = load_file(tmp_path / "whole" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=0, rtol=0, msg=k)
+    # And a finished run asked again does nothing more.
+    again = run_finetune(args(tmp_path / "cut"))
+    assert again.returncode == 0 and "resuming from step 7" in again.stderr
+
+
+def test_unreadable_images_are_skipped_and_counted(tiny_ckpt, shapes, tmp_path, capsys):
+    with open(shapes) as f:
+        rows = list(csv.DictReader(f))[:20]
+    rows[3] = {"image": "missing.png", "caption": "a red circle"}
+    (shapes.parent / "broken.png").write_bytes(b"not a png")
+    rows[7] = {"image": "broken.png", "caption": "a blue square"}
+    data = write_csv(shapes.parent / "some_bad.csv", rows)
+    out = train(config(tiny_ckpt, data, tmp_path / "run", steps=5, batch_size=8))
+    log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
+    assert log[-1]["skipped"] >= 2  # 40 draws from 20 rows: each bad row is met at least once
+    err = capsys.readouterr().err
+    assert "skipped unreadable image" in err and "missing.png" in err and "broken.png" in err
+
+
+def test_data_sources_and_their_errors(tmp_path):
+    rows = draw_shapes(tmp_path, 3, seed=5)
+    pairs = read_pairs(write_csv(tmp_path / "a.csv", rows))
+    assert pairs == [(tmp_path / r["image"], r["caption"]) for r in rows]
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"file_name": r["image"], "text": r["caption"]})
+                                                for r in rows) + "\n")
+    assert read_pairs(tmp_path / "b.jsonl") == pairs
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for r in rows:
+        (folder / r["image"]).write_bytes((tmp_path / r["image"]).read_bytes())
+        (folder / r["image"]).with_suffix(".txt").write_text(r["caption"] + "\n")
+    assert read_pairs(folder) == [(folder / r["image"], r["caption"]) for r in rows]
+    with pytest.raises(DataError, match=r"needs an image column .* found: photo, label"):
+        read_pairs(write_csv(tmp_path / "c.csv", [{"photo": "x", "label": "y"}], ("photo", "label")))
+    with pytest.raises(DataError, match="no rows with both"):
+        read_pairs(write_csv(tmp_path / "d.csv", []))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image with a caption"):
+        read_pairs(tmp_path / "empty")
+    (tmp_path / "e.jsonl").write_text('{"image": "a.png", "caption": "x"}\nnot json\n')
+    with pytest.raises(DataError, match="e.jsonl:2: not a JSON object"):
+        read_pairs(tmp_path / "e.jsonl")
+
+
+def test_cli_reports_bad_datasets_in_one_line(tiny_ckpt, tmp_path):
+    bad = write_csv(tmp_path / "bad.csv", [{"photo": "x", "label": "y"}], ("photo", "label"))
+    r = run_finetune(common_args(tiny_ckpt, bad, tmp_path / "out"))
+    assert r.returncode == 1 and "error:" in r.stderr and "needs an image column" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_global_batches_are_the_same_for_any_number_of_processes():
+    one = list(GlobalBatches(10, 8, steps=5, seed=3))
+    for world in (2, 3):
+        shares = [list(GlobalBatches(10, 8, steps=5, rank=r, world=world, seed=3)) for r in range(world)]
+        assert [[i for s in shares for i in s[step]] for step in range(5)] == one
+    assert list(GlobalBatches(10, 8, steps=5, start_step=2, seed=3)) == one[2:]
+    assert sorted(i for batch in one for i in batch) == sorted(list(range(10)) * 4)  # once per epoch
