@@ -5,7 +5,8 @@
 
 Every run is a fresh process on the same checkpoint, 8 images and 5 labels. The pipeline runs at
 its defaults (float32; it re-runs the text tower for every image). Ours runs at its defaults (bf16
-where the CPU computes it natively), with --dtype float32, and a second time with a warm label cache.
+where the CPU computes it natively), with --dtype float32 and int8, and a second time with a warm
+label cache.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import importlib.util
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,13 +56,16 @@ def images(folder: Path) -> list[str]:
     return paths
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, str]:
-    t = time.perf_counter()
-    r = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - t
-    if r.returncode:
-        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr}")
-    return seconds, r.stdout
+def timed(cmd: list[str], env: dict[str, str], repeats: int) -> tuple[float, str]:
+    """Median wall time of `repeats` fresh processes, and the last one's output."""
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if r.returncode:
+            sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr}")
+    return statistics.median(times), r.stdout
 
 
 def top1(preds: list[list[dict]]) -> list[str]:
@@ -71,18 +76,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="checkpoint folder in the Hub layout (full size)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each, the median reported")
     args = ap.parse_args()
+    n = args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         imgs = images(Path(tmp))
         env = {**os.environ, "SIGLIP_SO400M_CACHE": str(Path(tmp) / "cache")}
         ours = [sys.executable, str(CLI), *imgs, "--labels", *LABELS, "--model", args.model, "--json"]
         runs = {}
         runs["transformers pipeline (defaults)"] = timed(
-            [sys.executable, "-c", PIPELINE, args.model, json.dumps(LABELS), *imgs], env)
-        runs["ours (defaults)"] = timed([*ours, "--no-cache"], env)
-        runs["ours --dtype float32"] = timed([*ours, "--no-cache", "--dtype", "float32"], env)
-        timed(ours, env)  # fills the label cache
-        runs["ours (defaults), label cache warm"] = timed(ours, env)
+            [sys.executable, "-c", PIPELINE, args.model, json.dumps(LABELS), *imgs], env, n)
+        runs["ours (defaults)"] = timed([*ours, "--no-cache"], env, n)
+        runs["ours --dtype float32"] = timed([*ours, "--no-cache", "--dtype", "float32"], env, n)
+        runs["ours --dtype int8"] = timed([*ours, "--no-cache", "--dtype", "int8"], env, n)
+        timed(ours, env, 1)  # fills the label cache
+        runs["ours (defaults), label cache warm"] = timed(ours, env, n)
 
     base = runs["transformers pipeline (defaults)"][0]
     ref_top1 = top1(json.loads(runs["transformers pipeline (defaults)"][1]))

@@ -87,6 +87,22 @@ def test_a_short_run_lowers_the_loss_and_learns_retrieval(tiny_ckpt, shapes, tmp
     before = retrieval_top1(tiny_ckpt, tmp_path / "test", held_out)
     after = retrieval_top1(out, tmp_path / "test", held_out)
     assert before < 0.3 and after > 0.5, (before, after)  # chance is 1/9
+    # A trained model has real margins between labels, so int8 must keep its zero-shot answers
+    # (random weights leave the labels within rounding of each other, where any change reorders).
+    results = {}
+    for quantize in (None, "int8"):
+        model, proc = siglip_so400m.load(out, quantize=quantize)
+        results[quantize] = siglip_so400m.zero_shot(
+            model, proc, [tmp_path / "test" / r["image"] for r in held_out], CAPTIONS, template="{}")
+    changed = 0
+    for fp32, int8 in zip(results[None], results["int8"], strict=True):
+        error = max(abs(a["logit"] - next(b["logit"] for b in int8 if b["label"] == a["label"]))
+                    for a in fp32)
+        assert error < 0.2  # logits span about 10 here
+        if fp32[0]["label"] != int8[0]["label"]:
+            changed += 1
+            assert fp32[0]["logit"] - fp32[1]["logit"] < 2 * error  # only near-ties may flip
+    assert changed <= 0.1 * len(held_out), changed
 
 
 def test_saved_model_loads_in_ours_and_in_transformers_with_the_same_outputs(tiny_ckpt, shapes, tmp_path):

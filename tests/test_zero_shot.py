@@ -181,14 +181,15 @@ def test_label_cache_key_follows_checkpoint_tokenizer_templates_and_dtype(tiny_c
 
     ckpt = resolve(tiny_copy)
     tok = siglip_so400m.Tokenizer.from_folder(tiny_copy)
-    key = LabelCache(tmp_path, ckpt, tok, ["{}"], torch.float32).path
-    assert LabelCache(tmp_path, ckpt, tok, ["{}"], torch.float32).path == key
-    assert LabelCache(tmp_path, ckpt, tok, ["a {}"], torch.float32).path != key
-    assert LabelCache(tmp_path, ckpt, tok, ["{}"], torch.bfloat16).path != key
+    key = LabelCache(tmp_path, ckpt, tok, ["{}"], "float32").path
+    assert LabelCache(tmp_path, ckpt, tok, ["{}"], "float32").path == key
+    assert LabelCache(tmp_path, ckpt, tok, ["a {}"], "float32").path != key
+    assert LabelCache(tmp_path, ckpt, tok, ["{}"], "bfloat16").path != key
+    assert LabelCache(tmp_path, ckpt, tok, ["{}"], "int8").path != key
     os.utime(tiny_copy / "model.safetensors", ns=(1, 1))  # the weights changed
-    assert LabelCache(tmp_path, resolve(tiny_copy), tok, ["{}"], torch.float32).path != key
+    assert LabelCache(tmp_path, resolve(tiny_copy), tok, ["{}"], "float32").path != key
     tok2 = siglip_so400m.Tokenizer(tiny_copy / "spiece.model", do_lower_case=False)
-    assert LabelCache(tmp_path, ckpt, tok2, ["{}"], torch.float32).path != key
+    assert LabelCache(tmp_path, ckpt, tok2, ["{}"], "float32").path != key
 
 
 def test_zero_shot_api_returns_sorted_labels_with_three_scores(tiny_ckpt, tmp_path):
@@ -255,7 +256,7 @@ def test_folders_and_globs_expand_and_empty_ones_fail(capsys, tiny_ckpt, tmp_pat
     (["--labels", "a cat", "--template", "no placeholder"], "must contain one {}"),
     (["--labels", "a cat", "--top-k", "0"], "--top-k"),
     (["--labels", "a cat", "--threshold", "1.5"], "--threshold"),
-    (["--labels", "a cat", "--dtype", "int8"], "invalid choice"),
+    (["--labels", "a cat", "--dtype", "int4"], "invalid choice"),
     (["--labels", "a cat", "--device", "tpu9"], "--device tpu9"),
 ])
 def test_usage_errors_exit_2(capsys, tiny_ckpt, args, message):
@@ -302,3 +303,13 @@ def test_console_script_is_installed():
     assert exe, "pip install -e . should put siglip-so400m on PATH"
     r = subprocess.run([exe, "zero-shot", "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--labels" in r.stdout
+
+
+def test_cli_int8_mode_reports_its_precision_and_caches_apart(capsys, tiny_ckpt, tmp_path):
+    args = [photo("chelsea.png"), "--labels", "a cat", "a dog", "--model", tiny_ckpt, "--json",
+            "--cache-dir", tmp_path]
+    code, out, err = run_cli(capsys, *args, "--dtype", "int8")
+    assert code == 0, err
+    assert json.loads(out)[0]["dtype"] == "int8"
+    run_cli(capsys, *args, "--dtype", "float32")
+    assert len(list(tmp_path.glob("labels-*.safetensors"))) == 2  # one cache file per precision

@@ -9,6 +9,7 @@ import torch
 
 from .config import SiglipConfig
 from .image import ImageInput, ImageProcessor
+from .kernels import quantize_int8
 from .model import SigLIP
 from .text import Tokenizer
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError, load_weights, resolve
@@ -53,7 +54,8 @@ class Processor:
 def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None = None,
          dtype: torch.dtype | None = None, device: torch.device | str | None = None,
          towers: tuple[str, ...] = ("vision", "text"),
-         config: SiglipConfig | str | Path | None = None) -> tuple[SigLIP, Processor]:
+         config: SiglipConfig | str | Path | None = None,
+         quantize: str | None = None) -> tuple[SigLIP, Processor]:
     """Load a SigLIP checkpoint and its processor.
 
     name: a Hub id (default google/siglip-so400m-patch14-384), a local folder in the Hub layout, a
@@ -62,7 +64,15 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
     revision: a Hub branch, tag or commit. dtype: e.g. torch.bfloat16 (default: float32).
     device: where the weights go (default CPU). towers: ("vision",) or ("text",) loads one tower
         only; the other one's weights are never read.
+    quantize: "int8" turns the linear layers into dynamically quantized int8 matmuls for CPU inference
+        (weights per output channel, activations per tensor), the rest in float32: faster than bf16,
+        embeddings at cosine >= 0.99 to fp32. The model is then for inference only (the linear
+        layers' float weights are released); quantizing costs a few seconds at load.
     """
+    if quantize not in (None, "int8"):
+        raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+    if quantize and dtype not in (None, torch.float32):
+        raise ValueError("quantize='int8' runs the other layers in float32; leave dtype unset")
     if isinstance(towers, str):
         towers = (towers,)
     ckpt = name if isinstance(name, Checkpoint) else resolve(name, revision=revision, config=config,
@@ -70,6 +80,8 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
     with torch.device("meta"):
         model = SigLIP(ckpt.config, towers=towers)
     load_weights(model, ckpt, dtype=dtype or torch.float32, device=device)
+    if quantize:
+        quantize_int8(model)
     model.eval()
     model.checkpoint = ckpt
     return model, Processor.from_checkpoint(ckpt)

@@ -16,7 +16,7 @@ from .weights import DEFAULT_REPO
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16"}
+          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "int8": "int8"}
 SCORE_NOTES = {
     "sigmoid": "sigmoid: SigLIP's own probability that the label matches, each label on its own; "
                "they need not sum to 1",
@@ -49,7 +49,8 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--json", action="store_true", help="one JSON list of per-image results")
     out.add_argument("--jsonl", action="store_true", help="one JSON object a line, as images finish")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; int8: "
+                        "dynamically quantized linear layers on CPU, about 2x faster than bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
@@ -145,9 +146,14 @@ def run_zero_shot(args: argparse.Namespace) -> int:
             raise UsageError(f"--device {args.device}: CUDA is not available here")
     except RuntimeError as e:
         raise UsageError(f"--device {args.device}: {e}") from None
-    dtype = getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] else pick_dtype(device)
+    quantize = "int8" if args.dtype == "int8" else None
+    if quantize and device.type != "cpu":
+        raise UsageError("--dtype int8 runs on the CPU only (--device cpu)")
+    dtype = torch.float32 if quantize else getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] \
+        else pick_dtype(device)
+    precision = quantize or str(dtype).removeprefix("torch.")
     if args.dtype == "auto" and dtype != torch.float32:
-        print(f"note: computing in {str(dtype)[6:]}, the default on this {device.type}; "
+        print(f"note: computing in {precision}, the default on this {device.type}; "
               "--dtype float32 gives transformers' numbers exactly", file=sys.stderr)
 
     try:
@@ -158,16 +164,16 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         cache = None
         if not args.no_cache:
             cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
-                               templates, dtype)
+                               templates, precision)
         # With every label cached, the text tower is neither read nor run.
         towers = ("vision",) if cache and set(labels) <= set(cache.get()) else ("vision", "text")
-        model, processor = load(ckpt, dtype=dtype, device=device, towers=towers)
+        model, processor = load(ckpt, dtype=dtype, device=device, towers=towers, quantize=quantize)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     classifier = ZeroShotClassifier(model, processor, labels, templates, cache=cache)
 
-    meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": str(dtype)[6:], "templates": templates}
+    meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": precision, "templates": templates}
     specs = list(expand_images(args.images))
     failed = 0
     results: list[dict] = []

@@ -28,6 +28,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .kernels import attention, linear
 
 
 class Attention(nn.Module):
@@ -42,15 +43,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        """Attention over all of x; with last_only, for the last position's query alone."""
         B, N, D = x.shape
         H = self.num_heads
-        q = self.q_proj(x).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, Dh)
-        k = self.k_proj(x).view(B, N, H, D // H).transpose(1, 2)
-        v = self.v_proj(x).view(B, N, H, D // H).transpose(1, 2)
-        dropout = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)  # (B, H, N, Dh)
-        return self.out_proj(y.transpose(1, 2).reshape(B, N, D))
+        xq = x[:, -1:] if last_only else x
+        q = linear(xq, self.q_proj).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, Nq, Dh)
+        k = linear(x, self.k_proj).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, Dh)
+        v = linear(x, self.v_proj).view(B, N, H, D // H).transpose(1, 2)
+        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, Nq, Dh)
+        return linear(y.transpose(1, 2).reshape(B, -1, D), self.out_proj)
 
 
 class MLP(nn.Module):
@@ -62,7 +64,7 @@ class MLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+        return linear(linear(x, self.fc1, gelu=True), self.fc2)
 
 
 class EncoderLayer(nn.Module):
@@ -75,8 +77,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x: Tensor) -> Tensor:
-        x = x + self.self_attn(self.layer_norm1(x))
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        x = (x[:, -1:] if last_only else x) + self.self_attn(self.layer_norm1(x), last_only)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -92,12 +94,15 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_hidden_layers)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        for layer in self.layers:
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        """(B, N, D) -> (B, N, D); with last_only the final layer computes the last position alone
+        (B, 1, D), all the text tower pools."""
+        for i, layer in enumerate(self.layers):
+            last = last_only and i == len(self.layers) - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, last, use_reentrant=False)
             else:
-                x = layer(x)
+                x = layer(x, last)
         return x
 
 
@@ -147,7 +152,7 @@ class MAPHead(nn.Module):
         q = F.linear(self.probe, w_q, b_q).view(1, 1, H, D // H).transpose(1, 2)  # (1, H, 1, Dh)
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         y = F.scaled_dot_product_attention(q.expand(B, -1, -1, -1), k, v)  # (B, H, 1, Dh)
-        y = self.attention.out_proj(y.transpose(1, 2).reshape(B, 1, D))
+        y = linear(y.transpose(1, 2).reshape(B, 1, D), self.attention.out_proj)
         # No residual around the attention (the probe is not a token); the MLP has one.
         y = y + self.mlp(self.layernorm(y))
         return y[:, 0]  # (B, D)
@@ -170,6 +175,10 @@ class VisionTower(nn.Module):
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (C, S, S):
             raise ValueError(f"pixel_values must have shape (B, {C}, {S}, {S}), got "
                              f"{tuple(pixel_values.shape)}; make them with processor.images()")
+        if pixel_values.shape[0] > 1 and pixel_values.device.type == "cpu" and not torch.is_grad_enabled():
+            # On CPU one image at a time is faster: its activations stay in cache. Measured per image,
+            # batch 8 vs batch 1: fp32 3.73 vs 3.55 s, bf16 2.04 vs 1.97 s, int8 1.99 vs 1.49 s.
+            return torch.cat([self(image[None]) for image in pixel_values])
         x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
         x = self.post_layernorm(self.encoder(x))  # (B, N, D)
         return self.head(x)
@@ -205,10 +214,11 @@ class TextTower(nn.Module):
                              f"{tuple(input_ids.shape)}; make them with processor.texts()")
         if input_ids.is_floating_point():
             raise TypeError(f"input_ids must be integer token ids, got {input_ids.dtype}")
-        x = self.final_layer_norm(self.encoder(self.embeddings(input_ids)))  # (B, L, D)
         # SigLIP pools the last position: texts are padded to the full length with EOS, so this
-        # token has seen the whole text through bidirectional attention.
-        return self.head(x[:, -1])
+        # token has seen the whole text through bidirectional attention. Only it is needed from the
+        # final layer, which saves 5/6 of that layer's work (3% of the tower).
+        x = self.final_layer_norm(self.encoder(self.embeddings(input_ids), last_only=True))  # (B, 1, D)
+        return linear(x[:, 0], self.head)
 
 
 class SigLIP(nn.Module):
@@ -230,6 +240,13 @@ class SigLIP(nn.Module):
             # that training starts near the heavy imbalance of negatives over positives.
             self.logit_scale.fill_(math.log(10.0))
             self.logit_bias.fill_(-10.0)
+
+    @property
+    def precision(self) -> str:
+        """'int8' once quantize_int8() prepared the linear layers, else the parameters' dtype."""
+        if any(getattr(m, "int8", None) is not None for m in self.modules()):
+            return "int8"
+        return str(next(self.parameters()).dtype).removeprefix("torch.")
 
     def _tower(self, name: str) -> nn.Module:
         tower = self.vision_model if name == "vision" else self.text_model

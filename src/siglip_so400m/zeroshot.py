@@ -68,13 +68,13 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 
 
 class LabelCache:
-    """Label embeddings on disk, one safetensors file per (checkpoint, tokenizer, templates, dtype):
+    """Label embeddings on disk, one file per (checkpoint, tokenizer, templates, precision):
     a second run with the same labels does not run the text tower at all."""
 
     def __init__(self, root: str | Path, ckpt: Checkpoint, tokenizer: Tokenizer,
-                 templates: Sequence[str], dtype: torch.dtype):
+                 templates: Sequence[str], precision: str):
         key = json.dumps({"checkpoint": ckpt.identity(), "tokenizer": tokenizer.identity(),
-                          "templates": list(templates), "dtype": str(dtype)})
+                          "templates": list(templates), "dtype": precision})
         self.path = Path(root) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
 
     def get(self) -> dict[str, Tensor]:
@@ -181,6 +181,5 @@ def zero_shot(model: SigLIP, processor: Processor, images: ImageInput | list[Ima
         ckpt = getattr(model, "checkpoint", None)
         if ckpt is None or processor.tokenizer is None:
             raise ValueError("cache_dir needs a model from siglip_so400m.load() with its tokenizer")
-        dtype = next(model.parameters()).dtype
-        cache = LabelCache(cache_dir, ckpt, processor.tokenizer, templates, dtype)
+        cache = LabelCache(cache_dir, ckpt, processor.tokenizer, templates, model.precision)
     return ZeroShotClassifier(model, processor, labels, templates, cache=cache)(images, batch_size)
