@@ -12,9 +12,9 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
+from .image import IMAGE_SUFFIXES
 from .weights import DEFAULT_REPO
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
           "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "int8": "int8"}
 SCORE_NOTES = {

@@ -16,11 +16,10 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .api import Processor
-from .image import ImageReadError
+from .image import IMAGE_SUFFIXES, ImageReadError
 
 IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "path", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 class DataError(ValueError):

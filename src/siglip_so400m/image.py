@@ -18,6 +18,9 @@ from PIL import Image, ImageOps
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
+# What counts as an image file when a folder is given (CLI, training data).
+IMAGE_SUFFIXES = frozenset(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+
 # Keys of preprocessor_config.json that would ask for processing SigLIP never does.
 _UNSUPPORTED_FLAGS = ("do_center_crop", "do_pad")
 
