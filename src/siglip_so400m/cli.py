@@ -231,21 +231,12 @@ def _print_table(record: dict, score: str, threshold: float | None) -> None:
         print(f"  {value}  {p['label']}")
 
 
-class _NoProgress:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
 def _progress(total: int):
     """A tqdm bar on stderr, only when stderr is a terminal (never in pipes, logs or JSON)."""
-    if total < 2 or not sys.stderr.isatty() or os.environ.get("TERM") == "dumb":
-        return _NoProgress()
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="img", file=sys.stderr, leave=False)
+    shown = total > 1 and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    return tqdm(total=total, unit="img", file=sys.stderr, leave=False, disable=not shown)
 
 
 def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int:

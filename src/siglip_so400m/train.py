@@ -26,8 +26,9 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
-from .api import load, pick_device
+from .api import load, pick_device, pick_dtype
 from .data import GlobalBatches, ImageTextDataset, collate, read_pairs
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
@@ -97,8 +98,6 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    from .api import pick_dtype
-
     if precision == "fp32":
         return None
     if precision == "bf16":
@@ -156,7 +155,7 @@ def train(cfg: TrainConfig) -> Path:
     sampler = GlobalBatches(len(pairs), cfg.batch_size, cfg.steps, start_step=start, rank=rank,
                             world=world, seed=cfg.seed)
     loader = DataLoader(ImageTextDataset(pairs, processor), batch_sampler=sampler, collate_fn=collate,
-                        num_workers=cfg.num_workers, persistent_workers=False)
+                        num_workers=cfg.num_workers)
     net = _Embedder(model, lock_image, lock_text)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -299,7 +298,6 @@ class _Log:
 
     def __init__(self, rank: int, out: Path):
         self.rank, self.out = rank, out
-        self.tty = sys.stderr.isatty()
         self.bar = None
 
     def info(self, msg: str) -> None:
@@ -316,12 +314,10 @@ class _Log:
             print(msg, file=sys.stderr, flush=True)
 
     def progress(self, total: int, initial: int):
-        if self.rank == 0 and self.tty:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr)
-            return self.bar
-        return _NoBar()
+        shown = self.rank == 0 and sys.stderr.isatty()
+        bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, disable=not shown)
+        self.bar = bar if shown else None
+        return bar
 
     def step(self, step: int, **values: float) -> None:
         if self.rank != 0:
@@ -335,10 +331,3 @@ class _Log:
             self._write(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
                         f"{values['images_per_s']:.1f} img/s, {int(values['skipped'])} skipped")
 
-
-class _NoBar:
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

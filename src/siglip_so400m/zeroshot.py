@@ -129,7 +129,6 @@ class ZeroShotClassifier:
         self.templates = check_templates(templates)
         cached = cache.get() if cache else {}
         todo = [label for label in self.labels if label not in cached]
-        self.text_tower_ran = bool(todo)
         if todo:
             if processor.tokenizer is None:
                 raise RuntimeError("the checkpoint has no spiece.model to tokenize labels with")
