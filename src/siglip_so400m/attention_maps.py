@@ -56,32 +56,34 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 def overlay(image: Image.Image, weights: np.ndarray, cover: tuple[float, float], alpha: float = 0.6,
             bar: bool = True) -> Image.Image:
-    """The (h, w) map, scaled to its maximum, smoothly resized over the part of `image` the patch grid
-    covers (`cover` = the grid's share of the width and height: the last pixels that fill no whole
-    patch are not seen by the model), blended in, with a colour bar from 0 to the maximum weight."""
+    """The (h, w) map, stretched from its minimum (dark) to its maximum (bright), smoothly resized over
+    the part of `image` the patch grid covers (`cover` = the grid's share of the width and height: the
+    last pixels that fill no whole patch are not seen by the model), blended in, with a colour bar
+    labelled with the smallest and largest weight."""
     image = image.convert("RGB")
     W, H = image.size
     cw, ch = max(1, round(W * cover[0])), max(1, round(H * cover[1]))
-    vmax = float(weights.max())
-    heat = Image.fromarray((weights / vmax).astype(np.float32), mode="F").resize((cw, ch), Image.BICUBIC)
+    vmin, vmax = float(weights.min()), float(weights.max())
+    scaled = (weights - vmin) / max(vmax - vmin, 1e-12)
+    heat = Image.fromarray(scaled.astype(np.float32), mode="F").resize((cw, ch), Image.BICUBIC)
     heat = Image.fromarray(colorize(np.asarray(heat)))
     out = image.copy()
     out.paste(Image.blend(image.crop((0, 0, cw, ch)), heat, alpha), (0, 0))
     if not bar:
         return out
-    # A colour bar on the right: the top is the largest weight, the bottom 0.
+    # A colour bar on the right: the top is the largest weight, the bottom the smallest.
     canvas = Image.new("RGB", (W + _BAR + 64, max(H, 48)), (255, 255, 255))
     canvas.paste(out, (0, 0))
     ramp = colorize(np.linspace(1, 0, H)[:, None].repeat(_BAR, 1))
     canvas.paste(Image.fromarray(ramp), (W + 4, 0))
     draw = ImageDraw.Draw(canvas)
     draw.text((W + _BAR + 8, 0), f"{vmax:.3g}", fill=(0, 0, 0))
-    draw.text((W + _BAR + 8, H - 12), "0", fill=(0, 0, 0))
+    draw.text((W + _BAR + 8, H - 12), f"{vmin:.3g}", fill=(0, 0, 0))
     return canvas
 
 
 def head_grid(image: Image.Image, weights: np.ndarray, cover: tuple[float, float]) -> Image.Image:
-    """(heads, h, w) -> one picture: a tile per head, each scaled to its own maximum, in rows of
+    """(heads, h, w) -> one picture: a tile per head, each stretched over its own range, in rows of
     ceil(sqrt(heads)), labelled with the head's index."""
     heads = weights.shape[0]
     cols = int(np.ceil(np.sqrt(heads)))
