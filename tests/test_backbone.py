@@ -372,8 +372,9 @@ def test_finetune_at_another_image_size_saves_a_checkpoint_transformers_loads(ck
 
 @pytest.mark.slow
 def test_backbone_matches_transformers_so400m(so400m_ckpt):
-    """The full so400m shape at 384, 224, 448 and 336x476, batch 1: every layer, norm, pooled, and
-    the 26-block tower LLaVA-OneVision runs."""
+    """The full so400m shape at 384, 224, 448 and 336x476, batch 1: every layer at each size,
+    norm=True and encode_image at all but 448 (a second 448 forward would cost the most and prove
+    the least), and the 26-block tower LLaVA-OneVision runs against hidden_states[26]."""
     from transformers import SiglipVisionModel
 
     hf = SiglipVisionModel.from_pretrained(so400m_ckpt).eval()
@@ -386,7 +387,7 @@ def test_backbone_matches_transformers_so400m(so400m_ckpt):
             layers = model.image_features(pixels, layers=tuple(range(n + 1)), norm=False)
         worst = max(rel_diff(a, b) for a, b in zip(layers, ref.hidden_states, strict=True))
         print(f"\nso400m {size}: worst layer {worst:.1e}")
-        assert len(layers) == 28 and worst <= 1e-5
+        assert len(layers) == n + 1 and worst <= 1e-5
         if size != (448, 448):  # the public calls too, where they cost little
             with torch.no_grad():
                 (last,) = model.image_features(pixels)
@@ -396,10 +397,10 @@ def test_backbone_matches_transformers_so400m(so400m_ckpt):
             assert rel_diff(last, ref.last_hidden_state) <= 1e-5
             assert rel_diff(pooled, ref.pooler_output) <= 1e-5
         if size == (384, 384):
-            ref26 = ref.hidden_states[26]
+            ref26 = ref.hidden_states[n - 1]  # so400m: hidden_states[26]
         del ref, layers
     del model
-    cut, _ = siglip_so400m.load(so400m_ckpt, towers=("vision",), vision_layers=26)
+    cut, _ = siglip_so400m.load(so400m_ckpt, towers=("vision",), vision_layers=n - 1)
     with torch.no_grad():
         (x,) = cut.image_features(pixels_of((384, 384), batch=1), norm=False)
     assert rel_diff(x, ref26) <= 1e-5
