@@ -71,9 +71,13 @@ def test_gradient_reaches_every_parameter(tiny_config):
         assert torch.isfinite(p.grad).all(), name
 
 
-def test_an_item_alone_equals_it_inside_a_batch(tiny, inputs):
+@pytest.mark.parametrize("per_image", [False, True])
+def test_an_item_alone_equals_it_inside_a_batch(tiny, inputs, monkeypatch, per_image):
     model, _ = tiny
     pixels, ids = inputs
+    # Off, the image tower runs the batch whole, so this compares a batch with single items (on, a
+    # CPU batch goes one image at a time and the image half would compare the loop with itself).
+    monkeypatch.setattr(model.vision_model, "per_image_on_cpu", per_image)
     with torch.no_grad():
         batch_img, batch_txt = model.encode_image(pixels), model.encode_text(ids)
         for i in range(len(TEXTS)):
@@ -150,8 +154,10 @@ def test_state_dict_names_and_shapes_equal_transformers_so400m():
 
 def test_bad_inputs_to_the_towers_are_refused(tiny):
     model, _ = tiny
-    with pytest.raises(ValueError, match=r"\(B, 3, 32, 32\)"):
-        model.encode_image(torch.zeros(1, 3, 64, 64))
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        model.encode_image(torch.zeros(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="smaller than one 7x7 patch"):
+        model.encode_image(torch.zeros(1, 3, 6, 32))
     with pytest.raises(ValueError, match="L <= 64"):
         model.encode_text(torch.ones(1, 65, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids"):

@@ -6,6 +6,7 @@
 """
 
 from .api import Processor, load
+from .attention_maps import attention_map
 from .config import SiglipConfig, TextConfig, VisionConfig
 from .image import ImageProcessor, ImageReadError, load_image
 from .loss import distributed_sigmoid_loss, sigmoid_loss
@@ -29,6 +30,7 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "ZeroShotClassifier",
+    "attention_map",
     "distributed_sigmoid_loss",
     "load",
     "load_image",

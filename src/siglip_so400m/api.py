@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -39,9 +40,21 @@ class Processor:
             tokenizer = Tokenizer.from_folder(folder, max_length=cfg.text_config.max_position_embeddings)
         return cls(image, tokenizer, ckpt.name)
 
-    def images(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
-        """PIL images, paths or uint8 arrays -> (B, 3, S, S) float32 pixel values."""
-        return self.image(images)
+    def images(self, images: ImageInput | list[ImageInput],
+               size: int | tuple[int, int] | None = None) -> torch.Tensor:
+        """PIL images, paths or uint8 arrays -> (B, 3, H, W) float32 pixel values, at the
+        checkpoint's own size, or at `size` (one side, or (height, width)) for the image tower at
+        another resolution."""
+        return self.at_size(size)(images)
+
+    def at_size(self, size: int | tuple[int, int] | None) -> ImageProcessor:
+        """The image processor resizing to `size` (one side, or (height, width)); None: its own."""
+        if size is None:
+            return self.image
+        H, W = (size, size) if isinstance(size, int) else size
+        if not (isinstance(H, int) and isinstance(W, int) and H > 0 and W > 0):
+            raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
+        return dataclasses.replace(self.image, height=H, width=W)
 
     def texts(self, texts: str | list[str]) -> torch.Tensor:
         """Strings -> (B, 64) int64 token ids, padded with EOS as SigLIP was trained."""
@@ -55,7 +68,7 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
          dtype: torch.dtype | None = None, device: torch.device | str | None = None,
          towers: tuple[str, ...] = ("vision", "text"),
          config: SiglipConfig | str | Path | None = None,
-         quantize: str | None = None) -> tuple[SigLIP, Processor]:
+         quantize: str | None = None, vision_layers: int | None = None) -> tuple[SigLIP, Processor]:
     """Load a SigLIP checkpoint and its processor.
 
     name: a Hub id (default google/siglip-so400m-patch14-384), a local folder in the Hub layout, a
@@ -68,6 +81,9 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
         (weights per output channel, activations per tensor), the rest in float32: faster than bf16,
         embeddings at cosine >= 0.99 to fp32. The model is then for inference only (the linear
         layers' float weights are released); quantizing costs a few seconds at load.
+    vision_layers: build only the image tower's first N blocks and no pooling head, a backbone for
+        image_features() (LLaVA-OneVision runs 26 of so400m's 27); the dropped blocks' and the
+        head's weights are never read, and encode_image is refused.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
@@ -78,7 +94,7 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
     ckpt = name if isinstance(name, Checkpoint) else resolve(name, revision=revision, config=config,
                                                               towers=towers)
     with torch.device("meta"):
-        model = SigLIP(ckpt.config, towers=towers)
+        model = SigLIP(ckpt.config, towers=towers, vision_layers=vision_layers)
     load_weights(model, ckpt, dtype=dtype or torch.float32, device=device)
     if quantize:
         quantize_int8(model)

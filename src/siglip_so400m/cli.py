@@ -53,6 +53,8 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
                         "dynamically quantized linear layers on CPU, about 2x faster than bfloat16")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--image-size", type=int, metavar="N", help="run the image tower at NxN pixels "
+                   "(position embeddings resized as transformers does; default: the checkpoint's size)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, help="label-embedding cache (default: ~/.cache/siglip_so400m)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the label cache")
@@ -118,6 +120,8 @@ def parse_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise UsageError("--threshold is a sigmoid probability, between 0 and 1")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        raise UsageError("--image-size must be a positive number of pixels")
     return labels, templates
 
 
@@ -172,6 +176,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     classifier = ZeroShotClassifier(model, processor, labels, templates, cache=cache)
+    image_proc = processor.at_size(args.image_size)
 
     meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": precision, "templates": templates}
     specs = list(expand_images(args.images))
@@ -183,7 +188,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         for path, error in specs[start : start + args.batch_size]:
             if error is None:
                 try:
-                    pixels.append(processor.image.to_tensor(processor.image.prepare(path)))
+                    pixels.append(image_proc.to_tensor(image_proc.prepare(path)))
                 except ImageReadError as e:
                     error = str(e)
             batch.append((path, error))
@@ -264,6 +269,8 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--image-size", type=int, metavar="N", help="train at NxN pixels: the position "
+                   "embeddings are resized once at load and the saved config says N")
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
@@ -292,7 +299,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
     sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
+    sub.add_parser("attention-map", help="PNGs of where the pooling head looks", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog="siglip-so400m zero-shot")
+    if args.command == "attention-map":
+        from .attention_maps import attention_map_main
+
+        return attention_map_main(rest, prog="siglip-so400m attention-map")
     return finetune_main(rest, prog="siglip-so400m finetune")

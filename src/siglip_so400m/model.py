@@ -20,7 +20,9 @@ Module and parameter names equal the Hugging Face checkpoint keys, so loading is
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -85,24 +87,31 @@ class EncoderLayer(nn.Module):
 class Encoder(nn.Module):
     """The stack of blocks; one class serves both towers."""
 
-    def __init__(self, cfg: VisionConfig | TextConfig):
+    def __init__(self, cfg: VisionConfig | TextConfig, num_layers: int | None = None):
         super().__init__()
         self.gradient_checkpointing = False
         self.layers = nn.ModuleList(
             EncoderLayer(cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size,
                          cfg.layer_norm_eps, cfg.attention_dropout)
-            for _ in range(cfg.num_hidden_layers)
+            for _ in range(cfg.num_hidden_layers if num_layers is None else num_layers)
         )
 
-    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
-        """(B, N, D) -> (B, N, D); with last_only the final layer computes the last position alone
-        (B, 1, D), all the text tower pools."""
-        for i, layer in enumerate(self.layers):
-            last = last_only and i == len(self.layers) - 1
+    def blocks(self, x: Tensor, depth: int | None = None, last_only: bool = False) -> Iterator[Tensor]:
+        """Yields the output of each of the first `depth` blocks (all by default), (B, N, D) each;
+        with last_only the final one computes the last position alone (B, 1, D), all the text
+        tower pools."""
+        layers = self.layers[:depth]
+        for i, layer in enumerate(layers):
+            last = last_only and i == len(layers) - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
                 x = torch.utils.checkpoint.checkpoint(layer, x, last, use_reentrant=False)
             else:
                 x = layer(x, last)
+            yield x
+
+    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
+        for y in self.blocks(x, last_only=last_only):
+            x = y
         return x
 
 
@@ -112,13 +121,46 @@ class VisionEmbeddings(nn.Module):
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         P = cfg.patch_size
+        self.grid = cfg.grid_size  # the learned table's side, g
         self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
         self.position_embedding = _embedding(cfg.num_patches, cfg.hidden_size)
+        self._resized: dict = {}  # (h, w, dtype, device) -> (source table, its stamp, resized table)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        x = self.patch_embedding(pixel_values)  # (B, D, 27, 27)
-        x = x.flatten(2).transpose(1, 2)  # (B, N, D), patches in row-major order
-        return x + self.position_embedding.weight
+        x = self.patch_embedding(pixel_values)  # (B, D, h, w), h = floor(H / P), w = floor(W / P)
+        h, w = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)  # (B, N, D), N = h * w, patches in row-major order
+        return x + self.positions(h, w)
+
+    def positions(self, h: int, w: int) -> Tensor:
+        """The (h * w, D) position table for an h x w grid of patches.
+
+        At the learned grid, the table itself. At any other, resized exactly as transformers'
+        `interpolate_pos_encoding=True` resizes it (bicubic, align_corners=False, no antialias, in
+        the weights' dtype), so that features at any size equal theirs; timm and big_vision
+        resample differently (docs/backbone.md)."""
+        table = self.position_embedding.weight  # (g * g, D)
+        if (h, w) == (self.grid, self.grid):
+            return table
+        if torch.is_grad_enabled():
+            return _resize_positions(table, self.grid, h, w)  # being trained: the resize is in the graph
+        # Inference resizes once per size. An entry holds its source table, storage and version, so
+        # loading, casting or updating the weights (an optimizer step is in place) computes anew.
+        stamp = (table.data_ptr(), table._version)
+        hit = self._resized.get((h, w, table.dtype, table.device))
+        if hit is None or hit[0] is not table or hit[1] != stamp:
+            hit = (table, stamp, _resize_positions(table.detach(), self.grid, h, w))
+            self._resized[(h, w, table.dtype, table.device)] = hit
+        return hit[2]
+
+
+def _resize_positions(table: Tensor, g: int, h: int, w: int) -> Tensor:
+    """(g * g, D) -> (h * w, D), transformers' SiglipVisionEmbeddings.interpolate_pos_encoding op for op
+    (the same permutes feed the same interpolation kernel, so the bits agree)."""
+    D = table.shape[-1]
+    grid = table.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
+    return grid.permute(0, 2, 3, 1).reshape(h * w, D)
 
 
 class MAPHead(nn.Module):
@@ -144,14 +186,24 @@ class MAPHead(nn.Module):
         nn.init.xavier_uniform_(self.attention.in_proj_weight)
         nn.init.zeros_(self.attention.in_proj_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, N, D = x.shape
         H = self.num_heads
         w_q, w_kv = self.attention.in_proj_weight.split([D, 2 * D])
         b_q, b_kv = self.attention.in_proj_bias.split([D, 2 * D])
         q = F.linear(self.probe, w_q, b_q).view(1, 1, H, D // H).transpose(1, 2)  # (1, H, 1, Dh)
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        y = F.scaled_dot_product_attention(q.expand(B, -1, -1, -1), k, v)  # (B, H, 1, Dh)
+        return q.expand(B, -1, -1, -1), k, v
+
+    def attention_weights(self, x: Tensor) -> Tensor:
+        """(B, N, D) tokens -> (B, H, N): the probe's attention over the tokens, per head (each row
+        sums to 1), what forward() averages the values with."""
+        q, k, _ = self._qkv(x)
+        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[:, :, 0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, _, D = x.shape
+        y = F.scaled_dot_product_attention(*self._qkv(x))  # (B, H, 1, Dh)
         y = linear(y.transpose(1, 2).reshape(B, 1, D), self.attention.out_proj)
         # No residual around the attention (the probe is not a token); the MLP has one.
         y = y + self.mlp(self.layernorm(y))
@@ -159,29 +211,90 @@ class MAPHead(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """SoViT image encoder: patches -> encoder -> LN -> MAP head."""
+    """SoViT image encoder: patches -> encoder -> LN -> MAP head.
 
-    def __init__(self, cfg: VisionConfig):
+    `num_layers` below the config's builds only the first blocks and no head: a backbone (as
+    LLaVA-OneVision runs 26 of so400m's 27 blocks), with `features()` and no pooled embedding."""
+
+    # CPU inference runs a batch one image at a time: the activations of one image stay in cache.
+    # Measured per image, batch 8 vs batch 1 (2-core Zen 4): fp32 3.73 vs 3.55 s, bf16 2.04 vs 1.97 s,
+    # int8 1.99 vs 1.49 s; scripts/benchmark_backbone.py times both. False runs batches whole. It
+    # steps aside while gradients are recorded and under autocast, where the plain ops run.
+    per_image_on_cpu: bool = True
+
+    def __init__(self, cfg: VisionConfig, num_layers: int | None = None):
         super().__init__()
         self.config = cfg
         self.embeddings = VisionEmbeddings(cfg)
-        self.encoder = Encoder(cfg)
+        self.encoder = Encoder(cfg, num_layers)
         self.post_layernorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
-        self.head = MAPHead(cfg)  # attention pooling, not a projection
+        full = num_layers in (None, cfg.num_hidden_layers)
+        self.head = MAPHead(cfg) if full else None  # attention pooling, not a projection
         init_weights(self)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
-        S, C = self.config.image_size, self.config.num_channels
-        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != (C, S, S):
-            raise ValueError(f"pixel_values must have shape (B, {C}, {S}, {S}), got "
-                             f"{tuple(pixel_values.shape)}; make them with processor.images()")
-        if pixel_values.shape[0] > 1 and pixel_values.device.type == "cpu" and not torch.is_grad_enabled():
-            # On CPU one image at a time is faster: its activations stay in cache. Measured per image,
-            # batch 8 vs batch 1: fp32 3.73 vs 3.55 s, bf16 2.04 vs 1.97 s, int8 1.99 vs 1.49 s.
-            return torch.cat([self(image[None]) for image in pixel_values])
-        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))
-        x = self.post_layernorm(self.encoder(x))  # (B, N, D)
+        """(B, C, H, W) pixels -> (B, D) pooled embeddings."""
+        if self.head is None:
+            raise RuntimeError(
+                f"this image tower was loaded with vision_layers={len(self.encoder.layers)} of "
+                f"{self.config.num_hidden_layers} blocks and so without its pooling head: it has no "
+                "pooled embedding. Use image_features(pixel_values, layers=...) for its patch tokens, "
+                "or load without vision_layers to use encode_image")
+        (x,) = self.features(pixel_values)  # (B, N, D) after post_layernorm
         return self.head(x)
+
+    def features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
+                 grid: bool = False) -> tuple[Tensor, ...]:
+        """Patch tokens of the requested layers, see SigLIP.image_features."""
+        depths = self._depths(layers)
+        P, C = self.config.patch_size, self.config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != C:
+            raise ValueError(f"pixel_values must have shape (B, {C}, H, W), got "
+                             f"{tuple(pixel_values.shape)}; make them with processor.images()")
+        B, _, H, W = pixel_values.shape
+        if H < P or W < P:
+            raise ValueError(f"an image of {H}x{W} pixels is smaller than one {P}x{P} patch; "
+                             f"images need at least {P} pixels a side")
+        if B > 1 and self.per_image_on_cpu and pixel_values.device.type == "cpu" \
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+            per_image = [self.features(image[None], layers, norm, grid) for image in pixel_values]
+            return tuple(torch.cat(same_layer) for same_layer in zip(*per_image, strict=True))
+        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))  # (B, N, D)
+        kept = {0: x}
+        # Blocks past the deepest requested layer are never run.
+        for k, y in enumerate(self.encoder.blocks(x, depth=max(depths)), start=1):
+            if k in depths:
+                kept[k] = y
+        out = [self.post_layernorm(kept[k]) if norm else kept[k] for k in depths]
+        if grid:
+            h, w = H // P, W // P
+            out = [x.transpose(1, 2).reshape(B, -1, h, w) for x in out]  # (B, D, h, w)
+        return tuple(out)
+
+    def _depths(self, layers: Sequence[int]) -> list[int]:
+        """Layer indices as transformers' hidden_states counts them -> block counts 0..L."""
+        L = len(self.encoder.layers)
+        if isinstance(layers, int) or not layers:
+            raise ValueError(f"layers must be a non-empty sequence of ints, e.g. (-1,), got {layers!r}")
+        bad = [k for k in layers if isinstance(k, bool) or not isinstance(k, int) or not -L - 1 <= k <= L]
+        if bad:
+            raise ValueError(f"layer {bad[0]!r} is out of range: this image tower has {L} blocks, so "
+                             f"layers run from 0 (the embeddings) to {L} (the last block), or from "
+                             f"{-L - 1} to -1 counting from the end")
+        return [k % (L + 1) for k in layers]
+
+    def set_image_size(self, image_size: int) -> None:
+        """Make `image_size` the native size, to fine-tune at another resolution: the position table
+        is resized once, as at inference, into a new parameter of the new grid."""
+        cfg = dataclasses.replace(self.config, image_size=image_size)
+        if cfg.grid_size < 1:
+            raise ValueError(f"image_size {image_size} is smaller than one {cfg.patch_size} px patch")
+        g, table = cfg.grid_size, self.embeddings.position_embedding.weight.detach()
+        with torch.no_grad():
+            table = _resize_positions(table, self.embeddings.grid, g, g).clone()  # (g * g, D)
+        self.embeddings.position_embedding = nn.Embedding(g * g, cfg.hidden_size, _weight=table)
+        self.embeddings.grid = g
+        self.config = cfg
 
 
 class TextEmbeddings(nn.Module):
@@ -224,14 +337,19 @@ class TextTower(nn.Module):
 class SigLIP(nn.Module):
     """The two towers and the learned temperature t' and bias b of the sigmoid loss."""
 
-    def __init__(self, cfg: SiglipConfig, towers: tuple[str, ...] = ("vision", "text")):
+    def __init__(self, cfg: SiglipConfig, towers: tuple[str, ...] = ("vision", "text"),
+                 vision_layers: int | None = None):
         super().__init__()
         unknown = set(towers) - {"vision", "text"}
         if unknown or not towers:
             raise ValueError(f"towers must be a non-empty subset of ('vision', 'text'), got {towers!r}")
+        L = cfg.vision_config.num_hidden_layers
+        if vision_layers is not None and (type(vision_layers) is not int or not 1 <= vision_layers <= L):
+            raise ValueError(f"vision_layers must be between 1 and {L} (the image tower's blocks), "
+                             f"got {vision_layers!r}")
         self.config = cfg
         self.towers = tuple(t for t in ("vision", "text") if t in towers)
-        self.vision_model = VisionTower(cfg.vision_config) if "vision" in towers else None
+        self.vision_model = VisionTower(cfg.vision_config, vision_layers) if "vision" in towers else None
         self.text_model = TextTower(cfg.text_config) if "text" in towers else None
         self.logit_scale = nn.Parameter(torch.empty(1))  # t' = log t, stored as in the checkpoint
         self.logit_bias = nn.Parameter(torch.empty(1))
@@ -256,9 +374,28 @@ class SigLIP(nn.Module):
         return tower
 
     def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
-        """(B, 3, S, S) pixels from processor.images() -> (B, D) embeddings."""
+        """(B, 3, H, W) pixels from processor.images() -> (B, D) embeddings. Any H and W of at
+        least one patch: the grid is floor(H / P) x floor(W / P) and the position table is resized."""
         x = self._tower("vision")(pixel_values)
         return F.normalize(x, dim=-1) if normalize else x
+
+    def image_features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
+                       grid: bool = False) -> tuple[Tensor, ...]:
+        """The image tower as a backbone: (B, 3, H, W) pixels -> one (B, N, D) tensor of patch
+        tokens per requested layer, in the order asked (N = h * w, h = floor(H / P), w = floor(W / P)).
+
+        Layer k is transformers' `hidden_states[k]`: 0 the patch embeddings plus positions, k the
+        output of block k, negative k counted from the end (-1 the last block, -2 the one before).
+        norm=True applies the final LayerNorm to each (so layers=(-1,) is `last_hidden_state`);
+        grid=True returns (B, D, h, w) instead. Blocks past the deepest layer asked for are not run.
+        See docs/backbone.md."""
+        return self._tower("vision").features(pixel_values, layers, norm, grid)
+
+    def set_image_size(self, image_size: int) -> None:
+        """Make `image_size` the image tower's native size (for fine-tuning at it): the position
+        table is resized once into a new parameter and the config says the new size."""
+        self._tower("vision").set_image_size(image_size)
+        self.config = dataclasses.replace(self.config, vision_config=self.vision_model.config)
 
     def encode_text(self, input_ids: Tensor, normalize: bool = False) -> Tensor:
         """(B, L) token ids from processor.texts() -> (B, D) embeddings."""

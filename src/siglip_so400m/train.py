@@ -53,6 +53,7 @@ class TrainConfig:
     only_logit_params: bool = False  # train only logit_scale and logit_bias
     precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively
     grad_checkpointing: bool = False
+    image_size: int | None = None  # train at this size: position embeddings resized once at load
     save_every: int = 500  # 0: only at the end
     log_every: int = 10
     seed: int = 0
@@ -63,6 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise ValueError("steps and batch_size must be at least 1")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -131,6 +134,9 @@ def train(cfg: TrainConfig) -> Path:
     log = _Log(rank, out)
     ckpt = resolve(cfg.model, revision=cfg.revision)
     model, processor = load(ckpt, dtype=torch.float32, device=device)
+    if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
+        model.set_image_size(cfg.image_size)  # a new position parameter at the new grid, trained from here
+        processor.image = processor.at_size(cfg.image_size)
     model.train()
     if cfg.grad_checkpointing:
         for tower in (model.vision_model, model.text_model):
@@ -216,6 +222,12 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
     for name in ("preprocessor_config.json", *TOKENIZER_FILES):
         if source is not None and (source / name).is_file() and source.resolve() != out.resolve():
             shutil.copyfile(source / name, out / name)
+    pre = out / "preprocessor_config.json"
+    S = model.config.vision_config.image_size
+    if pre.is_file() and json.loads(pre.read_text()).get("size") != {"height": S, "width": S}:
+        # Trained at another size (--image-size): processors must resize to it.
+        pre.write_text(json.dumps({**json.loads(pre.read_text()), "size": {"height": S, "width": S}},
+                                  indent=2) + "\n")
 
 
 def _atomic(path: Path, write) -> None:

@@ -168,9 +168,9 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
                  device: torch.device | str | None = None) -> None:
     """Check the checkpoint against `model` (built on the meta device), then assign its tensors.
 
-    `model` may hold one tower only: the other tower's tensors are then neither read nor checked
-    beyond their names. Every tensor of the checkpoint must belong to the full model, every
-    parameter of `model` must be in the checkpoint, and shapes must agree.
+    `model` may hold one tower only, or an image tower cut short (vision_layers): the tensors it
+    lacks are then neither read nor checked beyond their names. Every tensor of the checkpoint must
+    belong to the full model, every parameter of `model` must be in the checkpoint, and shapes must agree.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     full = _full_key_set(ckpt.config)
