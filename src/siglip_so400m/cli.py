@@ -160,7 +160,8 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         ckpt = resolve(args.model, revision=args.revision)
         processor = Processor.from_checkpoint(ckpt)
         if processor.tokenizer is None:
-            raise CheckpointError(f"{args.model} has no spiece.model to tokenize the labels with")
+            raise CheckpointError(f"{args.model} has no tokenizer (spiece.model, tokenizer.json or "
+                                  "tokenizer.model) to tokenize the labels with")
         cache = None
         if not args.no_cache:
             cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
@@ -292,7 +293,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
     sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
+    sub.add_parser("convert", help="write a big_vision .npz in the Hugging Face layout", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog="siglip-so400m zero-shot")
+    if args.command == "convert":
+        from .convert import convert_main
+
+        return convert_main(rest, prog="siglip-so400m convert")
     return finetune_main(rest, prog="siglip-so400m finetune")
