@@ -7,10 +7,11 @@
 
 from .api import Processor, load
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .convert import convert
 from .image import ImageProcessor, ImageReadError, load_image
 from .loss import distributed_sigmoid_loss, sigmoid_loss
 from .model import SigLIP, TextTower, VisionTower
-from .text import Tokenizer
+from .text import GemmaTokenizer, Tokenizer
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError
 from .zeroshot import ZeroShotClassifier, zero_shot
 
@@ -18,6 +19,7 @@ __all__ = [
     "DEFAULT_REPO",
     "Checkpoint",
     "CheckpointError",
+    "GemmaTokenizer",
     "ImageProcessor",
     "ImageReadError",
     "Processor",
@@ -29,6 +31,7 @@ __all__ = [
     "VisionConfig",
     "VisionTower",
     "ZeroShotClassifier",
+    "convert",
     "distributed_sigmoid_loss",
     "load",
     "load_image",

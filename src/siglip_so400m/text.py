@@ -176,7 +176,19 @@ class GemmaTokenizer:
                 sp.Load(str(self.path))
             except (OSError, RuntimeError) as e:
                 raise ValueError(f"{self.path}: not a SentencePiece model ({e})") from None
-            self._encode = lambda text: sp.encode(text)
+            # transformers' converted tokenizer matches its special tokens (<pad>, <eos>, <bos>, <unk>)
+            # written literally in a text; sentencepiece would spell them out, so split them off first.
+            specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                        if sp.is_control(i) or sp.is_unknown(i)}
+            split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+
+            def encode(text: str) -> list[int]:
+                ids: list[int] = []
+                for chunk in split.split(text) if specials else [text]:
+                    ids += [specials[chunk]] if chunk in specials else sp.encode(chunk) if chunk else []
+                return ids
+
+            self._encode = encode
             self.vocab_size = sp.get_piece_size()
             ids = {t: (sp.piece_to_id(t) if sp.id_to_piece(sp.piece_to_id(t)) == t else None)
                    for t in (eos_token, pad_token)}
