@@ -420,6 +420,17 @@ def test_text_length_mismatch_between_tokenizer_and_model(ckpts, tmp_path):
         siglip_so400m.load(folder, towers=("text",))
 
 
+def test_gemma_model_max_length_longer_than_the_model_is_fine_shorter_is_not(ckpts, tmp_path):
+    """A Gemma tokenizer_config.json may carry the language model's context (8192): not a mismatch."""
+    folder = Path(shutil.copytree(ckpts["google/siglip2-so400m-patch16-256"], tmp_path / "ckpt"))
+    cfg = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 8192}))
+    assert siglip_so400m.load(folder, towers=("text",))[1].tokenizer.max_length == 64
+    (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "model_max_length": 32}))
+    with pytest.raises(CheckpointError, match=r"text-length mismatch: .*model_max_length 32 .* 64 text"):
+        siglip_so400m.load(folder, towers=("text",))
+
+
 # --- full size (3.5 GB each; CI and the lead run these) -------------------------------------------
 
 @pytest.mark.slow

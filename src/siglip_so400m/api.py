@@ -58,9 +58,9 @@ class Processor:
     def texts(self, texts: str | list[str]) -> torch.Tensor:
         """Strings -> (B, L) int64 token ids, padded as the checkpoint was trained (L = 64 or 16)."""
         if self.tokenizer is None:
-            raise RuntimeError(f"no tokenizer came with the checkpoint {self._source} (spiece.model, "
-                               "tokenizer.json or tokenizer.model), so texts cannot be tokenized; load "
-                               "a folder or Hub id that has it, or pass load(..., tokenizer=FILE)")
+            raise RuntimeError(f"no spiece.model, tokenizer.json or tokenizer.model came with the "
+                               f"checkpoint {self._source}, so texts cannot be tokenized; load a folder "
+                               "or Hub id that has one, or pass load(..., tokenizer=FILE)")
         return self.tokenizer(texts)
 
 

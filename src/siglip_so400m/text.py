@@ -249,10 +249,13 @@ def load_tokenizer(folder: str | Path, max_length: int) -> AnyTokenizer | None:
     folder = Path(folder)
     cfg = _read_tokenizer_config(folder)
     cls_name = cfg.get("tokenizer_class")
-    # transformers writes a huge model_max_length (1e30) when a tokenizer has none; only a real
-    # length can disagree with the model's position table.
+    # Google's SigLIP conversions set model_max_length to the model's text length (64, or 16 for
+    # so400m-patch14-224); SigLIP 2's Gemma tokenizer config may carry the language model's context
+    # (8192) or transformers' "none" (1e30) instead, which only disagrees if it is shorter.
     declared = cfg.get("model_max_length")
-    if isinstance(declared, int) and declared < 10**6 and declared != max_length:
+    gemma = cls_name in _GEMMA_CLASSES
+    if isinstance(declared, int) and (declared < max_length if gemma else
+                                      declared < 10**6 and declared != max_length):
         raise ValueError(f"text-length mismatch: {folder}/tokenizer_config.json has model_max_length "
                          f"{declared} but the model has {max_length} text positions "
                          "(config.json text_config.max_position_embeddings); fix one to match the other")
