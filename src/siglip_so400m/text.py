@@ -164,7 +164,6 @@ class GemmaTokenizer:
             # Truncation, padding and EOS are ours to add (below), whatever the file sets.
             tok.no_truncation()
             tok.no_padding()
-            self._tok = tok
             self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
             vocab = tok.get_vocab(with_added_tokens=True)
             self.vocab_size = max(vocab.values()) + 1
