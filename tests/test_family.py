@@ -121,6 +121,32 @@ def test_token_ids_match_transformers_on_random_strings(name, ckpts):
     assert proc.texts(texts).tolist() == hf_ids(ckpts[name], texts).tolist()
 
 
+def test_each_checkpoint_loads_by_hub_id_offline_from_the_hub_cache(ckpts, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from siglip_so400m.testing import hub_cache
+
+    for name, folder in ckpts.items():
+        hub_cache(tmp_path / "cache", name, folder)
+    code = (
+        "import json, siglip_so400m\n"
+        f"out = {{}}\nfor name in {NAMES!r}:\n"
+        "    m, p = siglip_so400m.load(name)\n"
+        "    out[name] = [type(p.tokenizer).__name__, p.texts(['a cat']).shape[1], p.image.resample,\n"
+        "                 m.config.vision_config.patch_size]\n"
+        "print(json.dumps(out))\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout.splitlines()[-1])
+    for name in NAMES:
+        fam = CHECKPOINTS[name]
+        kind = "GemmaTokenizer" if fam.tokenizer == "gemma" else "Tokenizer"
+        assert got[name] == [kind, fam.text_length, fam.resample, fam.patch_size // 2], name
+
+
 def test_siglip2_ids_end_with_eos_then_pad_zero_and_keep_punctuation(ckpts):
     folder = ckpts["google/siglip2-so400m-patch16-384"]
     _, proc = siglip_so400m.load(folder, towers=("text",))
