@@ -407,6 +407,11 @@ def test_npz_with_a_missing_array_is_named(npz_source, tmp_path):
     np.savez(tmp_path / "bad.npz", **arrays)
     with pytest.raises(CheckpointError, match=r"missing arrays: img/MAPHead_0/probe"):
         siglip_so400m.load(tmp_path / "bad.npz")
+    arrays = _arrays(npz)
+    del arrays["params/txt/head/bias"]  # a text head is optional (i18n has none), half of one is not
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(CheckpointError, match=r"missing arrays: txt/head/bias"):
+        siglip_so400m.load(tmp_path / "bad.npz")
 
 
 def test_npz_with_an_unknown_array_is_named(npz_source, tmp_path):

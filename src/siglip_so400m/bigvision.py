@@ -109,7 +109,8 @@ def check_names(arrays: Mapping[str, np.ndarray], where: str) -> None:
     """Raise one message listing missing and unknown arrays."""
     names = set(arrays)
     expected = expected_names(names, arrays)
-    missing = sorted(expected - names - _OPTIONAL)
+    optional = _OPTIONAL if not names & _OPTIONAL else set()  # the text head: both arrays or neither
+    missing = sorted(expected - names - optional)
     unknown = sorted(names - expected)
     if missing or unknown:
         parts = []
