@@ -8,10 +8,11 @@
 from .api import Processor, load
 from .attention_maps import attention_map
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .convert import convert
 from .image import ImageProcessor, ImageReadError, load_image
 from .loss import distributed_sigmoid_loss, sigmoid_loss
 from .model import SigLIP, TextTower, VisionTower
-from .text import Tokenizer
+from .text import GemmaTokenizer, Tokenizer
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError
 from .zeroshot import ZeroShotClassifier, zero_shot
 
@@ -19,6 +20,7 @@ __all__ = [
     "DEFAULT_REPO",
     "Checkpoint",
     "CheckpointError",
+    "GemmaTokenizer",
     "ImageProcessor",
     "ImageReadError",
     "Processor",
@@ -31,6 +33,7 @@ __all__ = [
     "VisionTower",
     "ZeroShotClassifier",
     "attention_map",
+    "convert",
     "distributed_sigmoid_loss",
     "load",
     "load_image",

@@ -12,20 +12,22 @@ from .config import SiglipConfig
 from .image import ImageInput, ImageProcessor
 from .kernels import quantize_int8
 from .model import SigLIP
-from .text import Tokenizer
+from .text import AnyTokenizer, load_tokenizer, tokenizer_from_file
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError, load_weights, resolve
 
 
 class Processor:
     """Images and texts -> the tensors the towers take, with the checkpoint's own settings."""
 
-    def __init__(self, image: ImageProcessor, tokenizer: Tokenizer | None, source: str = ""):
+    def __init__(self, image: ImageProcessor, tokenizer: AnyTokenizer | None, source: str = ""):
         self.image = image
         self.tokenizer = tokenizer
         self._source = source
 
     @classmethod
-    def from_checkpoint(cls, ckpt: Checkpoint) -> Processor:
+    def from_checkpoint(cls, ckpt: Checkpoint, tokenizer: str | Path | None = None) -> Processor:
+        """The checkpoint's own preprocessing; `tokenizer` (a tokenizer.json or SentencePiece .model)
+        replaces the tokenizer files of its folder, e.g. for a big_vision .npz."""
         cfg = ckpt.config
         folder = ckpt.folder
         pre = folder / "preprocessor_config.json" if folder else None
@@ -35,10 +37,20 @@ class Processor:
         if (image.height, image.width) != (S, S):
             raise CheckpointError(f"preprocessor_config.json resizes to {image.height}x{image.width} "
                                   f"but the model takes {S}x{S} images")
-        tokenizer = None
-        if folder and (folder / "spiece.model").is_file():
-            tokenizer = Tokenizer.from_folder(folder, max_length=cfg.text_config.max_position_embeddings)
-        return cls(image, tokenizer, ckpt.name)
+        L = cfg.text_config.max_position_embeddings
+        try:
+            if tokenizer is not None:
+                tok = tokenizer_from_file(tokenizer, L)
+            else:
+                tok = load_tokenizer(folder, L) if folder else None
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        if tok is not None and tok.vocab_size > cfg.text_config.vocab_size:
+            raise CheckpointError(
+                f"the tokenizer ({getattr(tok, 'path', '')}) has {tok.vocab_size} tokens but the text "
+                f"embedding table has {cfg.text_config.vocab_size} rows: this tokenizer belongs to "
+                "another checkpoint (pass the one the model was trained with)")
+        return cls(image, tok, ckpt.name)
 
     def images(self, images: ImageInput | list[ImageInput],
                size: int | tuple[int, int] | None = None) -> torch.Tensor:
@@ -57,10 +69,11 @@ class Processor:
         return dataclasses.replace(self.image, height=H, width=W)
 
     def texts(self, texts: str | list[str]) -> torch.Tensor:
-        """Strings -> (B, 64) int64 token ids, padded with EOS as SigLIP was trained."""
+        """Strings -> (B, L) int64 token ids, padded as the checkpoint was trained (L = 64 or 16)."""
         if self.tokenizer is None:
-            raise RuntimeError(f"no spiece.model came with the checkpoint {self._source}, so texts "
-                               "cannot be tokenized; load a folder or Hub id that has it")
+            raise RuntimeError(f"no spiece.model, tokenizer.json or tokenizer.model came with the "
+                               f"checkpoint {self._source}, so texts cannot be tokenized; load a folder "
+                               "or Hub id that has one, or pass load(..., tokenizer=FILE)")
         return self.tokenizer(texts)
 
 
@@ -68,15 +81,19 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
          dtype: torch.dtype | None = None, device: torch.device | str | None = None,
          towers: tuple[str, ...] = ("vision", "text"),
          config: SiglipConfig | str | Path | None = None,
-         quantize: str | None = None, vision_layers: int | None = None) -> tuple[SigLIP, Processor]:
+         quantize: str | None = None, vision_layers: int | None = None,
+         tokenizer: str | Path | None = None) -> tuple[SigLIP, Processor]:
     """Load a SigLIP checkpoint and its processor.
 
-    name: a Hub id (default google/siglip-so400m-patch14-384), a local folder in the Hub layout, a
-        .safetensors file (its config from `config=` or a config.json beside it), or a Checkpoint
-        that `siglip_so400m.weights.resolve` found.
+    name: a Hub id (default google/siglip-so400m-patch14-384; every SoViT-400m SigLIP and SigLIP 2
+        checkpoint in docs/checkpoints.md), a local folder in the Hub layout, a .safetensors file
+        (its config from `config=` or a config.json beside it), a big_vision .npz (its config from
+        `config=` or inferred from the array shapes), or a Checkpoint that `weights.resolve` found.
     revision: a Hub branch, tag or commit. dtype: e.g. torch.bfloat16 (default: float32).
     device: where the weights go (default CPU). towers: ("vision",) or ("text",) loads one tower
         only; the other one's weights are never read.
+    tokenizer: a tokenizer.json or SentencePiece .model to use instead of the checkpoint folder's
+        (for a big_vision .npz whose tokenizer lies elsewhere).
     quantize: "int8" turns the linear layers into dynamically quantized int8 matmuls for CPU inference
         (weights per output channel, activations per tensor), the rest in float32: faster than bf16,
         embeddings at cosine >= 0.99 to fp32. The model is then for inference only (the linear
@@ -100,7 +117,7 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
         quantize_int8(model)
     model.eval()
     model.checkpoint = ckpt
-    return model, Processor.from_checkpoint(ckpt)
+    return model, Processor.from_checkpoint(ckpt, tokenizer)
 
 
 def pick_device(device: str | None = None) -> torch.device:

@@ -164,7 +164,8 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         ckpt = resolve(args.model, revision=args.revision)
         processor = Processor.from_checkpoint(ckpt)
         if processor.tokenizer is None:
-            raise CheckpointError(f"{args.model} has no spiece.model to tokenize the labels with")
+            raise CheckpointError(f"{args.model} has no tokenizer (spiece.model, tokenizer.json or "
+                                  "tokenizer.model) to tokenize the labels with")
         cache = None
         if not args.no_cache:
             cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
@@ -300,6 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
     sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
     sub.add_parser("attention-map", help="PNGs of where the pooling head looks", add_help=False)
+    sub.add_parser("convert", help="write a big_vision .npz in the Hugging Face layout", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog="siglip-so400m zero-shot")
@@ -307,4 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         from .attention_maps import attention_map_main
 
         return attention_map_main(rest, prog="siglip-so400m attention-map")
+    if args.command == "convert":
+        from .convert import convert_main
+
+        return convert_main(rest, prog="siglip-so400m convert")
     return finetune_main(rest, prog="siglip-so400m finetune")

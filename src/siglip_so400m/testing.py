@@ -3,9 +3,13 @@
 Nothing can be downloaded where this project is tested, so we make what we compare against:
 `transformers.SiglipModel` with random weights saved by `save_pretrained`, the PIL image processor
 and the tokenizer files transformers writes, and a SentencePiece model trained on the fly with
-sentencepiece's own trainer, shaped like SigLIP's (unigram, pad 0, EOS 1, unk 2, NFKC).
+sentencepiece's own trainer, shaped like SigLIP's (unigram, pad 0, EOS 1, unk 2, NFKC) or, for
+SigLIP 2, like Gemma's (BPE with byte fallback, pad 0, EOS 1, BOS 2, unk 3, mask 4) and converted to
+tokenizer.json by transformers' own GemmaConverter. `CHECKPOINTS` lists every SoViT-400m checkpoint
+with what differs between them; `save_family_checkpoint` writes one (tiny or full size) with a
+config.json as sparse as the Hub's, and `write_big_vision_npz` writes its weights as big_vision does.
 
-    python -m siglip_so400m.testing OUT_DIR [--tiny]     # writes a checkpoint folder
+    python -m siglip_so400m.testing OUT_DIR [--tiny] [--checkpoint google/siglip2-so400m-patch16-384]
 """
 
 from __future__ import annotations
@@ -14,8 +18,12 @@ import argparse
 import io
 import json
 import random
+import shutil
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 SO400M_CONFIG = Path(__file__).parents[2] / "configs" / "siglip-so400m-patch14-384.json"
@@ -34,12 +42,21 @@ TINY_VISION = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, nu
 TINY_TEXT = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4)
 
 
-def train_spiece(path: Path, vocab_size: int = 200) -> Path:
+# For the multilingual vocabularies (i18n's mc4 SentencePiece, SigLIP 2's Gemma): German, Japanese,
+# Arabic, Russian, Hindi and Greek words beside the English ones.
+_MULTI_WORDS = _WORDS + (
+    "Katze Hund Flugzeug Straße Fernbedienung Äpfel schön grün 猫 犬 飛行機 二匹の猫 写真 東京タワー "
+    "قطة كلب طائرة صورة جهاز تحكم кошка собака самолёт фото बिल्ली कुत्ता हवाई γάτα σκύλος"
+).split()
+
+
+def train_spiece(path: Path, vocab_size: int = 200, words: list[str] | None = None) -> Path:
     """A unigram SentencePiece model with SigLIP's special ids, trained on a synthetic corpus."""
     import sentencepiece as spm
 
     rng = random.Random(0)
-    lines = [" ".join(rng.choice(_WORDS) for _ in range(rng.randint(2, 12))) for _ in range(4000)]
+    words = words or _WORDS
+    lines = [" ".join(rng.choice(words) for _ in range(rng.randint(2, 12))) for _ in range(4000)]
     buf = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="unigram",
@@ -113,14 +130,244 @@ def hub_cache(root: Path, repo_id: str, source: Path, sha: str = "0123456789abcd
     return snap
 
 
+def train_gemma_spiece(path: Path, vocab_size: int = 700) -> Path:
+    """A SentencePiece BPE model shaped like Gemma's: byte fallback, digits split, no dummy prefix, no
+    normalization, ids pad 0, EOS 1, BOS 2, unk 3, <mask> 4 (so transformers adds no token)."""
+    import sentencepiece as spm
+
+    rng = random.Random(1)
+    lines = [" ".join(rng.choice(_MULTI_WORDS) for _ in range(rng.randint(2, 12))) for _ in range(4000)]
+    lines += [line.title() for line in lines[:500]]  # some capitals, which SigLIP 2 lowercases away
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size, model_type="bpe",
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>",
+        unk_piece="<unk>", user_defined_symbols=["<mask>"], byte_fallback=True, split_digits=True,
+        allow_whitespace_only_pieces=True, add_dummy_prefix=False, remove_extra_whitespaces=False,
+        normalization_rule_name="identity", character_coverage=1.0, hard_vocab_limit=False, minloglevel=2)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+@dataclass(frozen=True)
+class Family:
+    """What one released SoViT-400m checkpoint fixes: its tokenizer, text length, image size and
+    resize filter (PIL codes: 3 bicubic, 2 bilinear)."""
+
+    tokenizer: str  # "siglip" (c4_en SentencePiece), "i18n" (mc4 SentencePiece), "gemma" (SigLIP 2)
+    image_size: int
+    patch_size: int
+    text_length: int
+    vocab_size: int
+    resample: int
+
+    @property
+    def tiny_vision(self) -> dict:
+        # Patches of 7 or 8 px and the full-size grid's remainder kept: 384/14 drops 6 px, 32/7 drops 4.
+        p = self.patch_size // 2
+        grid = max(self.image_size // self.patch_size // 4, 3)
+        size = grid * p + (4 if self.image_size % self.patch_size else 0)
+        return {**TINY_VISION, "image_size": size, "patch_size": p}
+
+
+CHECKPOINTS: dict[str, Family] = {
+    "google/siglip-so400m-patch14-384": Family("siglip", 384, 14, 64, 32000, 3),
+    "google/siglip-so400m-patch14-224": Family("siglip", 224, 14, 16, 32000, 3),
+    "google/siglip-so400m-patch16-256-i18n": Family("i18n", 256, 16, 64, 250000, 3),
+    "google/siglip2-so400m-patch14-224": Family("gemma", 224, 14, 64, 256000, 2),
+    "google/siglip2-so400m-patch14-384": Family("gemma", 384, 14, 64, 256000, 2),
+    "google/siglip2-so400m-patch16-256": Family("gemma", 256, 16, 64, 256000, 2),
+    "google/siglip2-so400m-patch16-384": Family("gemma", 384, 16, 64, 256000, 2),
+    "google/siglip2-so400m-patch16-512": Family("gemma", 512, 16, 64, 256000, 2),
+}
+
+_QKV_NAMES = (("q", "query"), ("k", "key"), ("v", "value"))
+_SO400M = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16)
+
+
+def train_tokenizer(kind: str, folder: Path) -> Path:
+    """The tokenizer model of a family, trained into `folder` (reuse it across checkpoints)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "siglip":
+        return train_spiece(folder / "spiece.model")
+    if kind == "i18n":
+        return train_spiece(folder / "spiece.model", vocab_size=400, words=_MULTI_WORDS)
+    return train_gemma_spiece(folder / "tokenizer.model")
+
+
+def family_hf_config(family: Family, tokenizer_model: Path, tiny: bool = True):
+    import sentencepiece as spm
+
+    vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+    if tiny:
+        vision = family.tiny_vision
+        text = {**TINY_TEXT, "vocab_size": vocab}
+    else:
+        vision = {**_SO400M, "image_size": family.image_size, "patch_size": family.patch_size}
+        text = {**_SO400M, "vocab_size": family.vocab_size}
+    return hf_config(vision, {**text, "max_position_embeddings": family.text_length})
+
+
+def sparse_config(config) -> dict:
+    """config.json as the Hub has it: only the fields that differ from transformers' defaults."""
+    from transformers import SiglipTextConfig, SiglipVisionConfig
+
+    skip = {"transformers_version", "architectures", "dtype", "_name_or_path", "id2label", "label2id"}
+
+    def diff(sub, default) -> dict:
+        d, base = sub.to_dict(), default.to_dict()
+        out = {k: v for k, v in d.items() if k not in skip and base.get(k) != v}
+        if out.get("projection_size") == d["hidden_size"]:
+            del out["projection_size"]  # implied: the Hub files predate the field
+        return {**out, "model_type": d["model_type"]}
+
+    return {"architectures": ["SiglipModel"], "initializer_factor": 1.0, "model_type": "siglip",
+            "text_config": diff(config.text_config, SiglipTextConfig()),
+            "torch_dtype": "float32", "transformers_version": "4.49.0",
+            "vision_config": diff(config.vision_config, SiglipVisionConfig())}
+
+
+def save_tokenizer(folder: Path, kind: str, tokenizer_model: Path, text_length: int) -> None:
+    """The tokenizer files of a family as transformers writes them."""
+    from transformers import GemmaTokenizer, SiglipTokenizer
+
+    if kind in ("siglip", "i18n"):
+        # As Google's conversion saved them: no attention_mask, model_max_length = the text length.
+        SiglipTokenizer(str(tokenizer_model), model_input_names=["input_ids"],
+                        model_max_length=text_length).save_pretrained(folder)
+        return
+    # transformers converts tokenizer.model with its GemmaConverter into tokenizer.json; the SigLIP 2
+    # conversion set no BOS, an EOS, right padding and no attention_mask. The Hub repos ship both files.
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copyfile(tokenizer_model, Path(tmp) / "tokenizer.model")
+        tok = GemmaTokenizer.from_pretrained(tmp, add_bos_token=False, add_eos_token=True,
+                                             padding_side="right", model_input_names=["input_ids"],
+                                             model_max_length=text_length)
+        tok.save_pretrained(folder)
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg.pop("vocab_file", None)  # the temporary folder it was converted from
+    cfg.update(add_bos_token=False, add_eos_token=True)
+    cfg_path.write_text(json.dumps(cfg, indent=2) + "\n")
+    if tokenizer_model.resolve() != (folder / "tokenizer.model").resolve():
+        shutil.copyfile(tokenizer_model, folder / "tokenizer.model")
+
+
+def save_family_checkpoint(folder: Path, name: str, tokenizer_model: Path, *, tiny: bool = True,
+                           seed: int = 0) -> Path:
+    """One of CHECKPOINTS with random weights in its Hub layout: sparse config.json,
+    model.safetensors, preprocessor_config.json (its size and resample) and its tokenizer files."""
+    from transformers import SiglipImageProcessorPil, SiglipModel
+
+    family = CHECKPOINTS[name]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = family_hf_config(family, tokenizer_model, tiny)
+    torch.manual_seed(seed)
+    model = SiglipModel(config)
+    randomize(model, seed)
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(sparse_config(config), indent=2) + "\n")
+    size = config.vision_config.image_size
+    SiglipImageProcessorPil(size={"height": size, "width": size},
+                            resample=family.resample).save_pretrained(folder)
+    save_tokenizer(folder, family.tokenizer, tokenizer_model, family.text_length)
+    return folder
+
+
+def write_big_vision_npz(path: Path, state: dict[str, torch.Tensor], config, *, stacked: bool,
+                         text_head: bool = True, prefix: str = "params/") -> Path:
+    """A transformers SiglipModel state dict written as big_vision writes SigLIP: the flax parameter
+    tree flattened with "/" into np.savez. Written from flax's own conventions, not from our reader:
+    Dense kernels (in, out); DenseGeneral q/k/v kernels (D, H, Dh) and biases (H, Dh), out kernel
+    (H, Dh, D); conv kernel HWIO; pos_embedding (1, N, D); MAP probe (1, 1, D); t and b of shape (1,);
+    blocks as encoderblock_i or, with `stacked`, one encoderblock with a leading layer axis (nn.scan).
+    `text_head=False` drops txt/head, as in the i18n checkpoint."""
+    a = {k: v.detach().float().numpy() for k, v in state.items()}
+    Hv, Ht = config.vision_config.num_attention_heads, config.text_config.num_attention_heads
+
+    def dense(w):  # torch Linear (out, in) -> flax Dense kernel (in, out)
+        return w.T
+
+    def heads_in(w, H):  # (H·Dh, D) -> (D, H, Dh): q[h, k] = sum_d x[d] kernel[d, h, k]
+        return w.reshape(H, -1, w.shape[1]).transpose(2, 0, 1)
+
+    def heads_out(w, H):  # (D, H·Dh) -> (H, Dh, D): y[d] = sum_hk o[h, k] kernel[h, k, d]
+        return w.reshape(w.shape[0], H, -1).transpose(1, 2, 0)
+
+    tree: dict[str, np.ndarray] = {
+        "img/embedding/kernel": a["vision_model.embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0),
+        "img/embedding/bias": a["vision_model.embeddings.patch_embedding.bias"],
+        "img/pos_embedding": a["vision_model.embeddings.position_embedding.weight"][None],
+        "img/Transformer/encoder_norm/scale": a["vision_model.post_layernorm.weight"],
+        "img/Transformer/encoder_norm/bias": a["vision_model.post_layernorm.bias"],
+        "img/MAPHead_0/probe": a["vision_model.head.probe"],
+        "img/MAPHead_0/LayerNorm_0/scale": a["vision_model.head.layernorm.weight"],
+        "img/MAPHead_0/LayerNorm_0/bias": a["vision_model.head.layernorm.bias"],
+        "txt/Embed_0/embedding": a["text_model.embeddings.token_embedding.weight"],
+        "txt/pos_embedding": a["text_model.embeddings.position_embedding.weight"][None],
+        "txt/Encoder_0/encoder_norm/scale": a["text_model.final_layer_norm.weight"],
+        "txt/Encoder_0/encoder_norm/bias": a["text_model.final_layer_norm.bias"],
+        "t": a["logit_scale"].reshape(1),
+        "b": a["logit_bias"].reshape(1),
+    }
+    map_head = "img/MAPHead_0/"
+    mha = map_head + "MultiHeadDotProductAttention_0/"
+    for r in (0, 1):
+        tree[f"{map_head}MlpBlock_0/Dense_{r}/kernel"] = dense(a[f"vision_model.head.mlp.fc{r + 1}.weight"])
+        tree[f"{map_head}MlpBlock_0/Dense_{r}/bias"] = a[f"vision_model.head.mlp.fc{r + 1}.bias"]
+    D = config.vision_config.hidden_size
+    w, b = a["vision_model.head.attention.in_proj_weight"], a["vision_model.head.attention.in_proj_bias"]
+    for j, n in enumerate(("query", "key", "value")):
+        tree[f"{mha}{n}/kernel"] = heads_in(w[j * D : (j + 1) * D], Hv)
+        tree[f"{mha}{n}/bias"] = b[j * D : (j + 1) * D].reshape(Hv, -1)
+    tree[f"{mha}out/kernel"] = heads_out(a["vision_model.head.attention.out_proj.weight"], Hv)
+    tree[f"{mha}out/bias"] = a["vision_model.head.attention.out_proj.bias"]
+    if text_head:
+        tree["txt/head/kernel"] = dense(a["text_model.head.weight"])
+        tree["txt/head/bias"] = a["text_model.head.bias"]
+    # Our name in a layer -> (big_vision name in an encoderblock, how the array is laid out).
+    attn = "MultiHeadDotProductAttention_0/"
+    block = {
+        "layer_norm1.weight": ("LayerNorm_0/scale", None), "layer_norm1.bias": ("LayerNorm_0/bias", None),
+        "layer_norm2.weight": ("LayerNorm_1/scale", None), "layer_norm2.bias": ("LayerNorm_1/bias", None),
+        **{f"mlp.fc{r + 1}.weight": (f"MlpBlock_0/Dense_{r}/kernel", "dense") for r in (0, 1)},
+        **{f"mlp.fc{r + 1}.bias": (f"MlpBlock_0/Dense_{r}/bias", None) for r in (0, 1)},
+        "self_attn.out_proj.weight": (attn + "out/kernel", "heads_out"),
+        "self_attn.out_proj.bias": (attn + "out/bias", None),
+        **{f"self_attn.{p}_proj.weight": (f"{attn}{n}/kernel", "heads_in") for p, n in _QKV_NAMES},
+        **{f"self_attn.{p}_proj.bias": (f"{attn}{n}/bias", "heads_bias") for p, n in _QKV_NAMES},
+    }
+    for tower, enc, H, L in (("vision_model", "img/Transformer/", Hv, config.vision_config.num_hidden_layers),
+                             ("text_model", "txt/Encoder_0/", Ht, config.text_config.num_hidden_layers)):
+        layout = {None: lambda x: x, "dense": dense, "heads_in": lambda x, H=H: heads_in(x, H),
+                  "heads_out": lambda x, H=H: heads_out(x, H), "heads_bias": lambda x, H=H: x.reshape(H, -1)}
+        for ours, (theirs, kind) in block.items():
+            arrays = [layout[kind](a[f"{tower}.encoder.layers.{i}.{ours}"]) for i in range(L)]
+            if stacked:
+                tree[f"{enc}encoderblock/{theirs}"] = np.stack(arrays)
+            else:
+                tree.update({f"{enc}encoderblock_{i}/{theirs}": x for i, x in enumerate(arrays)})
+    path = Path(path)
+    with open(path, "wb") as f:
+        np.savez(f, **{prefix + k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tree.items()})
+    return path
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write a random SigLIP checkpoint in the Hub layout.")
     ap.add_argument("out", type=Path)
     ap.add_argument("--tiny", action="store_true", help="a tiny config instead of the full so400m (3.5 GB)")
+    ap.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), help="the layout of this released "
+                    "checkpoint (tokenizer, sizes, text length) instead of siglip-so400m-patch14-384")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    spiece = train_spiece(args.out / "spiece.model")
-    save_checkpoint(args.out, tiny_hf_config(spiece) if args.tiny else so400m_hf_config(), spiece)
+    if args.checkpoint:
+        tok = train_tokenizer(CHECKPOINTS[args.checkpoint].tokenizer, args.out)
+        save_family_checkpoint(args.out, args.checkpoint, tok, tiny=args.tiny)
+    else:
+        spiece = train_spiece(args.out / "spiece.model")
+        save_checkpoint(args.out, tiny_hf_config(spiece) if args.tiny else so400m_hf_config(), spiece)
     print(args.out)
 
 

@@ -1,9 +1,16 @@
-"""Text preprocessing: SentencePiece ids exactly as transformers' SiglipTokenizer makes them with
-`padding="max_length", truncation=True, max_length=64`.
+"""Text preprocessing: token ids exactly as the checkpoint's reference tokenizer makes them.
 
-What SigLIP expects: lowercase, ASCII punctuation stripped, whitespace collapsed, the SentencePiece
-pieces, at most 63 of them, then EOS (id 1), then EOS again as padding up to exactly 64 tokens. No
-attention mask: the model was trained on padded sequences and pools the last position.
+Two families, chosen by the checkpoint's own tokenizer files (`load_tokenizer`):
+
+- SigLIP (spiece.model, `SiglipTokenizer`): lowercase, ASCII punctuation stripped, whitespace
+  collapsed, SentencePiece pieces, at most L-1 of them, then EOS (id 1), then EOS again as padding up
+  to exactly L tokens (L = 64, or 16 for so400m-patch14-224): transformers' SiglipTokenizer with
+  `padding="max_length", truncation=True, max_length=L`.
+- SigLIP 2 (tokenizer.json / tokenizer.model, `GemmaTokenizer`): the Gemma BPE vocabulary with byte
+  fallback, lowercase (big_vision's training recipe), punctuation kept, at most L-1 tokens, EOS
+  (id 1), padded with <pad> (id 0) to L.
+
+No attention mask: the model was trained on padded sequences and pools the last position.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ class Tokenizer:
         if not legacy:
             sp = _without_dummy_prefix(sp)
         self.sp = sp
+        self.vocab_size = sp.get_piece_size()
         self.max_length = max_length
         self.do_lower_case = do_lower_case
         self.unk_token = unk_token
@@ -126,6 +134,170 @@ class Tokenizer:
         if not texts:
             raise ValueError("no texts given")
         return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
+
+
+class GemmaTokenizer:
+    """SigLIP 2's text preprocessing over the Gemma vocabulary (BPE with byte fallback).
+
+    With a tokenizer.json the ids come from the `tokenizers` library, the engine transformers'
+    GemmaTokenizer runs, so they are the reference ids by construction; with only a SentencePiece
+    tokenizer.model (big_vision's own gemma_tokenizer.model) they come from `sentencepiece`, the engine
+    big_vision trained with. Unlike transformers, texts are lowercased first: big_vision lowercased
+    every caption in SigLIP 2's training, while the Hub's GemmaTokenizer does not.
+    """
+
+    def __init__(self, path: str | Path, *, max_length: int = 64, do_lower_case: bool = True,
+                 eos_token: str = "<eos>", pad_token: str = "<pad>"):
+        self.path = Path(path)
+        self.max_length = max_length
+        self.do_lower_case = do_lower_case
+        if self.path.suffix == ".json":
+            try:
+                import tokenizers
+            except ImportError:  # a core dependency, so only a broken install gets here
+                raise ImportError("reading tokenizer.json needs the tokenizers package: "
+                                  "pip install tokenizers") from None
+            try:
+                tok = tokenizers.Tokenizer.from_file(str(self.path))
+            except Exception as e:  # tokenizers raises a bare Exception on a bad file
+                raise ValueError(f"{self.path}: not a tokenizers JSON file ({e})") from None
+            # Truncation, padding and EOS are ours to add (below), whatever the file sets.
+            tok.no_truncation()
+            tok.no_padding()
+            self._encode = lambda text: tok.encode(text, add_special_tokens=False).ids
+            vocab = tok.get_vocab(with_added_tokens=True)
+            self.vocab_size = max(vocab.values()) + 1
+            ids = {t: vocab.get(t) for t in (eos_token, pad_token)}
+            self._blob = self.path.read_bytes()
+        else:
+            sp = spm.SentencePieceProcessor()
+            try:
+                sp.Load(str(self.path))
+            except (OSError, RuntimeError) as e:
+                raise ValueError(f"{self.path}: not a SentencePiece model ({e})") from None
+            # transformers' converted tokenizer matches its special tokens (<pad>, <eos>, <bos>, <unk>)
+            # written literally in a text; sentencepiece would spell them out, so split them off first.
+            specials = {sp.id_to_piece(i): i for i in range(sp.get_piece_size())
+                        if sp.is_control(i) or sp.is_unknown(i)}
+            split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len, reverse=True))) + ")")
+
+            def encode(text: str) -> list[int]:
+                ids: list[int] = []
+                for chunk in split.split(text) if specials else [text]:
+                    ids += [specials[chunk]] if chunk in specials else sp.encode(chunk) if chunk else []
+                return ids
+
+            self._encode = encode
+            self.vocab_size = sp.get_piece_size()
+            ids = {t: (sp.piece_to_id(t) if sp.id_to_piece(sp.piece_to_id(t)) == t else None)
+                   for t in (eos_token, pad_token)}
+            self._blob = sp.serialized_model_proto()
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise ValueError(f"special token {missing[0]!r} is not in {self.path}")
+        self.eos_id, self.pad_id = ids[eos_token], ids[pad_token]
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, max_length: int = 64) -> GemmaTokenizer:
+        """tokenizer.json (else tokenizer.model) and tokenizer_config.json of a checkpoint folder."""
+        folder = Path(folder)
+        cfg = _read_tokenizer_config(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            path = folder / "tokenizer.model"
+        return cls(path, max_length=max_length, eos_token=_content(cfg.get("eos_token", "<eos>")),
+                   pad_token=_content(cfg.get("pad_token", "<pad>")))
+
+    def identity(self) -> str:
+        """A digest of everything that decides the ids (for caches of text embeddings)."""
+        h = hashlib.sha256(self._blob)
+        h.update(repr((self.max_length, self.do_lower_case, self.eos_id, self.pad_id)).encode())
+        return h.hexdigest()
+
+    def _ids(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"texts must be str, got {type(text).__name__}")
+        return self._encode(text.lower() if self.do_lower_case else text)
+
+    def encode(self, text: str) -> list[int]:
+        """Text -> exactly max_length ids: tokens truncated to max_length - 1, EOS, <pad> padding."""
+        ids = [*self._ids(text)[: self.max_length - 1], self.eos_id]
+        return ids + [self.pad_id] * (self.max_length - len(ids))
+
+    def is_truncated(self, text: str) -> bool:
+        """Whether the text has more than the max_length - 1 tokens that fit before the EOS."""
+        return len(self._ids(text)) > self.max_length - 1
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """One text or a list -> (B, max_length) int64 token ids."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("no texts given")
+        return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
+
+
+AnyTokenizer = Tokenizer | GemmaTokenizer
+# tokenizer_config.json's tokenizer_class -> ours; a folder without one is told apart by its files.
+_GEMMA_CLASSES = {"GemmaTokenizer", "GemmaTokenizerFast", "Siglip2Tokenizer"}
+_SIGLIP_CLASSES = {"SiglipTokenizer", "SiglipTokenizerFast"}
+
+
+def load_tokenizer(folder: str | Path, max_length: int) -> AnyTokenizer | None:
+    """The tokenizer a checkpoint folder's files name, or None when it has no tokenizer files."""
+    folder = Path(folder)
+    cfg = _read_tokenizer_config(folder)
+    cls_name = cfg.get("tokenizer_class")
+    # Google's SigLIP conversions set model_max_length to the model's text length (64, or 16 for
+    # so400m-patch14-224); SigLIP 2's Gemma tokenizer config may carry the language model's context
+    # (8192) or transformers' "none" (1e30) instead, which only disagrees if it is shorter.
+    declared = cfg.get("model_max_length")
+    gemma = cls_name in _GEMMA_CLASSES
+    if isinstance(declared, int) and (declared < max_length if gemma else
+                                      declared < 10**6 and declared != max_length):
+        raise ValueError(f"text-length mismatch: {folder}/tokenizer_config.json has model_max_length "
+                         f"{declared} but the model has {max_length} text positions "
+                         "(config.json text_config.max_position_embeddings); fix one to match the other")
+    has_gemma = (folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()
+    if cls_name in _GEMMA_CLASSES or (cls_name is None and has_gemma and
+                                      not (folder / "spiece.model").is_file()):
+        if not has_gemma:
+            raise ValueError(f"{folder}/tokenizer_config.json names {cls_name} but the folder has "
+                             "neither tokenizer.json nor tokenizer.model")
+        return GemmaTokenizer.from_folder(folder, max_length)
+    if cls_name not in (None, *_SIGLIP_CLASSES):
+        raise ValueError(f"{folder}/tokenizer_config.json names tokenizer_class {cls_name!r}; "
+                         "SigLIP checkpoints use SiglipTokenizer or GemmaTokenizer")
+    if (folder / "spiece.model").is_file():
+        return Tokenizer.from_folder(folder, max_length)
+    return None
+
+
+def tokenizer_from_file(path: str | Path, max_length: int) -> AnyTokenizer:
+    """A tokenizer file given on its own (e.g. beside a big_vision .npz): tokenizer.json is Gemma's;
+    a SentencePiece .model is Gemma's when its EOS piece is <eos> (gemma_tokenizer.model), SigLIP's
+    when it is </s> (c4_en / mc4 sentencepiece.model)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"tokenizer {path}: no such file")
+    if path.suffix == ".json":
+        return GemmaTokenizer(path, max_length=max_length)
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.Load(str(path))
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"{path}: not a SentencePiece model ({e})") from None
+    if sp.get_piece_size() > 1 and sp.id_to_piece(1) == "<eos>":
+        return GemmaTokenizer(path, max_length=max_length)
+    return Tokenizer(path, max_length=max_length)
+
+
+def _read_tokenizer_config(folder: Path) -> dict:
+    path = folder / "tokenizer_config.json"
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _content(token: str | dict) -> str:

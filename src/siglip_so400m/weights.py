@@ -1,28 +1,37 @@
-"""Finding a checkpoint (Hub id, local folder, or bare .safetensors file) and loading its weights.
+"""Finding a checkpoint (Hub id, local folder, bare .safetensors file, or big_vision .npz) and loading
+its weights.
 
 The only module that touches the disk or the Hub. Weights are read from safetensors alone (no
 pickle), mmap'd, and assigned straight into a model built on the meta device: no random init and no
 second copy. A dtype conversion reads the file in slices of a few hundred MB, so that converting to
-bf16 never holds more than the bf16 model plus one slice of fp32.
+bf16 never holds more than the bf16 model plus one slice of fp32. A big_vision .npz (a zip of .npy
+arrays, which cannot be mmap'd) is read array by array and renamed by `bigvision`, which holds the
+name mapping while this module keeps all file access.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import zipfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
+from . import bigvision
 from .config import SiglipConfig
 
 DEFAULT_REPO = "google/siglip-so400m-patch14-384"
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth")
-TOKENIZER_FILES = ("spiece.model", "tokenizer_config.json", "special_tokens_map.json")
+# SigLIP's SentencePiece model, SigLIP 2's Gemma tokenizer (tokenizer.json, tokenizer.model), and config.
+TOKENIZER_FILES = ("spiece.model", "tokenizer.json", "tokenizer.model", "tokenizer_config.json",
+                   "special_tokens_map.json")
 _SLICE_BYTES = 64 * 2**20  # per mmap while converting dtypes: bounds the fp32 pages held at once
 _MAX_LISTED = 8
 
@@ -127,11 +136,16 @@ def _from_folder(name: str, folder: Path, revision: str | None,
 
 
 def _from_file(path: Path, config: SiglipConfig | str | Path | None) -> Checkpoint:
+    if path.suffix == ".npz":
+        # big_vision's own checkpoints carry no config: it comes from config= or the array shapes.
+        cfg = _read_config(config) if config is not None else bigvision.infer_config(npz_shapes(path))
+        return Checkpoint(str(path), None, path.parent, (path,), cfg)
     if path.name in PICKLE_WEIGHTS or path.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"):
         raise CheckpointError(f"{path} is a pickle file: loading one can run arbitrary code, so "
                               "siglip_so400m reads safetensors only (convert it where you trust it)")
     if path.suffix != ".safetensors":
-        raise CheckpointError(f"{path}: expected a .safetensors file or a checkpoint folder")
+        raise CheckpointError(f"{path}: expected a .safetensors file, a big_vision .npz or a "
+                              "checkpoint folder")
     if config is None:
         if not (path.parent / "config.json").is_file():
             raise CheckpointError(f"{path} is a bare weights file: pass its config too, e.g. "
@@ -173,6 +187,9 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
     belong to the full model, every parameter of `model` must be in the checkpoint, and shapes must agree.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if ckpt.weight_files[0].suffix == ".npz":
+        model.load_state_dict(_npz_state(ckpt, expected, dtype, device), strict=True, assign=True)
+        return
     full = _full_key_set(ckpt.config)
     where: dict[str, Path] = {}
     found: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -240,3 +257,78 @@ def _full_key_set(cfg: SiglipConfig) -> set[str]:
 
     with torch.device("meta"):
         return set(SigLIP(cfg).state_dict())
+
+
+def npz_shapes(path: Path) -> dict[str, np.ndarray]:
+    """Array name (without big_vision's "params/" prefix) -> a zero-byte stand-in of its shape, read
+    from the .npy headers alone, so that a config can be inferred without reading 3.5 GB."""
+    out: dict[str, np.ndarray] = {}
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                out[info.filename.removesuffix(".npy")] = np.broadcast_to(np.zeros((), dtype), shape)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"{path} is not a readable .npz file ({e})") from None
+    prefix = bigvision.strip_prefix(list(out))
+    out = {k.removeprefix(prefix): v for k, v in out.items()}
+    try:
+        bigvision.check_names(out, str(path))
+    except bigvision.BigVisionError as e:
+        raise CheckpointError(str(e)) from None
+    return out
+
+
+class _NpzArrays(Mapping):
+    """The arrays of a .npz by their unprefixed names, read on demand; the last one read is kept,
+    so a stacked array is read once for all its layers."""
+
+    def __init__(self, npz, prefix: str):
+        self._npz, self._prefix = npz, prefix
+        self._names = [k.removeprefix(prefix) for k in npz.files]
+        self._last: tuple[str, np.ndarray] | None = None
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if self._last is None or self._last[0] != name:
+            self._last = (name, self._npz[self._prefix + name])
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _npz_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: torch.dtype | None,
+               device: torch.device | str | None) -> dict[str, torch.Tensor]:
+    path = ckpt.weight_files[0]
+    shapes = npz_shapes(path)
+    found = bigvision.infer_config(shapes)
+    cfg = ckpt.config
+    for what, ours, theirs in (
+            ("vision_config.num_hidden_layers", cfg.vision_config.num_hidden_layers,
+             found.vision_config.num_hidden_layers),
+            ("text_config.num_hidden_layers", cfg.text_config.num_hidden_layers,
+             found.text_config.num_hidden_layers)):
+        if ours != theirs:
+            raise CheckpointError(f"{path} has {theirs} layers where its config has {what} = {ours}: the "
+                                  "config does not match these weights (leave config= out to infer it)")
+    prefix = "params/" if _has_params_prefix(path) else ""
+    with np.load(path) as npz:
+        state = bigvision.to_state_dict(_NpzArrays(npz, prefix), cfg, keys=set(expected))
+    wrong = [f"{k}: file {tuple(v.shape)} vs config {expected[k]}"
+             for k, v in state.items() if tuple(v.shape) != expected[k]]
+    if wrong:
+        raise CheckpointError(f"{path} does not fit its config: wrong shapes: {_cut(wrong)} (the config "
+                              "does not match these weights; leave config= out to infer it)")
+    return {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+
+
+def _has_params_prefix(path: Path) -> bool:
+    with zipfile.ZipFile(path) as z:
+        return any(n.startswith("params/") for n in z.namelist())

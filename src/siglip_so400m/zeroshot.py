@@ -131,7 +131,8 @@ class ZeroShotClassifier:
         todo = [label for label in self.labels if label not in cached]
         if todo:
             if processor.tokenizer is None:
-                raise RuntimeError("the checkpoint has no spiece.model to tokenize labels with")
+                raise RuntimeError("the checkpoint has no tokenizer (spiece.model, tokenizer.json or "
+                                   "tokenizer.model) to tokenize labels with")
             fresh = embed_labels(model, processor.tokenizer, todo, self.templates, text_batch_size)
             fresh = dict(zip(todo, fresh.cpu(), strict=True))
             cached.update(fresh)
