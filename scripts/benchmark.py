@@ -52,13 +52,25 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 # Shared by this process and the peer child process (which may run another torch and must not import
 # siglip_so400m): plain functions of torch and a dict of model dimensions.
 
+
 def dims_of(cfg) -> dict:
     v, t = cfg.vision_config, cfg.text_config
-    return {"image_size": v.image_size, "patch_size": v.patch_size, "num_patches": v.num_patches,
-            "D": v.hidden_size, "F": v.intermediate_size, "layers": v.num_hidden_layers,
-            "heads": v.num_attention_heads, "text_D": t.hidden_size, "text_F": t.intermediate_size,
-            "text_layers": t.num_hidden_layers, "text_heads": t.num_attention_heads,
-            "text_len": t.max_position_embeddings, "vocab": t.vocab_size, "proj": t.projection_size}
+    return {
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "num_patches": v.num_patches,
+        "D": v.hidden_size,
+        "F": v.intermediate_size,
+        "layers": v.num_hidden_layers,
+        "heads": v.num_attention_heads,
+        "text_D": t.hidden_size,
+        "text_F": t.intermediate_size,
+        "text_layers": t.num_hidden_layers,
+        "text_heads": t.num_attention_heads,
+        "text_len": t.max_position_embeddings,
+        "vocab": t.vocab_size,
+        "proj": t.projection_size,
+    }
 
 
 def flops_image(d: dict, batch: int) -> float:
@@ -107,11 +119,20 @@ def gemm_rates(d: dict, repeats: int) -> dict[str, dict[str, float]]:
         for M, K, N in gemm_shapes(d):
             key, flops = f"{M}x{K}x{N}", 2 * M * K * N
             for name, dtype in DTYPES.items():
-                x, w, b = torch.randn(M, K, dtype=dtype), torch.randn(N, K, dtype=dtype), torch.randn(N, dtype=dtype)
+                x, w, b = (
+                    torch.randn(M, K, dtype=dtype),
+                    torch.randn(N, K, dtype=dtype),
+                    torch.randn(N, dtype=dtype),
+                )
                 t = min_time(lambda: F.linear(x, w, b), repeats)  # noqa: B023
                 if onednn:
-                    t = min(t, min_time(lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),  # noqa: B023
-                                        repeats))
+                    t = min(
+                        t,
+                        min_time(
+                            lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], ""),  # noqa: B023
+                            repeats,
+                        ),
+                    )
                 rates[name][key] = flops / t / 1e9
             a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             b8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)
@@ -134,52 +155,86 @@ def alternate(fns: dict, x, repeats: int) -> dict[str, dict[str, float]]:
 
 
 def peer_state_dicts(sd: dict, d: dict) -> tuple[dict, dict]:
-    """Our (Hugging Face) state dict -> timm's VisionTransformer and open_clip's CustomTextCLIP."""
+    """Our (Hugging Face) state dict -> timm's VisionTransformer and open_clip's CustomTextCLIP (an
+    empty dict for a state dict of the image tower alone)."""
     D = d["D"]
-    timm_sd = {"patch_embed.proj.weight": sd["vision_model.embeddings.patch_embedding.weight"],
-               "patch_embed.proj.bias": sd["vision_model.embeddings.patch_embedding.bias"],
-               "pos_embed": sd["vision_model.embeddings.position_embedding.weight"][None],
-               "norm.weight": sd["vision_model.post_layernorm.weight"],
-               "norm.bias": sd["vision_model.post_layernorm.bias"],
-               "attn_pool.latent": sd["vision_model.head.probe"]}
+    has_text = "text_model.head.weight" in sd
+    timm_sd = {
+        "patch_embed.proj.weight": sd["vision_model.embeddings.patch_embedding.weight"],
+        "patch_embed.proj.bias": sd["vision_model.embeddings.patch_embedding.bias"],
+        "pos_embed": sd["vision_model.embeddings.position_embedding.weight"][None],
+        "norm.weight": sd["vision_model.post_layernorm.weight"],
+        "norm.bias": sd["vision_model.post_layernorm.bias"],
+        "attn_pool.latent": sd["vision_model.head.probe"],
+    }
     w_q, w_kv = sd["vision_model.head.attention.in_proj_weight"].split([D, 2 * D])
     b_q, b_kv = sd["vision_model.head.attention.in_proj_bias"].split([D, 2 * D])
-    timm_sd.update({"attn_pool.q.weight": w_q, "attn_pool.q.bias": b_q,
-                    "attn_pool.kv.weight": w_kv, "attn_pool.kv.bias": b_kv})
-    for ours, theirs in (("attention.out_proj", "proj"), ("layernorm", "norm"), ("mlp.fc1", "mlp.fc1"),
-                         ("mlp.fc2", "mlp.fc2")):
+    timm_sd.update(
+        {
+            "attn_pool.q.weight": w_q,
+            "attn_pool.q.bias": b_q,
+            "attn_pool.kv.weight": w_kv,
+            "attn_pool.kv.bias": b_kv,
+        }
+    )
+    for ours, theirs in (
+        ("attention.out_proj", "proj"),
+        ("layernorm", "norm"),
+        ("mlp.fc1", "mlp.fc1"),
+        ("mlp.fc2", "mlp.fc2"),
+    ):
         for p in ("weight", "bias"):
             timm_sd[f"attn_pool.{theirs}.{p}"] = sd[f"vision_model.head.{ours}.{p}"]
-    clip_sd = {"logit_scale": sd["logit_scale"].reshape(()), "logit_bias": sd["logit_bias"].reshape(()),
-               "text.token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
-               "text.positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
-               "text.ln_final.weight": sd["text_model.final_layer_norm.weight"],
-               "text.ln_final.bias": sd["text_model.final_layer_norm.bias"],
-               "text.text_projection.weight": sd["text_model.head.weight"],
-               "text.text_projection.bias": sd["text_model.head.bias"]}
+    clip_sd = (
+        {}
+        if not has_text
+        else {
+            "logit_scale": sd["logit_scale"].reshape(()),
+            "logit_bias": sd["logit_bias"].reshape(()),
+            "text.token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+            "text.positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+            "text.ln_final.weight": sd["text_model.final_layer_norm.weight"],
+            "text.ln_final.bias": sd["text_model.final_layer_norm.bias"],
+            "text.text_projection.weight": sd["text_model.head.weight"],
+            "text.text_projection.bias": sd["text_model.head.bias"],
+        }
+    )
     for tower, n_layers, prefix, names in (
-            ("vision_model", d["layers"], "blocks.{}.", ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1",
-                                                          "mlp.fc2")),
-            ("text_model", d["text_layers"], "text.transformer.resblocks.{}.",
-             ("ln_1", "ln_2", "attn.in_proj_", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"))):
+        (
+            "vision_model",
+            d["layers"],
+            "blocks.{}.",
+            ("norm1", "norm2", "attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+        ),
+        (
+            "text_model",
+            d["text_layers"],
+            "text.transformer.resblocks.{}.",
+            ("ln_1", "ln_2", "attn.in_proj_", "attn.out_proj", "mlp.c_fc", "mlp.c_proj"),
+        ),
+    ):
         out = timm_sd if tower == "vision_model" else clip_sd
-        for i in range(n_layers):
+        for i in range(n_layers if out is timm_sd or has_text else 0):
             src, dst = f"{tower}.encoder.layers.{i}.", prefix.format(i)
-            for ours, theirs in zip(("layer_norm1", "layer_norm2", None, "self_attn.out_proj", "mlp.fc1",
-                                     "mlp.fc2"), names, strict=True):
+            for ours, theirs in zip(
+                ("layer_norm1", "layer_norm2", None, "self_attn.out_proj", "mlp.fc1", "mlp.fc2"),
+                names,
+                strict=True,
+            ):
                 for p in ("weight", "bias"):
                     key = dst + (f"{theirs}{p}" if theirs.endswith("_") else f"{theirs}.{p}")
                     if ours is None:  # q, k, v packed in one matrix
                         out[key] = torch.cat([sd[f"{src}self_attn.{n}_proj.{p}"] for n in "qkv"])
                     else:
                         out[key] = sd[f"{src}{ours}.{p}"]
-    clip_sd.update({f"visual.trunk.{k}": v for k, v in timm_sd.items()})
+    if has_text:
+        clip_sd.update({f"visual.trunk.{k}": v for k, v in timm_sd.items()})
     return timm_sd, clip_sd
 
 
 def is_so400m(d: dict) -> bool:
-    return (d["image_size"], d["patch_size"], d["D"], d["F"], d["layers"], d["text_layers"]) == \
-        (384, 14, 1152, 4304, 27, 27)
+    """The so400m image tower's shape (the text tower is checked by open_clip's strict load)."""
+    return (d["image_size"], d["patch_size"], d["D"], d["F"], d["layers"]) == (384, 14, 1152, 4304, 27)
 
 
 def build_timm(d: dict):
@@ -189,9 +244,17 @@ def build_timm(d: dict):
 
     if is_so400m(d):
         return timm.create_model("vit_so400m_patch14_siglip_384", pretrained=False, num_classes=0)
-    return VisionTransformer(img_size=d["image_size"], patch_size=d["patch_size"], embed_dim=d["D"],
-                             depth=d["layers"], num_heads=d["heads"], mlp_ratio=d["F"] / d["D"],
-                             class_token=False, global_pool="map", num_classes=0)
+    return VisionTransformer(
+        img_size=d["image_size"],
+        patch_size=d["patch_size"],
+        embed_dim=d["D"],
+        depth=d["layers"],
+        num_heads=d["heads"],
+        mlp_ratio=d["F"] / d["D"],
+        class_token=False,
+        global_pool="map",
+        num_classes=0,
+    )
 
 
 def build_open_clip(d: dict):
@@ -203,13 +266,29 @@ def build_open_clip(d: dict):
         return open_clip.create_model("ViT-SO400M-14-SigLIP-384", pretrained=None)
     from open_clip.model import CustomTextCLIP
 
-    m = CustomTextCLIP(embed_dim=d["proj"], vision_cfg={"image_size": d["image_size"],
-                       "timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False,
-                       "timm_pool": "map", "timm_proj": "none"},
-                       text_cfg={"context_length": d["text_len"], "vocab_size": d["vocab"], "width": d["text_D"],
-                                 "heads": d["text_heads"], "layers": d["text_layers"],
-                                 "mlp_ratio": d["text_F"] / d["text_D"], "no_causal_mask": True, "proj_bias": True,
-                                 "pool_type": "last", "norm_kwargs": {"eps": 1e-6}}, init_logit_bias=-10)
+    m = CustomTextCLIP(
+        embed_dim=d["proj"],
+        vision_cfg={
+            "image_size": d["image_size"],
+            "timm_model_name": "vit_tiny_patch16_224",
+            "timm_model_pretrained": False,
+            "timm_pool": "map",
+            "timm_proj": "none",
+        },
+        text_cfg={
+            "context_length": d["text_len"],
+            "vocab_size": d["vocab"],
+            "width": d["text_D"],
+            "heads": d["text_heads"],
+            "layers": d["text_layers"],
+            "mlp_ratio": d["text_F"] / d["text_D"],
+            "no_causal_mask": True,
+            "proj_bias": True,
+            "pool_type": "last",
+            "norm_kwargs": {"eps": 1e-6},
+        },
+        init_logit_bias=-10,
+    )
     m.visual.trunk = build_timm(d)
     return m
 
@@ -218,13 +297,19 @@ def peer_worker(args) -> None:
     """In the --peer-python interpreter: time timm and open_clip, write rows and rates as JSON."""
     spec = json.loads(Path(args.worker).read_text())
     d, repeats = spec["dims"], spec["repeats"]
-    out: dict = {"torch": torch.__version__, "python": sys.executable, "skipped": {}, "rows": [], "embeddings": {}}
+    out: dict = {
+        "torch": torch.__version__,
+        "python": sys.executable,
+        "skipped": {},
+        "rows": [],
+        "embeddings": {},
+    }
     builders = {}
     for name, module, build in (("timm", "timm", build_timm), ("open_clip", "open_clip", build_open_clip)):
         try:
             mod = importlib.import_module(module)
             builders[name] = (build, mod.__version__)
-        except Exception as e:  # noqa: BLE001 - any import failure (torchvision ABI, missing) is a skip
+        except Exception as e:
             out["skipped"][name] = f"cannot import {module} in {sys.executable}: {type(e).__name__}: {e}"
     out["versions"] = {n: v for n, (_, v) in builders.items()}
     if builders:
@@ -246,24 +331,39 @@ def peer_worker(args) -> None:
                 models[name] = (m.to(dtype).eval(), weights)
             fns_img = {}
             for name, (m, _) in models.items():
-                fns_img[name] = (lambda x, m=m, t=dtype: m(x.to(t))) if name == "timm" else \
-                    (lambda x, m=m, t=dtype: m.encode_image(x.to(t)))
+                fns_img[name] = (
+                    (lambda x, m=m, t=dtype: m(x.to(t)))
+                    if name == "timm"
+                    else (lambda x, m=m, t=dtype: m.encode_image(x.to(t)))
+                )
             with torch.inference_mode():
                 if dname == "fp32":
                     for name, fn in fns_img.items():
                         out["embeddings"][name] = {"image": fn(inputs["px1"]).float().tolist()}
                     if "open_clip" in models:
-                        out["embeddings"]["open_clip"]["text"] = \
+                        out["embeddings"]["open_clip"]["text"] = (
                             models["open_clip"][0].encode_text(inputs["ids"]).float().tolist()
-                for case, x, reps in (("image, batch 1", inputs["px1"], repeats), ("image, batch 8", inputs["px8"], 1)):
+                        )
+                for case, x, reps in (
+                    ("image, batch 1", inputs["px1"], repeats),
+                    ("image, batch 8", inputs["px8"], 1),
+                ):
                     for name, r in alternate(fns_img, x, reps).items():
-                        out["rows"].append({"case": case, "dtype": dname, "impl": name, **r,
-                                            "weights": models[name][1]})
+                        out["rows"].append(
+                            {"case": case, "dtype": dname, "impl": name, **r, "weights": models[name][1]}
+                        )
                 if "open_clip" in models:
                     m = models["open_clip"][0]
                     r = alternate({"open_clip": lambda ids, m=m: m.encode_text(ids)}, inputs["ids"], repeats)
-                    out["rows"].append({"case": f"text, {TEXTS} texts", "dtype": dname, "impl": "open_clip",
-                                        **r["open_clip"], "weights": models["open_clip"][1]})
+                    out["rows"].append(
+                        {
+                            "case": f"text, {TEXTS} texts",
+                            "dtype": dname,
+                            "impl": "open_clip",
+                            **r["open_clip"],
+                            "weights": models["open_clip"][1],
+                        }
+                    )
             del models, fns_img
     Path(args.worker_out).write_text(json.dumps(out))
 
@@ -271,16 +371,22 @@ def peer_worker(args) -> None:
 # ---------------------------------------------------------------------------------------------------
 # The main process.
 
+
 def run_peers(peer_python: str, model_dir: str, d: dict, inputs_path: Path, repeats: int) -> dict:
     """Run peer_worker in `peer_python`; its rows, GEMM rates, torch version, and skips."""
     weights = Path(model_dir) / "model.safetensors"
     with tempfile.TemporaryDirectory() as tmp:
         spec, out = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec.write_text(json.dumps({"dims": d, "repeats": repeats, "inputs": str(inputs_path),
-                                    "weights": str(weights)}))
+        spec.write_text(
+            json.dumps({"dims": d, "repeats": repeats, "inputs": str(inputs_path), "weights": str(weights)})
+        )
         env = {**os.environ, "PYTHONPATH": ""}  # the peer interpreter keeps its own packages
-        r = subprocess.run([peer_python, __file__, "--worker", str(spec), "--worker-out", str(out)],
-                           capture_output=True, text=True, env=env)
+        r = subprocess.run(
+            [peer_python, __file__, "--worker", str(spec), "--worker-out", str(out)],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
         if r.returncode != 0 or not out.exists():
             reason = f"{peer_python} failed (exit {r.returncode}): {r.stderr.strip()[-600:]}"
             return {"skipped": {"timm": reason, "open_clip": reason}, "rows": [], "embeddings": {}}
@@ -294,8 +400,10 @@ def transformers_peers(model_dir: str) -> dict[str, dict]:
     out: dict[str, dict] = {"transformers (sdpa)": {}}
     for name, dtype in DTYPES.items():
         m = SiglipModel.from_pretrained(model_dir, dtype=dtype).eval()  # sdpa, its default
-        out["transformers (sdpa)"][name] = (lambda px, m=m, d=dtype: m.get_image_features(pixel_values=px.to(d)),
-                                            lambda ids, m=m: m.get_text_features(input_ids=ids))
+        out["transformers (sdpa)"][name] = (
+            lambda px, m=m, d=dtype: m.get_image_features(pixel_values=px.to(d)),
+            lambda ids, m=m: m.get_text_features(input_ids=ids),
+        )
     eager = SiglipModel.from_pretrained(model_dir, attn_implementation="eager").eval()
     out["transformers (eager)"] = {"fp32": (lambda px: eager.get_image_features(pixel_values=px), None)}
     return out
@@ -341,16 +449,23 @@ rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 print(json.dumps({"load_s": t2 - t1, "peak_rss_gib": rss}))
 """
 
-MEMORY_CASES = ["ours fp32", "ours bf16", "ours bf16, image tower only", "ours int8",
-                "transformers fp32", "transformers bf16"]
+MEMORY_CASES = [
+    "ours fp32",
+    "ours bf16",
+    "ours bf16, image tower only",
+    "ours int8",
+    "transformers fp32",
+    "transformers bf16",
+]
 
 
 def memory(model_dir: str, size: int) -> list[dict]:
     rows = []
     for case in MEMORY_CASES:
         child = CHILD.replace("384, 384", f"{size}, {size}")
-        r = subprocess.run([sys.executable, "-c", child, model_dir, case], capture_output=True, text=True,
-                           check=True)
+        r = subprocess.run(
+            [sys.executable, "-c", child, model_dir, case], capture_output=True, text=True, check=True
+        )
         rows.append({"case": case, **json.loads(r.stdout.splitlines()[-1])})
     return rows
 
@@ -374,8 +489,11 @@ def main() -> None:
     ap.add_argument("--model", help="checkpoint folder in the Hub layout (full size for real figures)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--json", help="also write the results here")
-    ap.add_argument("--peer-python", default=sys.executable,
-                    help="interpreter that can import timm and open_clip (default: this one)")
+    ap.add_argument(
+        "--peer-python",
+        default=sys.executable,
+        help="interpreter that can import timm and open_clip (default: this one)",
+    )
     ap.add_argument("--skip-memory", action="store_true")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -392,8 +510,11 @@ def main() -> None:
     torch.manual_seed(0)
     d = dims_of(resolve(args.model).config)
     S = d["image_size"]
-    results: dict = {"cpu": cpu_info(), "torch": torch.__version__,
-                     "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"}
+    results: dict = {
+        "cpu": cpu_info(),
+        "torch": torch.__version__,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads",
+    }
     mem = [] if args.skip_memory else memory(args.model, S)  # before anything fills the page cache
     px1, px8 = torch.randn(1, 3, S, S), torch.randn(8, 3, S, S)
     ids = torch.randint(0, d["vocab"], (TEXTS, d["text_len"]))
@@ -409,13 +530,17 @@ def main() -> None:
     ref_shape = f"{d['num_patches']}x{d['D']}x{d['F']}"
     results["reference_shape"] = ref_shape
 
-    ours = {"fp32": siglip_so400m.load(args.model)[0],
-            "bf16": siglip_so400m.load(args.model, dtype=torch.bfloat16)[0],
-            "int8": siglip_so400m.load(args.model, quantize="int8")[0]}
+    ours = {
+        "fp32": siglip_so400m.load(args.model)[0],
+        "bf16": siglip_so400m.load(args.model, dtype=torch.bfloat16)[0],
+        "int8": siglip_so400m.load(args.model, quantize="int8")[0],
+    }
     others = transformers_peers(args.model)
-    cases = [("image, batch 1", px1, 0, flops_image(d, 1), args.repeats),
-             ("image, batch 8", px8, 0, flops_image(d, 8), 1),
-             (f"text, {TEXTS} texts", ids, 1, flops_text(d, TEXTS), args.repeats)]
+    cases = [
+        ("image, batch 1", px1, 0, flops_image(d, 1), args.repeats),
+        ("image, batch 8", px8, 0, flops_image(d, 8), 1),
+        (f"text, {TEXTS} texts", ids, 1, flops_text(d, TEXTS), args.repeats),
+    ]
     flops = {c[0]: c[3] for c in cases}
     rows = []
     with torch.inference_mode():
@@ -423,8 +548,11 @@ def main() -> None:
             for dtype in ("fp32", "bf16", "int8"):
                 fns = {"ours": ours[dtype].encode_image if which == 0 else ours[dtype].encode_text}
                 for name, per in others.items():
-                    if dtype in per and per[dtype][which] is not None and (name != "transformers (eager)"
-                                                                           or case == "image, batch 1"):
+                    if (
+                        dtype in per
+                        and per[dtype][which] is not None
+                        and (name != "transformers (eager)" or case == "image, batch 1")
+                    ):
                         fns[name] = per[dtype][which]
                 for name, r in alternate(fns, x, repeats).items():
                     rows.append({"case": case, "dtype": dtype, "impl": name, **r})
@@ -432,8 +560,9 @@ def main() -> None:
         rows.append({**r, "impl": f"{r['impl']} (torch {peer['torch']})", "process": "peer"})
     for r in rows:
         gemm = results["gemm"]["peer process" if r.get("process") == "peer" else "this process"]
-        r["items_per_s"] = (1 if r["case"] == "image, batch 1" else 8 if "batch 8" in r["case"] else TEXTS) \
-            / r["seconds"]
+        r["items_per_s"] = (
+            1 if r["case"] == "image, batch 1" else 8 if "batch 8" in r["case"] else TEXTS
+        ) / r["seconds"]
         r["gflops"] = flops[r["case"]] / r["seconds"] / 1e9
         r["of_gemm"] = r["gflops"] / gemm[r["dtype"]][ref_shape]
     results["speed"] = rows
@@ -445,8 +574,10 @@ def main() -> None:
         for dtype in ("bf16", "int8"):
             img = ours[dtype].encode_image(px8, normalize=True).float()
             txt = ours[dtype].encode_text(ids, normalize=True).float()
-            acc[dtype] = {"image_cos_min": F.cosine_similarity(img, ref_img).min().item(),
-                          "text_cos_min": F.cosine_similarity(txt, ref_txt).min().item()}
+            acc[dtype] = {
+                "image_cos_min": F.cosine_similarity(img, ref_img).min().item(),
+                "text_cos_min": F.cosine_similarity(txt, ref_txt).min().item(),
+            }
         ref_img1 = ours["fp32"].encode_image(px1)
         for name, emb in peer["embeddings"].items():  # checks the weight conversion, fp32
             acc[name] = {"image_cos_min": cos_min(emb["image"], ref_img1)}
@@ -479,11 +610,15 @@ def zero_shot_agreement(model_dir: str, ours: dict) -> dict:
         logits[dtype] = [{r["label"]: r["logit"] for r in per_image} for per_image in res]
     # With random weights the labels' logits lie close together; compare the gaps with the error.
     gaps = [sorted(d.values())[-1] - sorted(d.values())[-2] for d in logits["fp32"]]
-    return {"photos": len(imgs), "fp32_top1_top2_gap_median": statistics.median(gaps),
-            "int8_logit_error_max": max(abs(a[k] - b[k]) for a, b in zip(logits["fp32"], logits["int8"],
-                                                                         strict=True) for k in a),
-            "same_top1": sum(a[0] == b[0] for a, b in zip(ranks["fp32"], ranks["int8"], strict=True)),
-            "same_full_ranking": sum(a == b for a, b in zip(ranks["fp32"], ranks["int8"], strict=True))}
+    return {
+        "photos": len(imgs),
+        "fp32_top1_top2_gap_median": statistics.median(gaps),
+        "int8_logit_error_max": max(
+            abs(a[k] - b[k]) for a, b in zip(logits["fp32"], logits["int8"], strict=True) for k in a
+        ),
+        "same_top1": sum(a[0] == b[0] for a, b in zip(ranks["fp32"], ranks["int8"], strict=True)),
+        "same_full_ranking": sum(a == b for a, b in zip(ranks["fp32"], ranks["int8"], strict=True)),
+    }
 
 
 def targets(results: dict) -> list[dict]:
@@ -491,32 +626,59 @@ def targets(results: dict) -> list[dict]:
     rows = results["speed"]
 
     def get(case, dtype, impl="ours"):
-        return next((r for r in rows if r["case"] == case and r["dtype"] == dtype and r["impl"] == impl), None)
+        return next(
+            (r for r in rows if r["case"] == case and r["dtype"] == dtype and r["impl"] == impl), None
+        )
 
     out = []
 
     def add(name, value, target, note=""):
-        out.append({"target": name, "value": value, "goal": target,
-                    "met": None if value is None else value >= target, "note": note})
+        out.append(
+            {
+                "target": name,
+                "value": value,
+                "goal": target,
+                "met": None if value is None else value >= target,
+                "note": note,
+            }
+        )
 
     text = f"text, {TEXTS} texts"
     for dtype in ("fp32", "bf16"):
         r = get("image, batch 1", dtype)
         add(f"image batch 1 {dtype}: fraction of the {dtype} GEMM rate", r["of_gemm"], 0.90)
-        peers = [p for p in rows if p["case"] == "image, batch 1" and p["dtype"] == dtype and p["impl"] != "ours"]
+        peers = [
+            p for p in rows if p["case"] == "image, batch 1" and p["dtype"] == dtype and p["impl"] != "ours"
+        ]
         if peers:
             fastest = min(peers, key=lambda p: p["seconds"])
-            add(f"image batch 1 {dtype}: speed-up over the fastest peer", fastest["seconds"] / r["seconds"], 1.10,
-                f"fastest peer: {fastest['impl']}")
+            add(
+                f"image batch 1 {dtype}: speed-up over the fastest peer",
+                fastest["seconds"] / r["seconds"],
+                1.10,
+                f"fastest peer: {fastest['impl']}",
+            )
             fastest_frac = max(peers, key=lambda p: p["of_gemm"])
-            add(f"image batch 1 {dtype}: our GEMM fraction over the best peer's (each vs its own torch)",
-                r["of_gemm"] / fastest_frac["of_gemm"], 1.10, f"best peer by fraction: {fastest_frac['impl']}")
-        add(f"text {TEXTS} texts {dtype}: fraction of the {dtype} GEMM rate", get(text, dtype)["of_gemm"], 0.93)
+            add(
+                f"image batch 1 {dtype}: our GEMM fraction over the best peer's (each vs its own torch)",
+                r["of_gemm"] / fastest_frac["of_gemm"],
+                1.10,
+                f"best peer by fraction: {fastest_frac['impl']}",
+            )
+        add(
+            f"text {TEXTS} texts {dtype}: fraction of the {dtype} GEMM rate",
+            get(text, dtype)["of_gemm"],
+            0.93,
+        )
     r8 = get("image, batch 1", "int8")
     add("image batch 1 int8: fraction of the int8 GEMM rate (torch._int_mm)", r8["of_gemm"], 0.70)
     tb = get("image, batch 1", "bf16", "transformers (sdpa)")
-    add("image batch 1 int8: speed-up over transformers bf16 (about 2x expected)", tb["seconds"] / r8["seconds"],
-        2.0, "the issue's 'roughly 2x'; informational")
+    add(
+        "image batch 1 int8: speed-up over transformers bf16 (about 2x expected)",
+        tb["seconds"] / r8["seconds"],
+        2.0,
+        "the issue's 'roughly 2x'; informational",
+    )
     acc = results["accuracy"]["int8"]
     add("int8 image embeddings: min cosine to fp32", acc["image_cos_min"], 0.99)
     add("int8 text embeddings: min cosine to fp32", acc["text_cos_min"], 0.99)
@@ -525,19 +687,26 @@ def targets(results: dict) -> list[dict]:
 
 def print_report(results: dict) -> None:
     cpu = results["cpu"]
-    print(f"\n{cpu['model']}; AMX {'yes' if cpu['amx'] else 'no'}, AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'};"
-          f" {results['machine']}; torch {results['torch']}")
+    print(
+        f"\n{cpu['model']}; AMX {'yes' if cpu['amx'] else 'no'}, "
+        f"AVX512-BF16 {'yes' if cpu['avx512_bf16'] else 'no'};"
+        f" {results['machine']}; torch {results['torch']}"
+    )
     for proc, rates in results["gemm"].items():
         torch_v = results["torch"] if proc == "this process" else results["peers_process"]["torch"]
         print(f"GEMM rates, {proc} (torch {torch_v}), GFLOP/s (int8: GOP/s), M x K x N:")
         for dtype, per in rates.items():
             print(f"  {dtype:<5}" + "  ".join(f"{k} {v:6.0f}" for k, v in per.items()))
     ref = results["reference_shape"]
-    print(f"\n{'case':<16}{'dtype':<6}{'implementation':<36}{'seconds':>9}{'items/s':>9}{'GFLOP/s':>9}"
-          f"  of GEMM {ref} (same torch)")
+    print(
+        f"\n{'case':<16}{'dtype':<6}{'implementation':<36}{'seconds':>9}{'items/s':>9}{'GFLOP/s':>9}"
+        f"  of GEMM {ref} (same torch)"
+    )
     for r in results["speed"]:
-        print(f"{r['case']:<16}{r['dtype']:<6}{r['impl']:<36}{r['seconds']:9.3f}{r['items_per_s']:9.2f}"
-              f"{r['gflops']:9.0f}  {r['of_gemm']:.0%}")
+        print(
+            f"{r['case']:<16}{r['dtype']:<6}{r['impl']:<36}{r['seconds']:9.3f}{r['items_per_s']:9.2f}"
+            f"{r['gflops']:9.0f}  {r['of_gemm']:.0%}"
+        )
     for name, why in (results["peers_process"].get("skipped") or {}).items():
         print(f"skipped {name}: {why}")
     print("\nAccuracy (cosine to ours fp32):")
@@ -545,12 +714,17 @@ def print_report(results: dict) -> None:
         print(f"  {k}: {v}")
     print(f"int8 first call: {results['int8_first_call']}")
     for r in results["memory"]:
-        print(f"{r['case']:<34} load {r['load_s']:5.2f} s, peak RSS with one image encoded {r['peak_rss_gib']:.2f} GiB")
+        print(
+            f"{r['case']:<34} load {r['load_s']:5.2f} s, "
+            f"peak RSS with one image encoded {r['peak_rss_gib']:.2f} GiB"
+        )
     print("\nIssue 13 targets:")
     for t in results["targets"]:
         status = "n/a" if t["met"] is None else "met" if t["met"] else "NOT met"
-        print(f"  {t['target']:<88} {t['value']:6.3f}  goal >= {t['goal']:<5} {status}"
-              + (f"  ({t['note']})" if t["note"] else ""))
+        print(
+            f"  {t['target']:<88} {t['value']:6.3f}  goal >= {t['goal']:<5} {status}"
+            + (f"  ({t['note']})" if t["note"] else "")
+        )
 
 
 def cpu_info() -> dict:
@@ -565,8 +739,12 @@ def cpu_info() -> dict:
                     break
     except OSError:
         pass
-    return {"model": name, "amx": {"amx_bf16", "amx_int8"} <= flags, "avx512_bf16": "avx512_bf16" in flags,
-            "avx512_vnni": "avx512_vnni" in flags}
+    return {
+        "model": name,
+        "amx": {"amx_bf16", "amx_int8"} <= flags,
+        "avx512_bf16": "avx512_bf16" in flags,
+        "avx512_vnni": "avx512_vnni" in flags,
+    }
 
 
 if __name__ == "__main__":
