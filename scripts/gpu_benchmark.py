@@ -215,7 +215,7 @@ def main() -> None:
     ap.add_argument("--device", help="default: cuda if available (cpu with --smoke)")
     ap.add_argument("--batches", default=None, help="comma-separated batch sizes (default 64,256; smoke 2,4)")
     ap.add_argument("--iters", type=int, default=None, help="timed calls per case (default 10; smoke 2)")
-    ap.add_argument("--oom-cap", type=int, default=None, help="largest batch tried (default 4096; smoke 16)")
+    ap.add_argument("--oom-cap", type=int, default=None, help="largest batch tried (default 8192; smoke 16)")
     ap.add_argument("--budget-s", type=float, default=420, help="stop optional steps after this many seconds")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
@@ -231,7 +231,7 @@ def main() -> None:
             print("no CUDA device here: run with --smoke to check the script on the CPU", file=sys.stderr)
     batches = [int(b) for b in (args.batches or ("2,4" if args.smoke else "64,256")).split(",")]
     iters = args.iters or (2 if args.smoke else 10)
-    cap = args.oom_cap or (16 if args.smoke else 4096)
+    cap = args.oom_cap or (16 if args.smoke else 8192)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     peak = bf16_peak(name) if device.type == "cuda" else None
@@ -248,6 +248,7 @@ def main() -> None:
     }
     ours, peers, skipped = build(v, device)
     results["skipped"] = skipped
+    results["transformers_attention"] = peers["transformers (sdpa)"].config._attn_implementation
     results["build_s"] = time.perf_counter() - t0
     results["parity"] = parity(ours, peers["transformers (sdpa)"], v, device)
 

@@ -11,7 +11,8 @@ Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API
 
 - oneDNN's int8 matmul (`torch.ops.onednn.qlinear_pointwise`, the kernel PyTorch's own x86 Inductor
   quantization lowers to) on a weight packed once for it, with scale, bias and GELU fused, writing
-  the output in the activations' dtype. On AMX it runs above `torch._int_mm`'s own rate.
+  the output in the activations' dtype. At so400m's shapes on an AMX Xeon it measured faster than
+  `torch._int_mm` itself (microbenchmarks; scripts/int8_routes.py compares the routes).
 - elsewhere (no oneDNN: ARM, builds without mkldnn), `torch._int_mm` (int8 x int8 -> int32) on the
   pre-transposed weight, then the scale and bias in one `addcmul`.
 """
