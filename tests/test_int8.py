@@ -43,7 +43,9 @@ def test_int8_linear_is_within_the_rounding_bound_of_f_linear(onednn, gelu, dtyp
     # Rounding to the nearest step moves each x by at most s_x/2 and each weight by s_w[n]/2, so
     # |y - y_ref| <= sum_k |x_k| s_w/2 + |w_k| s_x/2 + s_x s_w/4; tanh-GELU's slope is at most 1.13;
     # a bf16 output adds its own rounding, 2^-8 relative.
-    s_x = xd.abs().max() / 127
+    s_x = xd.abs().max() / (127 * (1 - 2**-8))  # the full scale int8.quantize_activation uses
+    used = int8.quantize_activation(x.reshape(-1, 160))[1].double()
+    torch.testing.assert_close(used, s_x, rtol=1e-3, atol=0)
     s_w = wd.abs().amax(1) / 127
     bound = (xd.abs() @ wd.new_ones(160, 1)) * s_w / 2 + (s_x / 2) * wd.abs().sum(1) + 160 * s_x * s_w / 4
     if gelu:
