@@ -115,6 +115,7 @@ def gemm_rates(d: dict, repeats: int) -> dict[str, dict[str, float]]:
     int8: torch._int_mm on a (K, N) row-major second operand, its fast layout."""
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     rates: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}, "int8": {}}
+    qlinear = onednn and hasattr(torch.ops.onednn, "qlinear_pointwise")
     with torch.inference_mode():
         for M, K, N in gemm_shapes(d):
             key, flops = f"{M}x{K}x{N}", 2 * M * K * N
@@ -137,6 +138,12 @@ def gemm_rates(d: dict, repeats: int) -> dict[str, dict[str, float]]:
             a = torch.randint(-127, 128, (M, K), dtype=torch.int8)
             b8 = torch.randint(-127, 128, (K, N), dtype=torch.int8)
             rates["int8"][key] = flops / min_time(lambda: torch._int_mm(a, b8), repeats) / 1e9  # noqa: B023
+            if qlinear:  # for information: the oneDNN int8 kernel our int8 mode uses, bf16 out
+                w = torch.ops.onednn.qlinear_prepack(b8.t().contiguous(), None)
+                scale, zero = torch.rand(N), torch.zeros(N, dtype=torch.long)
+                args = (a, 0.1, 0, w, scale, zero, None, 1.0, 0, torch.bfloat16, "none", [], "")
+                t = min_time(lambda args=args: torch.ops.onednn.qlinear_pointwise(*args), repeats)
+                rates.setdefault("int8 oneDNN (info)", {})[key] = flops / t / 1e9
     return rates
 
 
