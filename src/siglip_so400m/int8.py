@@ -1,6 +1,7 @@
 """int8 inference for the linear layers: int8 weights per output channel, int8 activations per tensor.
 
-    y = (s_x * s_w[n]) * sum_k q_x[m, k] q_w[n, k] + b[n]      q = round(v / s), s = max|v| / 127
+    y = (s_x * s_w[n]) * sum_k q_x[m, k] q_w[n, k] + b[n]      q = round(v / s)
+    s_w[n] = max_k |w[n, k]| / 127      s_x = max |x| / (127 (1 - 2^-8))   (never rounds to 128)
 
 Weights are quantized once, at load, symmetrically with one scale per output channel. Activations are
 quantized on the fly (dynamic quantization: no calibration data), symmetrically with one scale for the
