@@ -227,8 +227,9 @@ def main() -> None:
     else:
         v = SiglipConfig.from_json(ROOT / "configs" / "siglip-so400m-patch14-384.json").vision_config
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type != "cuda":
-            print("no CUDA device here: run with --smoke to check the script on the CPU", file=sys.stderr)
+        if device.type != "cuda" and not args.device:
+            sys.exit("no CUDA device here: run with --smoke to check the script on the CPU "
+                     "(or --device cpu to time the full size on the CPU, slowly)")
     batches = [int(b) for b in (args.batches or ("2,4" if args.smoke else "64,256")).split(",")]
     iters = args.iters or (2 if args.smoke else 10)
     cap = args.oom_cap or (16 if args.smoke else 8192)
