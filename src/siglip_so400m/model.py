@@ -21,7 +21,6 @@ Module and parameter names equal the Hugging Face checkpoint keys, so loading is
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -151,10 +150,7 @@ class MAPHead(nn.Module):
         w_q, w_kv = self.attention.in_proj_weight.split([D, 2 * D])
         b_q, b_kv = self.attention.in_proj_bias.split([D, 2 * D])
         q = F.linear(self.probe, w_q, b_q).view(1, 1, H, D // H).transpose(1, 2)  # (1, H, 1, Dh)
-        # k and v through the same fast path as the nn.Linear layers (it takes anything with .weight
-        # and .bias): MKL's F.linear is the slower kernel for this (N, D) x (D, 2D) product on CPU.
-        kv = linear(x, SimpleNamespace(weight=w_kv, bias=b_kv))
-        k, v = kv.view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
+        k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         y = F.scaled_dot_product_attention(q.expand(B, -1, -1, -1), k, v)  # (B, H, 1, Dh)
         y = linear(y.transpose(1, 2).reshape(B, 1, D), self.attention.out_proj)
         # No residual around the attention (the probe is not a token); the MLP has one.
