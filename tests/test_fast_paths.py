@@ -53,30 +53,6 @@ def cosines(model, ref, px, ids):
     return img.min().item(), txt.min().item()
 
 
-def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt):
-    ref, proc = siglip_so400m.load(tiny_ckpt)
-    model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8")
-    assert model.precision == "int8" and ref.precision == "float32"
-    img, txt = cosines(model, ref, pixels(4, 32), proc.texts(TEXTS))
-    # 8-bit weights per output channel and 8-bit activations per tensor: about 1.4% relative error
-    # per matmul on Gaussian data; the issue's bar for the embeddings is a cosine of 0.99.
-    assert img >= 0.99 and txt >= 0.99, (img, txt)
-    assert img < 1 - 1e-7  # the int8 path really ran
-    # The linear layers' float weights are gone (inference only); the rest stays float32.
-    meta = {k for k, v in model.state_dict().items() if v.is_meta}
-    assert meta and all(".mlp." in k or "_proj." in k or k.startswith("text_model.head.") for k in meta)
-    assert {p.dtype for p in model.parameters() if not p.is_meta} == {torch.float32}
-    with pytest.raises(RuntimeError, match="inference only"):
-        model.encode_image(pixels(1, 32).requires_grad_())
-
-
-def test_quantize_options_are_checked(tiny_ckpt):
-    with pytest.raises(ValueError, match="quantize must be"):
-        siglip_so400m.load(tiny_ckpt, quantize="int4")
-    with pytest.raises(ValueError, match="leave dtype unset"):
-        siglip_so400m.load(tiny_ckpt, quantize="int8", dtype=torch.bfloat16)
-
-
 @pytest.mark.slow
 def test_bf16_and_int8_stay_close_to_fp32_so400m(so400m_ckpt):
     import importlib.util

@@ -10,7 +10,7 @@ import torch
 
 from .config import SiglipConfig
 from .image import ImageInput, ImageProcessor
-from .kernels import quantize_int8
+from .int8 import quantize_int8
 from .model import SigLIP
 from .text import AnyTokenizer, load_tokenizer, tokenizer_from_file
 from .weights import DEFAULT_REPO, Checkpoint, CheckpointError, load_weights, resolve
@@ -94,27 +94,29 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
         only; the other one's weights are never read.
     tokenizer: a tokenizer.json or SentencePiece .model to use instead of the checkpoint folder's
         (for a big_vision .npz whose tokenizer lies elsewhere).
-    quantize: "int8" turns the linear layers into dynamically quantized int8 matmuls for CPU inference
-        (weights per output channel, activations per tensor), the rest in float32: faster than bf16,
-        embeddings at cosine >= 0.99 to fp32. The model is then for inference only (the linear
-        layers' float weights are released); quantizing costs a few seconds at load.
+    quantize: "int8" turns the linear layers into int8 matmuls for CPU inference (weights per output
+        channel, activations per tensor, quantized on the fly; see int8.py), faster than bf16, with
+        embeddings at cosine >= 0.99 to fp32. The rest runs in `dtype`, by default bf16 where the CPU
+        computes it natively (AVX512-BF16 or AMX), else float32. The model is then for inference
+        only (the linear layers' float weights are released); quantizing costs a few seconds at load.
     vision_layers: build only the image tower's first N blocks and no pooling head, a backbone for
         image_features() (LLaVA-OneVision runs 26 of so400m's 27); the dropped blocks' and the
         head's weights are never read, and encode_image is refused.
     """
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
-    if quantize and dtype not in (None, torch.float32):
-        raise ValueError("quantize='int8' runs the other layers in float32; leave dtype unset")
+    if quantize and dtype not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(f"quantize='int8' runs the other layers in float32 or bfloat16, not {dtype}")
     if isinstance(towers, str):
         towers = (towers,)
     ckpt = name if isinstance(name, Checkpoint) else resolve(name, revision=revision, config=config,
                                                               towers=towers)
     with torch.device("meta"):
         model = SigLIP(ckpt.config, towers=towers, vision_layers=vision_layers)
-    load_weights(model, ckpt, dtype=dtype or torch.float32, device=device)
+    # int8 quantizes from the float32 weights, then moves the remaining parameters to its dtype.
+    load_weights(model, ckpt, dtype=torch.float32 if quantize else dtype or torch.float32, device=device)
     if quantize:
-        quantize_int8(model)
+        quantize_int8(model, dtype or pick_dtype(torch.device("cpu")))
     model.eval()
     model.checkpoint = ckpt
     return model, Processor.from_checkpoint(ckpt, tokenizer)

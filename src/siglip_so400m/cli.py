@@ -153,10 +153,11 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     quantize = "int8" if args.dtype == "int8" else None
     if quantize and device.type != "cpu":
         raise UsageError("--dtype int8 runs on the CPU only (--device cpu)")
-    dtype = torch.float32 if quantize else getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] \
+    # int8: load() picks the dtype of the layers it does not quantize (bf16 where the CPU has it).
+    dtype = None if quantize else getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] \
         else pick_dtype(device)
     precision = quantize or str(dtype).removeprefix("torch.")
-    if args.dtype == "auto" and dtype != torch.float32:
+    if args.dtype == "auto" and dtype not in (None, torch.float32):
         print(f"note: computing in {precision}, the default on this {device.type}; "
               "--dtype float32 gives transformers' numbers exactly", file=sys.stderr)
 

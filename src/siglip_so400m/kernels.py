@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import int8
+
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
@@ -24,15 +26,14 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
 
     CPU inference goes through oneDNN's matmul with bias and GELU fused, on the plain weight (no
     repacked copy): 205-215 GFLOP/s in fp32 where MKL's F.linear reaches 176-200, and a few percent
-    more in bf16 (415-435 vs 396-417 GFLOP/s, the chip's bf16 peak). A layer that quantize_int8()
-    prepared runs as a dynamically quantized int8 matmul (660-760 GOP/s)."""
+    more in bf16 (415-435 vs 396-417 GFLOP/s, the chip's bf16 peak). A layer that
+    int8.quantize_int8() prepared runs as an int8 matmul (see int8.py)."""
     packed = getattr(layer, "int8", None)
-    if packed is not None:
+    if packed is not None:  # prepared by int8.quantize_int8()
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8 model is for inference only (its float weights were released); "
                                "load without quantize= to train")
-        y = torch.ops.quantized.linear_dynamic(x.float(), packed, False)  # float32 in and out
-        return (F.gelu(y, approximate="tanh") if gelu else y).to(x.dtype)
+        return int8.linear(x, packed, gelu)
     if _cpu_inference(x) and _ONEDNN_LINEAR and x.dtype in (torch.float32, torch.bfloat16) \
             and x.dtype == layer.weight.dtype:
         return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias,
@@ -65,43 +66,3 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
             probs = torch.softmax(scores, -1, dtype=torch.float32).to(q.dtype)
             out[b, h] = mm(probs, vt[b, h], None, "none", [], "")
     return out
-
-
-def quantize_int8(module: nn.Module) -> int:
-    """Turn every nn.Linear of `module` into an int8 layer for CPU inference; returns how many.
-
-    Weights: symmetric int8, one scale per output channel. Activations: quantized per tensor on the
-    fly (dynamic quantization), so no calibration data is needed. Packing uses oneDNN, the fastest of
-    PyTorch's int8 CPU engines here (onednn 660-760, fbgemm 630-680, x86 570-665 GOP/s).
-
-    The float weights and biases of those layers are released (replaced by meta tensors): an int8
-    model takes a quarter of the memory and is for inference only. The remaining parameters are
-    copied out of the checkpoint's mmap, so that the file's pages, all read once to quantize, are
-    unmapped and leave the process's memory."""
-    if "onednn" not in torch.backends.quantized.supported_engines:
-        raise RuntimeError("int8 needs PyTorch's onednn quantized engine (x86 CPU builds have it)")
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "onednn"
-    count = 0
-    try:
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                w = m.weight.detach().float()
-                scales = (w.abs().amax(dim=1) / 127).clamp(min=1e-12).double()
-                zero = torch.zeros(w.shape[0], dtype=torch.long)
-                qw = torch.quantize_per_channel(w, scales, zero, 0, torch.qint8)
-                # A copy: the packed layer keeps its bias, which must not pin the checkpoint's mmap.
-                bias = None if m.bias is None else m.bias.detach().float().clone()
-                m.int8 = torch.ops.quantized.linear_prepack(qw, bias)
-                m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
-                if m.bias is not None:
-                    m.bias = nn.Parameter(m.bias.to("meta"), requires_grad=False)
-                count += 1
-    finally:
-        torch.backends.quantized.engine = previous
-    with torch.no_grad():
-        for p in module.parameters():
-            p.requires_grad_(False)
-            if not p.is_meta:
-                p.data = p.data.clone()
-    return count

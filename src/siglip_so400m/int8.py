@@ -1,0 +1,133 @@
+"""int8 inference for the linear layers: int8 weights per output channel, int8 activations per tensor.
+
+    y = (s_x * s_w[n]) * sum_k q_x[m, k] q_w[n, k] + b[n]      q = round(v / s)
+    s_w[n] = max_k |w[n, k]| / 127      s_x = max |x| / (127 (1 - 2^-8))   (never rounds to 128)
+
+Weights are quantized once, at load, symmetrically with one scale per output channel. Activations are
+quantized on the fly (dynamic quantization: no calibration data), symmetrically with one scale for the
+whole tensor, which is what lets the scale, the bias and the GELU run inside the matmul's epilogue.
+
+Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API, whose
+`torch.quantize_per_channel` and `torch.ops.quantized.*` functions torch 2.14 warns will be removed):
+
+- oneDNN's int8 matmul (`torch.ops.onednn.qlinear_pointwise`, the kernel PyTorch's own x86 Inductor
+  quantization lowers to) on a weight packed once for it, with scale, bias and GELU fused, writing
+  the output in the activations' dtype. At so400m's shapes on an AMX Xeon it measured faster than
+  `torch._int_mm` itself (microbenchmarks; scripts/int8_routes.py compares the routes).
+- elsewhere (no oneDNN: ARM, builds without mkldnn), `torch._int_mm` (int8 x int8 -> int32) on the
+  pre-transposed weight, then the scale and bias in one `addcmul`.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+_ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
+           and hasattr(torch.ops.onednn, "qlinear_pointwise")
+           and hasattr(torch.ops.onednn, "qlinear_prepack"))
+
+
+@dataclass
+class Int8Weight:
+    """A linear layer's weight in int8, ready for one kernel; its float weight is gone."""
+
+    weight: Tensor  # oneDNN: packed (opaque layout); _int_mm: (K, N) int8, contiguous
+    scale: Tensor  # (N,) float32, per output channel
+    bias: Tensor | None  # (N,) float32
+    zero_points: Tensor  # (N,) int64 zeros, oneDNN's symmetric weight zero points
+    onednn: bool
+    out_features: int
+
+
+def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = None) -> Int8Weight:
+    """(N, K) float weight -> int8, symmetric, one scale per output channel, packed for oneDNN where
+    it is available (onednn=None) or asked for, else laid out for torch._int_mm."""
+    onednn = _ONEDNN if onednn is None else onednn
+    w = weight.detach().float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K)
+    if onednn:
+        # Packed for the chip's int8 kernel (AMX tiles or VNNI blocks); the batch size is only a hint.
+        q = torch.ops.onednn.qlinear_prepack(q, None)
+    else:
+        q = q.t().contiguous()  # (K, N): _int_mm reads its second operand row-major
+    b = None if bias is None else bias.detach().float().clone()  # a copy: must not pin the file's mmap
+    return Int8Weight(q, scale, b, torch.zeros(w.shape[0], dtype=torch.long), onednn, w.shape[0])
+
+
+# Activations are scaled to at most 127 * (1 - 2^-8), not 127: rounding x / scale to bf16 (steps of
+# 0.5 near 127) can then reach 127 but never 128, which the int8 cast would wrap to -128, and no
+# clamp pass is needed. The step is 0.4% coarser, far below the rounding error itself.
+_FULL_SCALE = 127 * (1 - 2**-8)
+
+
+def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) float -> (M, K) int8 and its scale, symmetric, one scale for the whole tensor.
+
+    Three passes over x (min and max together, scale and round, cast): on AMX the int8 matmul is so
+    fast that these passes cost about as much as it does for the MLP's 4304-wide input."""
+    lo, hi = torch.aminmax(x)
+    scale = (torch.maximum(-lo, hi).float() / _FULL_SCALE).clamp_(min=1e-12)  # () float32
+    return x.mul(1 / scale).round_().to(torch.int8), scale
+
+
+# The last activation quantized, (x, its version, q, scale): attention's q, k and v projections read
+# the same x, and quantizing it once instead of three times saves a third of a layer's quantizing.
+# Holding x keeps its memory from being reused by another tensor while it is cached.
+_last = threading.local()
+
+
+def _quantize_cached(x: Tensor) -> tuple[Tensor, Tensor]:
+    # Inference tensors keep no version counter; the model never writes into x between the calls.
+    version = None if x.is_inference() else x._version
+    hit = getattr(_last, "entry", None)
+    if hit is not None and hit[0] is x and hit[1] == version:
+        return hit[2], hit[3]
+    q, s = quantize_activation(x.reshape(-1, x.shape[-1]))  # (M, K)
+    _last.entry = (x, version, q, s)
+    return q, s
+
+
+def linear(x: Tensor, w: Int8Weight, gelu: bool = False) -> Tensor:
+    """x @ W^T + b (then tanh-GELU if asked) on int8 weights; (..., K) -> (..., N) in x's dtype."""
+    lead = x.shape[:-1]
+    q, s = _quantize_cached(x)
+    if w.onednn:
+        y = torch.ops.onednn.qlinear_pointwise(
+            q, s.item(), 0, w.weight, w.scale, w.zero_points, w.bias, 1.0, 0, x.dtype,
+            "gelu" if gelu else "none", [], "tanh" if gelu else "")
+    else:
+        acc = torch._int_mm(q, w.weight)  # (M, N) int32
+        scale = s * w.scale
+        y = torch.addcmul(w.bias, acc, scale) if w.bias is not None else acc * scale
+        y = (F.gelu(y, approximate="tanh") if gelu else y).to(x.dtype)
+    return y.view(*lead, w.out_features)
+
+
+def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn: bool | None = None) -> int:
+    """Turn every nn.Linear of `module` into an int8 layer for CPU inference; returns how many.
+
+    The other parameters (LayerNorms, embeddings, the patch conv, the MAP head's packed projection)
+    go to `dtype`, in which activations also flow between the int8 matmuls. The float weights and
+    biases of the quantized layers are released (replaced by meta tensors): the model is for inference
+    only. The remaining parameters are copied out of the checkpoint's mmap, so that the file's pages,
+    all read once to quantize, are unmapped and leave the process's memory."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            m.int8 = quantize_weight(m.weight, m.bias, onednn)
+            m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
+            if m.bias is not None:
+                m.bias = nn.Parameter(m.bias.to("meta"), requires_grad=False)
+            count += 1
+    with torch.no_grad():
+        for p in module.parameters():
+            p.requires_grad_(False)
+            if not p.is_meta:
+                p.data = p.data.to(dtype, copy=True)
+    return count

@@ -1,0 +1,144 @@
+"""The int8 mode (siglip_so400m.int8): what it computes, with stated tolerances, and that it stays off
+PyTorch's deprecated quantized-tensor API. Timings live in scripts/benchmark.py, never here."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import siglip_so400m
+from siglip_so400m import int8
+
+TEXTS = ["a photo of 2 cats", "a red circle", "Café naïve résumé", "東京 猫 😀"]
+KERNELS = [pytest.param(True, id="onednn"), pytest.param(False, id="int_mm")]
+
+
+def pixels(n: int, size: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(n, 3, size, size, generator=g) * 2 - 1
+
+
+def onednn_or_skip(onednn: bool) -> None:
+    if onednn and not int8._ONEDNN:
+        pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("onednn", KERNELS)
+def test_int8_linear_is_within_the_rounding_bound_of_f_linear(onednn, gelu, dtype):
+    onednn_or_skip(onednn)
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(160, 200)
+    x = torch.randn(3, 17, 160, generator=g).to(dtype)
+    w = int8.quantize_weight(layer.weight, layer.bias, onednn)
+    with torch.inference_mode():
+        got = int8.linear(x, w, gelu=gelu)
+    assert got.dtype == dtype and got.shape == (3, 17, 200)
+    xd, wd, bd = x.double(), layer.weight.double(), layer.bias.double()
+    ref = F.linear(xd, wd, bd)
+    # Rounding to the nearest step moves each x by at most s_x/2 and each weight by s_w[n]/2, so
+    # |y - y_ref| <= sum_k |x_k| s_w/2 + |w_k| s_x/2 + s_x s_w/4; tanh-GELU's slope is at most 1.13;
+    # a bf16 output adds its own rounding, 2^-8 relative.
+    s_x = xd.abs().max() / (127 * (1 - 2**-8))  # the full scale int8.quantize_activation uses
+    used = int8.quantize_activation(x.reshape(-1, 160))[1].double()
+    torch.testing.assert_close(used, s_x, rtol=1e-3, atol=0)
+    s_w = wd.abs().amax(1) / 127
+    bound = (xd.abs() @ wd.new_ones(160, 1)) * s_w / 2 + (s_x / 2) * wd.abs().sum(1) + 160 * s_x * s_w / 4
+    if gelu:
+        ref, bound = F.gelu(ref, approximate="tanh"), 1.13 * bound
+    slack = 1e-5 + (2**-8 * ref.abs() if dtype == torch.bfloat16 else 0)
+    assert ((got.double() - ref).abs() <= bound + slack).all()
+    # And typically far inside it: about 1.5% relative error on Gaussian data.
+    assert (got.double() - ref).norm() / ref.norm() < 0.03
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_activation_quantization_never_wraps_around(dtype):
+    """Each value lands within half a step of itself (plus its own bf16 rounding), never past +-127:
+    in bf16, x / scale rounds up to 128 for the largest values, which an int8 cast wraps to -128."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(200):
+        x = (torch.randn(16, 64, generator=g) * 10.0 ** (i % 7 - 3)).to(dtype)
+        q, s = int8.quantize_activation(x)
+        assert q.dtype == torch.int8 and q.abs().max() <= 127
+        err = (q.float() * s - x.float()).abs() / s
+        assert (err <= 0.5 + 127 * 2**-8).all(), err.max()
+
+
+@pytest.mark.parametrize("onednn", KERNELS)
+def test_a_new_activation_is_quantized_anew(onednn):
+    """int8.linear reuses the last activation's quantization (q, k and v read the same x); a
+    different tensor, or the same one written in place, must not get the stale one."""
+    onednn_or_skip(onednn)
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 32)
+    w = int8.quantize_weight(layer.weight, layer.bias, onednn)
+    x1, x2 = torch.randn(5, 64), 3 * torch.randn(5, 64)
+    with torch.no_grad():
+        y1, y2 = int8.linear(x1, w), int8.linear(x2, w)
+        for x, y in ((x1, y1), (x2, y2)):
+            torch.testing.assert_close(y, layer(x), atol=0.05 * layer(x).abs().max().item(), rtol=0)
+        x1.mul_(-2)  # same object, new contents
+        torch.testing.assert_close(int8.linear(x1, w), -2 * y1 + 3 * layer.bias, atol=0.1, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("onednn", KERNELS)
+def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, onednn, dtype):
+    onednn_or_skip(onednn)
+    ref, proc = siglip_so400m.load(tiny_ckpt)
+    model, _ = siglip_so400m.load(tiny_ckpt)
+    int8.quantize_int8(model, dtype, onednn)
+    assert model.precision == "int8"
+    px, ids = pixels(4, 32), proc.texts(TEXTS)
+    with torch.inference_mode():
+        img = F.cosine_similarity(model.encode_image(px).float(), ref.encode_image(px), dim=-1).min().item()
+        txt = F.cosine_similarity(model.encode_text(ids).float(), ref.encode_text(ids), dim=-1).min().item()
+    # 8-bit weights per output channel and 8-bit activations per tensor: about 1.5% relative error
+    # per matmul on Gaussian data; the issue's bar for the embeddings is a cosine of 0.99.
+    assert img >= 0.99 and txt >= 0.99, (img, txt)
+    assert img < 1 - 1e-7  # the int8 path really ran
+    # The linear layers' float weights are gone (inference only); the rest is in the asked dtype.
+    meta = {k for k, v in model.state_dict().items() if v.is_meta}
+    assert meta and all(".mlp." in k or "_proj." in k or k.startswith("text_model.head.") for k in meta)
+    assert {p.dtype for p in model.parameters() if not p.is_meta} == {dtype}
+    with pytest.raises(RuntimeError, match="inference only"):
+        model.encode_image(pixels(1, 32).requires_grad_())
+
+
+def test_load_int8_uses_no_deprecated_quantized_api(tiny_ckpt, monkeypatch):
+    """torch 2.14 deprecates the quantized-tensor API (torch.quantize_per_channel, the
+    torch.ops.quantized ops); the int8 mode must neither call it nor trigger its warnings."""
+    def removed(*args, **kwargs):
+        raise AssertionError("the deprecated quantized-tensor API was called")
+
+    for name in ("quantize_per_channel", "quantize_per_tensor", "quantize_per_tensor_dynamic"):
+        monkeypatch.setattr(torch, name, removed)
+    for name in ("linear_prepack", "linear_dynamic", "linear"):
+        monkeypatch.setattr(torch.ops.quantized, name, removed, raising=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        warnings.simplefilter("error", FutureWarning)
+        warnings.filterwarnings("error", message=".*quantiz.*")
+        model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8")
+        with torch.inference_mode():
+            emb = model.encode_image(pixels(2, 32))
+    assert model.precision == "int8" and torch.isfinite(emb).all()
+
+
+def test_int8_default_dtype_follows_the_cpu(tiny_ckpt):
+    from siglip_so400m.api import pick_dtype
+
+    model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8")
+    assert model.vision_model.post_layernorm.weight.dtype == pick_dtype(torch.device("cpu"))
+
+
+def test_quantize_options_are_checked(tiny_ckpt):
+    with pytest.raises(ValueError, match="quantize must be"):
+        siglip_so400m.load(tiny_ckpt, quantize="int4")
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        siglip_so400m.load(tiny_ckpt, quantize="int8", dtype=torch.float16)
