@@ -397,7 +397,9 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     scale, bias = logit_params(ckpt)
     cfg = ckpt.config
     identity = {
-        "format": FORMAT, "model": ckpt.name, "revision": ckpt.revision,
+        # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
+        "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
+        "revision": ckpt.revision,
         # Local weights have no commit: their path, size and mtime stand in for one.
         "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
         "dtype": precision, "image_size": cfg.vision_config.image_size,
