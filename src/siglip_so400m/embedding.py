@@ -32,6 +32,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import signal
 import sys
@@ -580,6 +581,26 @@ def read_part(out: str | os.PathLike, i: int) -> tuple[np.ndarray, list[dict]]:
     out = Path(out)
     return (np.load(out / "img_emb" / f"img_emb_{i}.npy"),
             pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist())
+
+
+def write_synthetic(out: str | os.PathLike, vectors: np.ndarray, part_size: int = 10_000,
+                    logit_scale: float = math.log(10), logit_bias: float = -10.0) -> Path:
+    """An embed-shaped folder of given (n, D) unit vectors with made-up paths and no model: for
+    index benchmarks and tests, which need collections larger than anyone would embed for them."""
+    out = Path(out)
+    n, D = vectors.shape
+    parts = range(0, n, part_size)
+    for i, s in enumerate(parts):
+        meta = [{"image_path": f"synthetic/{j:09d}.jpg", "width": 1, "height": 1}
+                for j in range(s, min(n, s + part_size))]
+        _write_part(out, i, False, np.ascontiguousarray(vectors[s : s + part_size], np.float16), None,
+                    meta, [], 0)
+    _atomic_json(out / MANIFEST, {"format": FORMAT, "model": None, "dtype": "float16",
+                                  "embedding_dim": D, "part_size": part_size, "captions": False,
+                                  "parts": len(parts), "logit_scale": logit_scale,
+                                  "logit_bias": logit_bias, "complete": True,
+                                  "counts": {"images": n, "errors": 0}})
+    return out
 
 
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")

@@ -346,7 +346,11 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
         index.hnsw.efConstruction = max(40, 2 * hnsw_m)
     else:
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        # 8 bits per code (256 centroids per sub-space) need 256 training vectors; tiny
+        # collections get fewer bits.
+        pq_bits = max(1, min(8, int(math.log2(max(2, n - len(held))))))
+        index = faiss.IndexIVFPQ(quantizer, d, min(nlist, n - len(held)), pq_m, pq_bits,
+                                 faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
         # Train on a sample that leaves out the held-out queries, so recall is measured on vectors
         # the quantizers never saw (as real queries are).
@@ -362,16 +366,18 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
     if kind == "hnsw":
         info |= {"hnsw_m": hnsw_m, "ef_search": ef_search}
     if kind == "ivfpq":
-        info |= {"nlist": nlist, "nprobe": min(nprobe, nlist), "pq_m": pq_m}
+        info |= {"nlist": index.nlist, "nprobe": min(nprobe, index.nlist), "pq_m": pq_m,
+                 "pq_bits": pq_bits}
     _set_search_params(index, info)
     recall = 1.0
     if kind != "flat":
         recall = measure_recall(coll, index, info, held)
         log(f"recall@10 of the {kind} index on {len(held)} held-out queries: {recall:.4f}")
         if recall < min_recall:
-            hint = {"hnsw": f"raise --ef-search (now {ef_search}) or --hnsw-m (now {hnsw_m})",
-                    "ivfpq": f"raise --nprobe (now {info['nprobe']}), --pq-m (now {pq_m}) or --rerank "
-                             f"(now {rerank})"}[kind]
+            if kind == "hnsw":
+                hint = f"raise --ef-search (now {ef_search}) or --hnsw-m (now {hnsw_m})"
+            else:
+                hint = f"raise --nprobe (now {info['nprobe']}), --pq-m (now {pq_m}) or --rerank (now {rerank})"
             raise SearchError(
                 f"recall@10 of the {kind} index is {recall:.3f}, below --min-recall {min_recall}; not "
                 f"saved. To fix: {hint}, or give --max-memory {math.ceil(n * d * 4 / 2**30 * 10) / 10}GB "
