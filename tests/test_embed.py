@@ -222,3 +222,22 @@ def test_import_pulls_in_neither_pyarrow_nor_faiss():
             "print(sorted(m for m in ('pyarrow', 'faiss') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+
+
+@pytest.mark.slow
+def test_so400m_embeddings_equal_encode_image(so400m_ckpt, tmp_path):
+    """The full-size shape (1152-d): embed's rows equal encode_image's, in fp32 and in bf16."""
+    paths = make_images(tmp_path / "imgs", 4, seed=9)
+    model, proc = siglip_so400m.load(so400m_ckpt, towers=("vision",))
+    with torch.no_grad():
+        ref = model.encode_image(proc.images(paths), normalize=True).numpy()
+    del model
+    for dtype, atol in (("float32", 2**-11), ("bfloat16", 2e-2)):
+        out = tmp_path / dtype
+        m = siglip_so400m.embed(tmp_path / "imgs", out, model=str(so400m_ckpt), dtype=dtype, workers=1)
+        assert m["counts"]["images"] == 4 and m["embedding_dim"] == 1152 and m["image_size"] == 384
+        emb = np.load(out / "img_emb" / "img_emb_0.npy")
+        assert emb.shape == (4, 1152) and emb.dtype == np.float16
+        np.testing.assert_allclose(emb.astype(np.float32), ref, atol=atol, rtol=0)
+        cos = (emb.astype(np.float32) * ref).sum(1) / np.linalg.norm(emb.astype(np.float32), axis=1)
+        assert cos.min() > (0.99999 if dtype == "float32" else 0.999)

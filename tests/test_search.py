@@ -166,4 +166,4 @@ def synthetic_collection(out: Path, n: int, dim: int, clusters: int, seed: int =
     centers = rng.standard_normal((clusters, dim))
     x = centers[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    return write_synthetic(out, x.astype(np.float16), part_size=1000)
+    return write_synthetic(out, [x[s : s + 1000] for s in range(0, n, 1000)])

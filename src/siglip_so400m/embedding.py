@@ -38,7 +38,7 @@ import signal
 import sys
 import tarfile
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -459,7 +459,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
             box = [manifest]
             dist.broadcast_object_list(box, src=0)
             manifest = box[0]
-        return manifest
+        # Timings vary from run to run, so they go to the caller and never into the folder.
+        return {**manifest, "run": {"embedded": stats["done"], "seconds": stats["seconds"]}}
     finally:
         if lock:
             lock.release()
@@ -583,23 +584,23 @@ def read_part(out: str | os.PathLike, i: int) -> tuple[np.ndarray, list[dict]]:
             pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist())
 
 
-def write_synthetic(out: str | os.PathLike, vectors: np.ndarray, part_size: int = 10_000,
+def write_synthetic(out: str | os.PathLike, parts: Iterable[np.ndarray],
                     logit_scale: float = math.log(10), logit_bias: float = -10.0) -> Path:
-    """An embed-shaped folder of given (n, D) unit vectors with made-up paths and no model: for
-    index benchmarks and tests, which need collections larger than anyone would embed for them."""
+    """An embed-shaped folder of given unit vectors, one (n_i, D) array per part, with made-up paths
+    and no model: for index benchmarks and tests, which need collections larger than anyone would
+    embed for them. Parts are written one at a time, so a million rows never sit in memory."""
     out = Path(out)
-    n, D = vectors.shape
-    parts = range(0, n, part_size)
-    for i, s in enumerate(parts):
+    n, D, i = 0, 0, -1
+    for i, vectors in enumerate(parts):
+        D = vectors.shape[1]
         meta = [{"image_path": f"synthetic/{j:09d}.jpg", "width": 1, "height": 1}
-                for j in range(s, min(n, s + part_size))]
-        _write_part(out, i, False, np.ascontiguousarray(vectors[s : s + part_size], np.float16), None,
-                    meta, [], 0)
+                for j in range(n, n + len(vectors))]
+        _write_part(out, i, False, np.ascontiguousarray(vectors, np.float16), None, meta, [], 0)
+        n += len(vectors)
     _atomic_json(out / MANIFEST, {"format": FORMAT, "model": None, "dtype": "float16",
-                                  "embedding_dim": D, "part_size": part_size, "captions": False,
-                                  "parts": len(parts), "logit_scale": logit_scale,
-                                  "logit_bias": logit_bias, "complete": True,
-                                  "counts": {"images": n, "errors": 0}})
+                                  "embedding_dim": D, "captions": False, "parts": i + 1,
+                                  "logit_scale": logit_scale, "logit_bias": logit_bias,
+                                  "complete": True, "counts": {"images": n, "errors": 0}})
     return out
 
 
