@@ -411,12 +411,13 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     }
 
     # Rank 0 takes the lock and checks the folder; the others learn the verdict through a flag.
-    lock, problem = None, ""
+    lock, problem, already = None, "", 0
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
             lock = _Lock(out)
             _check_manifest(out, identity)
+            already = sum(part_done(out, p.index, captions) for p in parts)
             for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a killed run's unfinished files
                 tmp.unlink()
             _atomic_json(out / MANIFEST, {**identity, "logit_scale": scale, "logit_bias": bias,
@@ -447,13 +448,15 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         stats = _run(net, processor, mine, out, captions, batch_size, workers, dev, rank, world,
                      progress, F)
         if world > 1:
-            dist.barrier()
+            done = torch.tensor([stats["done"]], dtype=torch.int64)
+            dist.all_reduce(done)  # also the barrier before rank 0 reads every part
+            stats["done"] = int(done)
         manifest = None
         if rank == 0:
             manifest = _finish(out, identity, scale, bias, parts, captions)
             ok, bad = manifest["counts"]["images"], manifest["counts"]["errors"]
             print(f"embedded {ok} images into {len(parts)} parts in {out} ({stats['done']} embedded "
-                  f"now, {stats['skipped_parts']} parts were already done); {bad} bad images "
+                  f"now, {already} parts were already done); {bad} bad images "
                   f"(listed in {out / 'errors'})", file=sys.stderr)
         if world > 1:
             box = [manifest]
@@ -512,7 +515,7 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size
     shown = progress if progress is not None else (rank == 0 and sys.stderr.isatty()
                                                      and os.environ.get("TERM") != "dumb")
     bar = tqdm(total=len(work), unit="img", file=sys.stderr, disable=not shown, smoothing=0.1)
-    stats = {"done": 0, "skipped_parts": 0}
+    stats = {"done": 0}
     embedded = 0
 
     def encode(pixels: list[torch.Tensor]) -> np.ndarray:
