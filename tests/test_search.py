@@ -52,6 +52,8 @@ def test_an_images_own_embedding_and_the_image_itself_find_it_first(photos_dir, 
     assert by_image[0]["path"] == path and by_image[0]["score"] == by_image[0]["cosine"]
     assert by_image[0]["metadata"]["width"] == Image.open(path).width
     assert "sigmoid" not in by_image[0]
+    from_bytes = index.search(images=[Path(path).read_bytes()], k=5)[0]  # as a server receives it
+    assert [h["id"] for h in from_bytes] == [h["id"] for h in by_image]
     # the same through every kind of index
     for kind in ("flat", "hnsw", "ivfpq"):
         copy = Path(shutil.copytree(photos_dir, tmp_path / kind))

@@ -142,7 +142,9 @@ class Index:
          "logit": 2.61, "sigmoid": 0.93}  # text queries only: exp(t')·cos + b and its sigmoid
 
     `threshold` keeps hits whose score is at least it (a probability for texts, a cosine for
-    images). Images are paths, PIL images or uint8 arrays; vectors are (D,) or (Q, D) embeddings.
+    images). Images are paths, PIL images, uint8 arrays or the bytes of an encoded file; vectors are
+    (D,) or (Q, D) embeddings. Text and image queries load the model (from the manifest, or `model=`)
+    on first use; an ImageReadError names an image that cannot be decoded.
     """
 
     def __init__(self, folder: str | os.PathLike, *, model: str | None = None,
@@ -211,7 +213,12 @@ class Index:
         import torch
         import torch.nn.functional as F
 
+        from .image import load_image
+
         model, proc = self._load_model("vision")
+        # Encoded files (an upload to a server) are decoded as files are: EXIF orientation included.
+        images = [load_image("<image bytes>", data=bytes(im)) if isinstance(im, (bytes, bytearray)) else im
+                  for im in images]
         with torch.inference_mode():
             x = model.encode_image(proc.images(list(images)).to(model.logit_scale.device)).float()
             return F.normalize(x, dim=-1).cpu().numpy()
