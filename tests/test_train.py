@@ -20,6 +20,8 @@ from siglip_so400m.data import DataError, GlobalBatches, read_pairs
 from siglip_so400m.train import TrainConfig, train
 
 ROOT = Path(__file__).parents[1]
+
+
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("shapes")
