@@ -106,7 +106,11 @@ def exact_topk(coll: Collection, queries: np.ndarray, k: int) -> tuple[np.ndarra
     best_i = np.zeros((Q, 0), np.int64)
     for first, block in coll.blocks():
         s = queries @ block.T  # (Q, rows)
-        ids = np.broadcast_to(np.arange(first, first + block.shape[0]), s.shape)
+        if s.shape[1] > k:  # the block's own k best first, so that only (Q, 2k) are ever merged
+            ids = np.argpartition(-s, k, axis=1)[:, :k]
+            s, ids = np.take_along_axis(s, ids, 1), ids + first
+        else:
+            ids = np.broadcast_to(np.arange(first, first + block.shape[0]), s.shape)
         best_s, best_i = np.concatenate([best_s, s], 1), np.concatenate([best_i, ids], 1)
         if best_s.shape[1] > k:
             keep = np.argpartition(-best_s, k, axis=1)[:, :k]
