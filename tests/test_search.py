@@ -110,7 +110,8 @@ def test_index_refuses_below_min_recall_and_says_what_to_change(tmp_path):
             "--queries", "100")
     assert r.returncode == 1 and "raise --ef-search (now 1)" in r.stderr, r.stderr
     # Generous parameters pass, and the recall reported is the one measured.
-    r = cli("index", str(out), "--kind", "ivfpq", "--nlist", "16", "--nprobe", "8", "--queries", "100")
+    r = cli("index", str(out), "--kind", "ivfpq", "--nlist", "16", "--nprobe", "8", "--pq-m", "8",
+            "--queries", "100")
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["recall_at_10"] >= 0.9 and f"{info['recall_at_10']:.4f}" in r.stderr
