@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .image import IMAGE_SUFFIXES, ImageReadError, load_image
 from .weights import DEFAULT_REPO
@@ -359,7 +360,6 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         `output` while one is active raises EmbedError.
     """
     import torch.distributed as dist
-    import torch.nn.functional as F
 
     from .api import load, pick_device, pick_dtype
     from .weights import logit_params, resolve
@@ -445,8 +445,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                 p.items, error = scan_shard(p.shard)
                 if error:  # the whole shard is one bad input: recorded, not fatal
                     p.items = [Item(shard=p.shard, key="", error=f"{p.shard}: {error}")]
-        stats = _run(net, processor, mine, out, captions, batch_size, workers, dev, rank, world,
-                     progress, F)
+        stats = _run(net, processor, mine, out, captions, batch_size, workers, dev, rank, progress)
         if world > 1:
             done = torch.tensor([stats["done"]], dtype=torch.int64)
             dist.all_reduce(done)  # also the barrier before rank 0 reads every part
@@ -504,7 +503,8 @@ def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Pa
 
 
 def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size: int, workers: int,
-         dev: torch.device, rank: int, world: int, progress: bool | None, F) -> dict:
+         dev: torch.device, rank: int, progress: bool | None) -> dict:
+    """Decode (in workers) and embed this rank's unfinished parts, writing each as it completes."""
     from tqdm import tqdm
 
     work = [(k, pos, item) for k, p in enumerate(mine) for pos, item in enumerate(p.items)]
@@ -577,14 +577,6 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size
     stats["done"] = embedded
     stats["seconds"] = time.perf_counter() - t0
     return stats
-
-
-def read_part(out: str | os.PathLike, i: int) -> tuple[np.ndarray, list[dict]]:
-    """Part i as embedding-reader pairs it: the (n, D) float16 embeddings and their n metadata rows."""
-    _, pq = _pyarrow()
-    out = Path(out)
-    return (np.load(out / "img_emb" / f"img_emb_{i}.npy"),
-            pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist())
 
 
 def write_synthetic(out: str | os.PathLike, parts: Iterable[np.ndarray],
