@@ -38,3 +38,18 @@ def tiny_copy(tmp_path, tiny_ckpt) -> Path:
 def so400m_ckpt(tmp_path_factory, spiece) -> Path:
     """The full so400m shape, random weights, 3.5 GB: the real file's 888 keys and shapes."""
     return save_checkpoint(tmp_path_factory.mktemp("so400m"), so400m_hf_config(), spiece)
+
+
+@pytest.fixture(scope="session")
+def shapes_model(tmp_path_factory, tiny_ckpt) -> Path:
+    """The tiny model fine-tuned for 300 steps on 180 coloured shapes (tests/shapes.py): a model that
+    has learned something, trained once for test_train and test_search."""
+    from shapes import draw_shapes, write_csv
+
+    from siglip_so400m.train import TrainConfig, train
+
+    folder = tmp_path_factory.mktemp("shapes_train")
+    data = write_csv(folder / "train.csv", draw_shapes(folder, 180, seed=0))
+    return train(TrainConfig(model=str(tiny_ckpt), data=str(data), output_dir=str(folder / "run"),
+                             steps=300, batch_size=32, lr=3e-3, precision="fp32", num_workers=0,
+                             log_every=25, save_every=0))

@@ -6,54 +6,20 @@ from __future__ import annotations
 import csv
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
 from safetensors.torch import load_file
+from shapes import CAPTIONS, draw_shapes, write_csv
 
 import siglip_so400m
 from siglip_so400m.data import DataError, GlobalBatches, read_pairs
 from siglip_so400m.train import TrainConfig, train
 
 ROOT = Path(__file__).parents[1]
-COLORS = {"red": (220, 30, 30), "green": (30, 180, 30), "blue": (30, 60, 220)}
-SHAPES = ["circle", "square", "triangle"]
-CAPTIONS = [f"a {c} {s}" for c in COLORS for s in SHAPES]  # 9 classes: chance is 1/9
-
-
-def draw_shapes(folder: Path, n: int, seed: int) -> list[dict]:
-    """PIL-drawn coloured shapes on a grey background, captioned "a red circle" and so on."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    rows = []
-    for i in range(n):
-        color, shape = rng.choice(list(COLORS)), rng.choice(SHAPES)
-        img = Image.new("RGB", (64, 64), (235, 235, 235))
-        d = ImageDraw.Draw(img)
-        x, y, r = rng.randint(18, 46), rng.randint(18, 46), rng.randint(10, 16)
-        box = (x - r, y - r, x + r, y + r)
-        if shape == "circle":
-            d.ellipse(box, fill=COLORS[color])
-        elif shape == "square":
-            d.rectangle(box, fill=COLORS[color])
-        else:
-            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLORS[color])
-        img.save(folder / f"{seed}_{i}.png")
-        rows.append({"image": f"{seed}_{i}.png", "caption": f"a {color} {shape}"})
-    return rows
-
-
-def write_csv(path: Path, rows: list[dict], fields=("image", "caption")) -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, list(fields))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +43,8 @@ def config(ckpt: Path, data: Path, out: Path, **kw) -> TrainConfig:
     return TrainConfig(**{**base, **kw})
 
 
-def test_a_short_run_lowers_the_loss_and_learns_retrieval(tiny_ckpt, shapes, tmp_path):
-    out = train(config(tiny_ckpt, shapes, tmp_path / "run", steps=300, batch_size=32, lr=3e-3,
-                       log_every=25))
+def test_a_short_run_lowers_the_loss_and_learns_retrieval(tiny_ckpt, shapes_model, tmp_path):
+    out = shapes_model  # 300 steps, batch 32, lr 3e-3 on 180 shapes: see conftest.py
     log = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 300
     assert log[-1]["loss"] < log[0]["loss"] - 0.8

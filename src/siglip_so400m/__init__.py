@@ -23,6 +23,7 @@ __all__ = [
     "GemmaTokenizer",
     "ImageProcessor",
     "ImageReadError",
+    "Index",
     "Processor",
     "SigLIP",
     "SiglipConfig",
@@ -35,8 +36,23 @@ __all__ = [
     "attention_map",
     "convert",
     "distributed_sigmoid_loss",
+    "embed",
     "load",
     "load_image",
     "sigmoid_loss",
     "zero_shot",
 ]
+
+
+def __getattr__(name: str):
+    # The collection jobs need pyarrow and faiss (extras [embed], [search]): import them on first use
+    # so that `import siglip_so400m` never does.
+    if name == "embed":
+        from .embedding import embed
+
+        return embed
+    if name == "Index":
+        from .search import Index
+
+        return Index
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -240,8 +240,17 @@ class VisionTower(nn.Module):
                 f"{self.config.num_hidden_layers} blocks and so without its pooling head: it has no "
                 "pooled embedding. Use image_features(pixel_values, layers=...) for its patch tokens, "
                 "or load without vision_layers to use encode_image")
+        if self._one_at_a_time(pixel_values):
+            # The head too: an image's embedding is then the same bits whatever batch it came in
+            # (oneDNN picks other kernels for other batch sizes), which embed's resumable output needs.
+            return torch.cat([self(image[None]) for image in pixel_values])
         (x,) = self.features(pixel_values)  # (B, N, D) after post_layernorm
         return self.head(x)
+
+    def _one_at_a_time(self, pixel_values: Tensor) -> bool:
+        return (pixel_values.ndim == 4 and pixel_values.shape[0] > 1 and self.per_image_on_cpu
+                and pixel_values.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.is_autocast_enabled("cpu"))
 
     def features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
                  grid: bool = False) -> tuple[Tensor, ...]:
@@ -255,8 +264,7 @@ class VisionTower(nn.Module):
         if H < P or W < P:
             raise ValueError(f"an image of {H}x{W} pixels is smaller than one {P}x{P} patch; "
                              f"images need at least {P} pixels a side")
-        if B > 1 and self.per_image_on_cpu and pixel_values.device.type == "cpu" \
-                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu"):
+        if self._one_at_a_time(pixel_values):
             per_image = [self.features(image[None], layers, norm, grid) for image in pixel_values]
             return tuple(torch.cat(same_layer) for same_layer in zip(*per_image, strict=True))
         x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))  # (B, N, D)

@@ -332,3 +332,23 @@ def _npz_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: to
 def _has_params_prefix(path: Path) -> bool:
     with zipfile.ZipFile(path) as z:
         return any(n.startswith("params/") for n in z.namelist())
+
+
+def logit_params(ckpt: Checkpoint) -> tuple[float, float]:
+    """(t', b): the checkpoint's logit_scale and logit_bias as stored, in float32 whatever dtype the
+    model was loaded in (a bf16 t' = 4.72 would move exp(t') by 0.4%, and every sigmoid with it)."""
+    if ckpt.weight_files[0].suffix == ".npz":  # big_vision stores them as params/t and params/b
+        path = ckpt.weight_files[0]
+        prefix = "params/" if _has_params_prefix(path) else ""
+        with np.load(path) as npz:
+            if prefix + "t" in npz.files and prefix + "b" in npz.files:
+                return (float(np.asarray(npz[prefix + "t"], np.float32).reshape(-1)[0]),
+                        float(np.asarray(npz[prefix + "b"], np.float32).reshape(-1)[0]))
+    for file in ckpt.weight_files:
+        if file.suffix == ".npz":
+            continue
+        with _open(file) as f:
+            if "logit_scale" in f.keys() and "logit_bias" in f.keys():  # noqa: SIM118
+                return (float(f.get_tensor("logit_scale").float().reshape(-1)[0]),
+                        float(f.get_tensor("logit_bias").float().reshape(-1)[0]))
+    raise CheckpointError(f"{ckpt.name} has no logit_scale / logit_bias (is this a SigLIP checkpoint?)")
