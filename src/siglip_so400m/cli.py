@@ -292,7 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
     sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
+    sub.add_parser("serve", help="serve embeddings, zero-shot and search over HTTP", add_help=False)
     args, rest = p.parse_known_args(argv)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog="siglip-so400m zero-shot")
+    if args.command == "serve":
+        from .serve import serve_main
+
+        return serve_main(rest, prog="siglip-so400m serve")
     return finetune_main(rest, prog="siglip-so400m finetune")
