@@ -134,8 +134,27 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                             access_log=args.log_level == "debug")
     # uvicorn handles SIGTERM and SIGINT: it stops listening, finishes open requests, then runs the
     # app's shutdown, which drains the batcher.
-    uvicorn.Server(config).run()
+    _server_class()(config).run()
     return 0
+
+
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a graceful SIGTERM. uvicorn re-raises the signal once
+        it has drained, so the exit status would look like an abrupt kill; here 0 tells a clean drain
+        from a kill."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return Server
 
 
 def _load_index(folder: str, model, processor):

@@ -168,7 +168,9 @@ class Server:
         module's own code) on the model thread."""
         view = self.labels.view(templates, labels)
         make = lambda: ZeroShotClassifier(self.model, self.processor, labels, templates, cache=view)  # noqa: E731
-        if len(view.get()) == len(labels):
+        known = len(view.get())
+        self.metrics.label_cache(hits=known, misses=len(labels) - known)
+        if known == len(labels):
             return make()  # every label known: no model work, so no need to queue behind batches
         try:
             future = self.batcher.call(make)
@@ -437,6 +439,12 @@ def create_app(server: Server) -> Guard:
     async def http_error(request: Request, e: HTTPException):
         err = ApiError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
         return JSONResponse(err.body(), err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        # Starlette answers this, then re-raises so uvicorn logs the traceback.
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(err.body(), 500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError):

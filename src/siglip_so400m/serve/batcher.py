@@ -81,6 +81,7 @@ class Metrics:
         self.batch_size = {k: Histogram(BATCH_BUCKETS) for k in KINDS}
         self.batch_seconds = {k: Histogram(LATENCY_BUCKETS) for k in KINDS}
         self.items: Counter[str] = Counter()
+        self.labels: Counter[str] = Counter()  # label-embedding memory: "hit" or "miss"
         self.in_flight = 0
 
     def request_started(self) -> None:
@@ -98,6 +99,11 @@ class Metrics:
             self.batch_size[kind].observe(size)
             self.batch_seconds[kind].observe(seconds)
             self.items[kind] += size
+
+    def label_cache(self, hits: int, misses: int) -> None:
+        with self._lock:
+            self.labels["hit"] += hits
+            self.labels["miss"] += misses
 
     def answered(self, endpoint: str) -> int:
         with self._lock:
@@ -129,6 +135,9 @@ class Metrics:
             out += ["# HELP siglip_items_total Items (texts, images) embedded.",
                     "# TYPE siglip_items_total counter"]
             out += [f'siglip_items_total{{kind="{k}"}} {self.items[k]}' for k in KINDS]
+            out += ["# HELP siglip_label_cache_total Classify labels found in (hit) or added to (miss) "
+                    "the shared label-embedding memory.", "# TYPE siglip_label_cache_total counter"]
+            out += [f'siglip_label_cache_total{{result="{r}"}} {self.labels[r]}' for r in ("hit", "miss")]
             out += ["# HELP siglip_queue_depth Items waiting for the model.",
                     "# TYPE siglip_queue_depth gauge"]
             out += [f'siglip_queue_depth{{kind="{k}"}} {queue_depth.get(k, 0)}' for k in KINDS]
