@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "ImageProcessor",
     "ImageReadError",
+    "Index",
     "Processor",
     "SigLIP",
     "SiglipConfig",
@@ -30,8 +31,23 @@ __all__ = [
     "VisionTower",
     "ZeroShotClassifier",
     "distributed_sigmoid_loss",
+    "embed",
     "load",
     "load_image",
     "sigmoid_loss",
     "zero_shot",
 ]
+
+
+def __getattr__(name: str):
+    # The collection jobs need pyarrow and faiss (extras [embed], [search]): import them on first use
+    # so that `import siglip_so400m` never does.
+    if name == "embed":
+        from .embedding import embed
+
+        return embed
+    if name == "Index":
+        from .search import Index
+
+        return Index
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -292,12 +292,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     sub.add_parser("zero-shot", help="rank labels for images", add_help=False)
     sub.add_parser("finetune", help="fine-tune with the sigmoid loss", add_help=False)
+    sub.add_parser("embed", help="embed an image collection (resumable, torchrun)", add_help=False)
+    sub.add_parser("index", help="build a faiss index over embed's output", add_help=False)
+    sub.add_parser("search", help="search an embedded collection by text or image", add_help=False)
+    sub.add_parser("dedup", help="groups of near-duplicate images in an embedded collection",
+                   add_help=False)
     sub.add_parser("serve", help="serve embeddings, zero-shot and search over HTTP", add_help=False)
     args, rest = p.parse_known_args(argv)
+    prog = f"siglip-so400m {args.command}"
     if args.command == "zero-shot":
-        return zero_shot_main(rest, prog="siglip-so400m zero-shot")
+        return zero_shot_main(rest, prog=prog)
+    if args.command == "finetune":
+        return finetune_main(rest, prog=prog)
     if args.command == "serve":
         from .serve import serve_main
 
-        return serve_main(rest, prog="siglip-so400m serve")
-    return finetune_main(rest, prog="siglip-so400m finetune")
+        return serve_main(rest, prog=prog)
+    if args.command == "embed":
+        from .embedding import main as embed_main
+
+        return embed_main(rest, prog=prog)
+    from . import search  # index, search, dedup
+
+    return {"index": search.index_main, "search": search.search_main,
+            "dedup": search.dedup_main}[args.command](rest, prog=prog)

@@ -6,6 +6,7 @@ uint8 image, the rescale in float64 then a cast to float32, and the normalisatio
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -29,16 +30,17 @@ class ImageReadError(ValueError):
     """An image file that is missing, unreadable, truncated, too large or not an image."""
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
     """Open an image file, decode it fully and apply its EXIF orientation (as transformers'
-    `load_image` does for files), raising ImageReadError that names the file."""
+    `load_image` does for files), raising ImageReadError that names the file. With `data`, the
+    file's bytes are given (a member of a tar shard) and `path` only names it in errors."""
     path = Path(path)
     try:
         with warnings.catch_warnings():
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too, since a
             # decompression bomb costs gigabytes before the resize throws them away.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
     except FileNotFoundError:

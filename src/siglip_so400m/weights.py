@@ -240,3 +240,14 @@ def _full_key_set(cfg: SiglipConfig) -> set[str]:
 
     with torch.device("meta"):
         return set(SigLIP(cfg).state_dict())
+
+
+def logit_params(ckpt: Checkpoint) -> tuple[float, float]:
+    """(t', b): the checkpoint's logit_scale and logit_bias as stored, in float32 whatever dtype the
+    model was loaded in (a bf16 t' = 4.72 would move exp(t') by 0.4%, and every sigmoid with it)."""
+    for file in ckpt.weight_files:
+        with _open(file) as f:
+            if "logit_scale" in f.keys() and "logit_bias" in f.keys():  # noqa: SIM118
+                return (float(f.get_tensor("logit_scale").float().reshape(-1)[0]),
+                        float(f.get_tensor("logit_bias").float().reshape(-1)[0]))
+    raise CheckpointError(f"{ckpt.name} has no logit_scale / logit_bias (is this a SigLIP checkpoint?)")

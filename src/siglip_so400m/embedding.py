@@ -1,0 +1,620 @@
+"""Embedding a whole image collection into clip-retrieval's layout: resumable, sharded, exact.
+
+    siglip-so400m embed photos/ --recursive --output emb/
+    torchrun --nproc_per_node 4 -m siglip_so400m embed shards/{00000..00099}.tar --output emb/
+
+Output (clip-retrieval's, so autofaiss and embedding-reader read it):
+
+    emb/img_emb/img_emb_{i}.npy        float16 (n_i, D), L2-normalised, one row per readable image
+    emb/metadata/metadata_{i}.parquet  n_i rows, row-aligned: image_path | shard, key, caption, width, height
+    emb/text_emb/text_emb_{i}.npy      float16 (n_i, D) caption embeddings (with --captions)
+    emb/errors/errors_{i}.parquet      the images of part i that could not be read, with the error
+    emb/manifest.json                  model, revision, dtype, image size, logit_scale/bias, counts
+
+Bad images get no embedding row and no metadata row (readers pair row r of img_emb_i with row r of
+metadata_i, so a metadata row without an embedding would shift every later pairing); they are
+recorded in errors/ instead, with their position in the input, and counted in the manifest.
+
+Parts: the inputs are expanded and sorted into one list, cut into parts of `part_size` images
+(each webdataset .tar is one part of its own). A part is the unit of work, of resume and of
+sharding: rank r of W processes takes the parts i with i % W == r. A part's files are written under
+temporary names and renamed when complete (metadata last, so its presence marks the part done); a
+rerun skips complete parts and redoes the rest. Inside a part the readable images are cut into
+batches at fixed positions, and the output depends on nothing else (on CPU the image tower even
+runs image by image), so the bytes are the same for any number of processes and after any kill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import signal
+import sys
+import tarfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .image import IMAGE_SUFFIXES, ImageReadError, load_image
+from .weights import DEFAULT_REPO
+
+IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
+CAPTION_COLUMNS = ("caption", "text")
+LIST_SUFFIXES = (".txt", ".csv", ".parquet")
+MANIFEST = "manifest.json"
+LOCK = ".lock"
+FORMAT = "siglip_so400m.embed/1"
+# Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
+# below) only changes speed.
+IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "image_size", "embedding_dim",
+                 "part_size", "captions", "batch_size", "inputs_sha256", "parts")
+
+
+class EmbedError(RuntimeError):
+    """A run that cannot start: bad inputs, a locked or incompatible output folder, no pyarrow."""
+
+
+def _pyarrow():
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise EmbedError("writing parquet metadata needs pyarrow: pip install 'siglip_so400m[embed]'"
+                         ) from None
+    return pa, pq
+
+
+# --- inputs -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Item:
+    """One image to embed: a file (`path`), or member `key` of a webdataset tar `shard`, whose
+    image bytes lie at `offset` (`size` bytes) and whose caption is in the .txt member."""
+
+    path: str | None = None
+    shard: str | None = None
+    key: str | None = None
+    offset: int = 0
+    size: int = 0
+    caption: str | None = None
+    txt: tuple[int, int] | None = None  # (offset, size) of the .txt member in a shard
+    error: str | None = None  # known before decoding: a shard that cannot be read, a missing member
+
+
+@dataclass
+class Part:
+    index: int
+    items: list[Item] = field(default_factory=list)
+    shard: str | None = None  # webdataset input: the .tar this part is; scanned when needed
+
+
+def expand_inputs(specs: Sequence[str | os.PathLike], recursive: bool = False
+                  ) -> tuple[list[Item], list[str]]:
+    """Files to embed (in a fixed order) and webdataset shards, from folders, globs, lists and tars."""
+    import glob
+
+    files: list[Item] = []
+    shards: list[str] = []
+
+    def add(path: Path, given: str) -> None:
+        suffix = path.suffix.lower()
+        if suffix == ".tar":
+            shards.append(str(path))
+        elif suffix in LIST_SUFFIXES:
+            files.extend(read_list(path))
+        else:
+            files.append(Item(path=str(path)))
+
+    for spec in map(str, specs):
+        path = Path(spec)
+        if path.is_dir():
+            found = sorted(f for f in (path.rglob("*") if recursive else path.iterdir())
+                           if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not found:
+                raise EmbedError(f"{spec}: no image files in this folder"
+                                 + ("" if recursive else " (--recursive looks in sub-folders)"))
+            files.extend(Item(path=str(f)) for f in found)
+        elif not path.exists() and glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                raise EmbedError(f"{spec}: no files match this pattern")
+            for m in matches:
+                if not Path(m).is_dir():
+                    add(Path(m), spec)
+        elif path.suffix.lower() in (".tar", *LIST_SUFFIXES) and not path.is_file():
+            raise EmbedError(f"{spec}: no such file")
+        else:
+            add(path, spec)  # a missing image file is recorded as a bad image, not fatal
+    if not files and not shards:
+        raise EmbedError("no inputs: give folders, image files, globs, .txt/.csv/.parquet lists or "
+                         ".tar shards")
+    return files, shards
+
+
+def read_list(path: Path) -> list[Item]:
+    """Image paths (relative ones relative to the list's folder) and optional captions from a
+    .txt (one path a line), .csv or .parquet (an image column and an optional caption column)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".txt":
+            rows = [{"image_path": line.strip()} for line in path.read_text(encoding="utf-8").splitlines()
+                    if line.strip()]
+            columns = ["image_path"]
+        elif suffix == ".csv":
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.DictReader(f)
+                rows, columns = list(reader), list(reader.fieldnames or [])
+        else:
+            _, pq = _pyarrow()
+            table = pq.read_table(path)
+            columns = table.column_names
+            image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+            caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+            keep = [c for c in (image_col, caption_col) if c]
+            rows = table.select(keep).to_pylist() if keep else []
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise EmbedError(f"cannot read the list {path}: {e}") from None
+    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
+    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    if image_col is None:
+        raise EmbedError(f"{path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}); found: "
+                         f"{', '.join(columns) or 'none'}")
+    items = []
+    for r in rows:
+        if not r.get(image_col):
+            continue
+        p = Path(str(r[image_col]))
+        caption = r.get(caption_col) if caption_col else None
+        items.append(Item(path=str(p if p.is_absolute() else path.parent / p),
+                          caption=None if caption is None else str(caption)))
+    return items
+
+
+_SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", *sorted(s[1:] for s in IMAGE_SUFFIXES))
+
+
+def scan_shard(shard: str) -> tuple[list[Item], str | None]:
+    """The samples of an img2dataset tar: members grouped by key (`{key}.jpg` + `{key}.txt` +
+    `{key}.json`), in the order of their first member. A sample without an image member is an error."""
+    samples: dict[str, dict[str, tarfile.TarInfo]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for m in tar:
+                if not m.isfile():
+                    continue
+                key, dot, ext = m.name.rpartition(".")
+                if dot:
+                    samples.setdefault(key, {})[ext.lower()] = m
+    except (OSError, tarfile.TarError) as e:
+        return [], f"cannot read the tar shard ({e})"
+    items = []
+    for key, members in samples.items():
+        image = next((members[e] for e in _SHARD_IMAGE_EXTS if e in members), None)
+        txt = members.get("txt")
+        items.append(Item(shard=shard, key=key, offset=image.offset_data if image else 0,
+                          size=image.size if image else 0,
+                          txt=(txt.offset_data, txt.size) if txt else None,
+                          error=None if image else f"{shard}/{key}: no image member in the shard"))
+    return items, None
+
+
+def make_parts(files: list[Item], shards: list[str], part_size: int) -> list[Part]:
+    """Files cut into parts of part_size in their order, then one part per tar shard."""
+    parts = [Part(i, files[s : s + part_size]) for i, s in enumerate(range(0, len(files), part_size))]
+    parts += [Part(len(parts) + k, shard=shard) for k, shard in enumerate(shards)]
+    return parts
+
+
+def _inputs_sha256(parts: list[Part]) -> str:
+    """A fingerprint of part membership, so a rerun with other inputs cannot mix its parts with ours."""
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(json.dumps([p.index, p.shard, [(i.path, i.caption) for i in p.items]]).encode())
+    return h.hexdigest()
+
+
+# --- decoding (in worker processes) ---------------------------------------------------------
+
+class _Decode(torch.utils.data.Dataset):
+    """Item -> (part, position, pixels or error string, width, height, caption); runs in workers."""
+
+    def __init__(self, work: list[tuple[int, int, Item]], image_processor):
+        self.work, self.proc = work, image_processor
+
+    def __len__(self) -> int:
+        return len(self.work)
+
+    def __getitem__(self, n: int):
+        part, pos, item = self.work[n]
+        caption = item.caption
+        try:
+            if item.error is not None:
+                raise ImageReadError(item.error)
+            if item.shard is not None:
+                name = f"{item.shard}/{item.key}"
+                with open(item.shard, "rb") as f:
+                    if item.txt is not None:
+                        f.seek(item.txt[0])
+                        caption = f.read(item.txt[1]).decode("utf-8", "replace").strip()
+                    f.seek(item.offset)
+                    img = load_image(name, data=f.read(item.size))
+            else:
+                img = load_image(item.path)
+            w, h = img.size
+            pixels = self.proc.to_tensor(self.proc.prepare(img))  # (3, S, S) float32
+            return part, pos, pixels, w, h, caption
+        except ImageReadError as e:
+            return part, pos, str(e), 0, 0, caption
+        except Exception as e:  # a bad image must never stop the run, whatever PIL raises
+            return part, pos, f"{item.path or item.key}: {type(e).__name__}: {e}", 0, 0, caption
+
+
+def _worker_init(_: int) -> None:
+    torch.set_num_threads(1)  # decoding is one image per worker; the model keeps the cores
+
+
+# --- the run --------------------------------------------------------------------------------
+
+class _Lock:
+    """An exclusive flock on DIR/.lock: the OS drops it when the process dies, so a killed run never
+    blocks its rerun."""
+
+    def __init__(self, out: Path):
+        self.file = open(out / LOCK, "a+")  # noqa: SIM115 -- held for the run
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise EmbedError(f"{out} is in use by another embed run (it holds {out / LOCK}); wait for "
+                                 "it to end, or give another --output") from None
+            raise
+
+    def release(self) -> None:
+        self.file.close()
+
+
+def _files(out: Path, i: int, captions: bool) -> dict[str, Path]:
+    f = {"errors": out / "errors" / f"errors_{i}.parquet",
+         "img_emb": out / "img_emb" / f"img_emb_{i}.npy",
+         "metadata": out / "metadata" / f"metadata_{i}.parquet"}  # renamed last: marks the part done
+    if captions:
+        f = {"text_emb": out / "text_emb" / f"text_emb_{i}.npy", **f}
+    return f
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def part_done(out: Path, i: int, captions: bool) -> bool:
+    return all(p.is_file() for p in _files(out, i, captions).values())
+
+
+def _fault(name: str, value: int) -> None:
+    """Tests SIGKILL the run at chosen moments (SIGLIP_SO400M_KILL_AFTER_IMAGES=N once N images are
+    embedded, SIGLIP_SO400M_KILL_IN_COMMIT=N between the renames of the N-th part), as a crash or an
+    OOM kill would: no cleanup at all."""
+    at = os.environ.get(f"SIGLIP_SO400M_KILL_{name}")
+    if at is not None and value >= int(at):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+_SCHEMA_FIELDS = (("image_path", "string"), ("shard", "string"), ("key", "string"),
+                  ("caption", "string"), ("width", "int32"), ("height", "int32"))
+
+
+def _table(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()):
+    pa, _ = _pyarrow()
+    fields = [pa.field(n, getattr(pa, t)()) for n, t in (*_SCHEMA_FIELDS, *extra)]
+    schema = pa.schema(fields)
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def _write_part(out: Path, i: int, captions: bool, emb: np.ndarray, txt: np.ndarray | None,
+                meta: list[dict], errors: list[dict], commit_no: int) -> None:
+    _, pq = _pyarrow()
+    files = _files(out, i, captions)
+    for p in files.values():
+        p.parent.mkdir(parents=True, exist_ok=True)
+    # Plain writes, no statistics or timestamps that vary: the bytes depend on the rows alone.
+    pq.write_table(_table(errors, (("position", "int64"), ("error", "string"))), _tmp(files["errors"]))
+    _save_npy(_tmp(files["img_emb"]), emb)
+    if captions:
+        _save_npy(_tmp(files["text_emb"]), txt)
+    pq.write_table(_table(meta), _tmp(files["metadata"]))
+    for n, p in enumerate(files.values()):
+        os.replace(_tmp(p), p)
+        if n == 0:
+            _fault("IN_COMMIT", commit_no)
+
+
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
+        np.save(f, array)
+
+
+def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *,
+          model: str = DEFAULT_REPO, revision: str | None = None, dtype: str | torch.dtype | None = None,
+          device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
+          workers: int = 2, part_size: int = 10_000, recursive: bool = False, captions: bool = False,
+          progress: bool | None = None) -> dict:
+    """Embed every image of `inputs` into `output` (clip-retrieval's layout); returns the manifest.
+
+    inputs: folders, image files, glob patterns, .txt/.csv/.parquet lists of paths (with an
+        optional caption column) and webdataset .tar shards. dtype: "float32", "bfloat16",
+        "float16", "int8" or None for the fast default of the device. workers: decoding processes
+        (0: decode in this process). Under torchrun every rank calls this with the same arguments
+        and takes its share of the parts. A rerun after an interruption continues; a second run on
+        `output` while one is active raises EmbedError.
+    """
+    import torch.distributed as dist
+    import torch.nn.functional as F
+
+    from .api import load, pick_device, pick_dtype
+    from .weights import logit_params, resolve
+
+    _pyarrow()  # fail at once, not after the first part
+    if batch_size < 1 or part_size < 1 or workers < 0:
+        raise EmbedError("batch_size and part_size must be at least 1, workers at least 0")
+    specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
+    out = Path(output)
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")  # only flags and barriers travel; the data stays on disk
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if threads:
+        torch.set_num_threads(threads)
+
+    dev = pick_device(device)
+    if dev.type == "cuda" and dev.index is None and world > 1:
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    quantize = "int8" if dtype in ("int8", "INT8") else None
+    if quantize:
+        torch_dtype = torch.float32
+    elif isinstance(dtype, torch.dtype):
+        torch_dtype = dtype
+    elif dtype in (None, "auto"):
+        torch_dtype = pick_dtype(dev)
+    else:
+        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+        torch_dtype = getattr(torch, aliases.get(dtype, dtype))
+    precision = quantize or str(torch_dtype).removeprefix("torch.")
+
+    files, shards = expand_inputs(specs, recursive)
+    parts = make_parts(files, shards, part_size)
+    ckpt = resolve(model, revision=revision)
+    scale, bias = logit_params(ckpt)
+    cfg = ckpt.config
+    identity = {
+        # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
+        "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
+        "revision": ckpt.revision,
+        # Local weights have no commit: their path, size and mtime stand in for one.
+        "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
+        "dtype": precision, "image_size": cfg.vision_config.image_size,
+        "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,
+        # Batches are cut at fixed positions, so another batch size may round a GPU result
+        # differently; on CPU images run one by one anyway, but we keep the promise simple.
+        "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
+    }
+
+    # Rank 0 takes the lock and checks the folder; the others learn the verdict through a flag.
+    lock, problem = None, ""
+    if rank == 0:
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            lock = _Lock(out)
+            _check_manifest(out, identity)
+            for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a killed run's unfinished files
+                tmp.unlink()
+            _atomic_json(out / MANIFEST, {**identity, "logit_scale": scale, "logit_bias": bias,
+                                          "complete": False})
+        except (EmbedError, OSError) as e:
+            problem = str(e)
+            if lock:
+                lock.release()
+    if world > 1:
+        flag = [problem]
+        dist.broadcast_object_list(flag, src=0)
+        problem = flag[0]
+    if problem:
+        raise EmbedError(problem)
+
+    try:
+        towers = ("vision", "text") if captions else ("vision",)
+        net, processor = load(ckpt, dtype=None if quantize else torch_dtype, device=dev, towers=towers,
+                              quantize=quantize)
+        if captions and processor.tokenizer is None:
+            raise EmbedError(f"{ckpt.name} has no spiece.model to tokenize captions with")
+        mine = [p for p in parts if p.index % world == rank and not part_done(out, p.index, captions)]
+        for p in mine:
+            if p.shard is not None:
+                p.items, error = scan_shard(p.shard)
+                if error:  # the whole shard is one bad input: recorded, not fatal
+                    p.items = [Item(shard=p.shard, key="", error=f"{p.shard}: {error}")]
+        stats = _run(net, processor, mine, out, captions, batch_size, workers, dev, rank, world,
+                     progress, F)
+        if world > 1:
+            dist.barrier()
+        manifest = None
+        if rank == 0:
+            manifest = _finish(out, identity, scale, bias, parts, captions)
+            ok, bad = manifest["counts"]["images"], manifest["counts"]["errors"]
+            print(f"embedded {ok} images into {len(parts)} parts in {out} ({stats['done']} embedded "
+                  f"now, {stats['skipped_parts']} parts were already done); {bad} bad images "
+                  f"(listed in {out / 'errors'})", file=sys.stderr)
+        if world > 1:
+            box = [manifest]
+            dist.broadcast_object_list(box, src=0)
+            manifest = box[0]
+        return manifest
+    finally:
+        if lock:
+            lock.release()
+
+
+def _check_manifest(out: Path, identity: dict) -> None:
+    path = out / MANIFEST
+    if not path.is_file():
+        if any((out / d).is_dir() and any((out / d).iterdir()) for d in ("img_emb", "metadata")):
+            raise EmbedError(f"{out} holds embeddings but no {MANIFEST}; give an empty or new --output")
+        return
+    old = json.loads(path.read_text())
+    diff = [f"{k}: {old.get(k)!r} there, {identity[k]!r} now"
+            for k in IDENTITY_KEYS if old.get(k) != identity[k]]
+    if diff:
+        raise EmbedError(f"{out} holds a run with other settings, which this one cannot continue ("
+                         + "; ".join(diff) + "); rerun with the same inputs and settings, or give "
+                         "another --output")
+
+
+def _atomic_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Part], captions: bool) -> dict:
+    _, pq = _pyarrow()
+    counts = []
+    for p in parts:
+        f = _files(out, p.index, captions)
+        counts.append([pq.read_metadata(f["metadata"]).num_rows, pq.read_metadata(f["errors"]).num_rows])
+    manifest = {**identity, "logit_scale": scale, "logit_bias": bias, "complete": True,
+                "counts": {"images": sum(c[0] for c in counts), "errors": sum(c[1] for c in counts),
+                           "per_part": counts}}
+    _atomic_json(out / MANIFEST, manifest)
+    return manifest
+
+
+def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size: int, workers: int,
+         dev: torch.device, rank: int, world: int, progress: bool | None, F) -> dict:
+    from tqdm import tqdm
+
+    work = [(k, pos, item) for k, p in enumerate(mine) for pos, item in enumerate(p.items)]
+    loader = torch.utils.data.DataLoader(
+        _Decode(work, processor.image), batch_size=None, shuffle=False, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None,
+        persistent_workers=False)
+    shown = progress if progress is not None else (rank == 0 and sys.stderr.isatty()
+                                                     and os.environ.get("TERM") != "dumb")
+    bar = tqdm(total=len(work), unit="img", file=sys.stderr, disable=not shown, smoothing=0.1)
+    stats = {"done": 0, "skipped_parts": 0}
+    embedded = 0
+
+    def encode(pixels: list[torch.Tensor]) -> np.ndarray:
+        with torch.inference_mode():
+            x = net.encode_image(torch.stack(pixels).to(dev)).float()
+            return F.normalize(x, dim=-1).cpu().numpy().astype(np.float16)  # (B, D)
+
+    def encode_text(texts: list[str]) -> np.ndarray:
+        with torch.inference_mode():
+            ids = processor.texts(texts).to(dev)
+            x = net.encode_text(ids).float()
+            return F.normalize(x, dim=-1).cpu().numpy().astype(np.float16)
+
+    D = net.config.vision_config.hidden_size
+    commits = 0
+
+    def commit(k: int, chunks: list[np.ndarray], meta: list[dict], errors: list[dict]) -> None:
+        nonlocal commits
+        emb = np.concatenate(chunks) if chunks else np.zeros((0, D), np.float16)
+        txt = None
+        if captions:
+            texts = [m["caption"] or "" for m in meta]
+            # Fixed batch boundaries for the texts too, so that the bytes never depend on the run.
+            txt_chunks = [encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
+            txt = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, D), np.float16)
+        commits += 1
+        _write_part(out, mine[k].index, captions, emb, txt, meta, errors, commits)
+
+    # Empty parts (an empty shard) are done at once; the others as their last item arrives.
+    state: dict[int, dict] = {}
+    for k, p in enumerate(mine):
+        if not p.items:
+            commit(k, [], [], [])
+    t0 = time.perf_counter()
+    for k_part, pos, result, w, h, caption in loader:
+        item = mine[k_part].items[pos]
+        s = state.setdefault(k_part, {"pending": [], "chunks": [], "meta": [], "errors": [], "seen": 0})
+        s["seen"] += 1
+        row = {"image_path": item.path, "shard": item.shard, "key": item.key, "caption": caption}
+        if isinstance(result, str):
+            s["errors"].append({**row, "width": None, "height": None, "position": pos, "error": result})
+        else:
+            s["pending"].append(result)
+            s["meta"].append({**row, "width": w, "height": h})
+            if len(s["pending"]) == batch_size:
+                s["chunks"].append(encode(s["pending"]))
+                embedded += len(s["pending"])
+                s["pending"] = []
+                _fault("AFTER_IMAGES", embedded)
+        bar.update(1)
+        if s["seen"] == len(mine[k_part].items):
+            if s["pending"]:
+                s["chunks"].append(encode(s["pending"]))
+                embedded += len(s["pending"])
+                _fault("AFTER_IMAGES", embedded)
+            commit(k_part, s["chunks"], s["meta"], s["errors"])
+            del state[k_part]
+    bar.close()
+    stats["done"] = embedded
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def read_part(out: str | os.PathLike, i: int) -> tuple[np.ndarray, list[dict]]:
+    """Part i as embedding-reader pairs it: the (n, D) float16 embeddings and their n metadata rows."""
+    _, pq = _pyarrow()
+    out = Path(out)
+    return (np.load(out / "img_emb" / f"img_emb_{i}.npy"),
+            pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist())
+
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Embed a whole image collection into "
+                                "clip-retrieval's layout (img_emb/, metadata/, manifest.json); resumable, "
+                                "and under torchrun each process takes its share of the parts.")
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="folders, image files, glob patterns, "
+                   ".txt/.csv/.parquet lists of paths (optional caption column), webdataset .tar shards")
+    p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the parts go; a run there "
+                   "is continued")
+    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2; 0: none)")
+    p.add_argument("--part-size", type=int, default=10_000, help="images per part file (default: 10000; "
+                   "each .tar shard is one part)")
+    p.add_argument("--recursive", action="store_true", help="look into sub-folders of folder inputs")
+    p.add_argument("--captions", action="store_true", help="also embed the captions into text_emb/")
+    args = p.parse_args(argv)
+    from .weights import CheckpointError
+
+    try:
+        embed(args.inputs, args.output, model=args.model, revision=args.revision,
+              dtype=None if args.dtype == "auto" else args.dtype,
+              device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
+              threads=args.threads, workers=args.workers, part_size=args.part_size,
+              recursive=args.recursive, captions=args.captions)
+    except (EmbedError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,224 @@
+"""Embedding a collection: the embeddings equal encode_image, bad images are recorded and counted,
+a killed run resumes to the same bytes, torchrun with 2 and 3 processes writes the bytes one
+process writes, webdataset/parquet/CSV/txt inputs, and the lock."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+import siglip_so400m
+from siglip_so400m.embedding import EmbedError, _Lock
+
+ROOT = Path(__file__).parents[1]
+
+
+def make_images(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """JPEGs and PNGs of mixed sizes and modes, with some structure so embeddings differ."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = []
+    for i in range(n):
+        w, h = rng.randint(16, 120), rng.randint(16, 120)
+        arr = np.random.default_rng(seed * 1000 + i).integers(0, 256, (h, w, 3), dtype=np.uint8)
+        img = Image.fromarray(arr)
+        if i % 5 == 3:
+            img = img.convert("L")
+        path = folder / f"img_{i:03d}.{'png' if i % 4 == 0 else 'jpg'}"
+        img.save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("photos")
+    make_images(folder, 23)
+    (folder / "img_050_broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    good = folder / "img_001.jpg"
+    (folder / "img_051_truncated.jpg").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (folder / "img_052_text.png").write_text("hello")
+    return folder
+
+
+def all_bytes(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
+
+
+def run_cli(args: list[str], nproc: int = 1, env: dict | None = None) -> subprocess.CompletedProcess:
+    launcher = [sys.executable, "-m", "siglip_so400m"] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+        "-m", "siglip_so400m"]
+    return subprocess.run([*launcher, "embed", *args], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def common(ckpt: Path, out: Path) -> list[str]:
+    return ["--model", str(ckpt), "--output", str(out), "--dtype", "float32", "--part-size", "5",
+            "--batch-size", "3", "--threads", "1"]
+
+
+def read_all(out: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
+    manifest = json.loads((out / "manifest.json").read_text())
+    embs, meta, errors = [], [], []
+    for i in range(manifest["parts"]):
+        embs.append(np.load(out / "img_emb" / f"img_emb_{i}.npy"))
+        rows = pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist()
+        assert len(rows) == len(embs[-1])  # row-aligned, part by part, as embedding-reader pairs them
+        meta += rows
+        errors += pq.read_table(out / "errors" / f"errors_{i}.parquet").to_pylist()
+    return np.concatenate(embs), meta, errors
+
+
+def test_embeddings_equal_encode_image_and_bad_files_are_recorded_and_counted(tiny_ckpt, photos, tmp_path):
+    out = tmp_path / "out"
+    manifest = siglip_so400m.embed(photos, out, model=str(tiny_ckpt), dtype="float32", part_size=7,
+                                   batch_size=4, workers=2)
+    emb, meta, errors = read_all(out)
+    assert manifest["counts"]["images"] == 23 and manifest["counts"]["errors"] == 3
+    assert manifest["parts"] == 4 and manifest["complete"]
+    assert sorted(Path(e["image_path"]).name for e in errors) == [
+        "img_050_broken.jpg", "img_051_truncated.jpg", "img_052_text.png"]
+    assert all(e["error"] and e["image_path"] in e["error"] for e in errors)
+    assert emb.dtype == np.float16 and emb.shape == (23, 64)
+    model, proc = siglip_so400m.load(tiny_ckpt)
+    paths = [m["image_path"] for m in meta]
+    assert paths == sorted(str(p) for p in photos.glob("img_0[0-2]*"))
+    with torch.no_grad():
+        ref = model.encode_image(proc.images(paths), normalize=True).numpy()
+    # float16 rounding: half an ulp at |x| < 1 is below 2**-12
+    np.testing.assert_allclose(emb.astype(np.float32), ref, atol=2**-11, rtol=0)
+    sizes = {str(p): Image.open(p).size for p in photos.glob("img_0[0-2]*")}
+    assert all((m["width"], m["height"]) == sizes[m["image_path"]] for m in meta)
+    assert manifest["logit_scale"] == pytest.approx(model.logit_scale.item(), abs=0)
+    assert manifest["logit_bias"] == pytest.approx(model.logit_bias.item(), abs=0)
+
+
+def test_an_image_embeds_the_same_in_any_batch(tiny_ckpt, photos, tmp_path):
+    """Fixed batches are the rule; this checks the model really gives an image one answer whatever
+    batch it is in (the CPU tower runs image by image), so part boundaries cannot change bytes."""
+    a = siglip_so400m.embed(photos, tmp_path / "a", model=str(tiny_ckpt), dtype="float32", part_size=100,
+                            batch_size=1, workers=0)
+    b = siglip_so400m.embed(photos, tmp_path / "b", model=str(tiny_ckpt), dtype="float32", part_size=100,
+                            batch_size=8, workers=0)
+    assert a["counts"] == b["counts"]
+    assert np.array_equal(read_all(tmp_path / "a")[0], read_all(tmp_path / "b")[0])
+
+
+@pytest.mark.parametrize("kill", [{"SIGLIP_SO400M_KILL_AFTER_IMAGES": "8"},
+                                  {"SIGLIP_SO400M_KILL_IN_COMMIT": "2"}])
+def test_a_killed_run_resumes_to_the_same_bytes(tiny_ckpt, photos, tmp_path, kill):
+    whole = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    cut = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "cut"), "--workers", "2"], env=kill)
+    assert cut.returncode == -9, cut.stderr  # SIGKILL: no cleanup ran
+    partial = all_bytes(tmp_path / "cut")
+    assert any(".tmp" in name for name in partial) or len(partial) < len(all_bytes(tmp_path / "whole"))
+    again = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "cut")])
+    assert again.returncode == 0, again.stderr
+    assert "parts were already done" in again.stderr
+    assert all_bytes(tmp_path / "cut") == all_bytes(tmp_path / "whole")
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_processes_write_the_bytes_one_process_writes(tiny_ckpt, photos, tmp_path, nproc):
+    one = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "one")])
+    many = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "many"), "--workers", "1"], nproc=nproc)
+    assert one.returncode == 0, one.stderr
+    assert many.returncode == 0, many.stderr
+    a, b = all_bytes(tmp_path / "one"), all_bytes(tmp_path / "many")
+    assert len(a) == 1 + 3 * 6 and a == b  # manifest + 6 parts of errors, img_emb, metadata
+
+
+def test_a_second_run_on_the_same_folder_refuses(tiny_ckpt, photos, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    held = _Lock(out)  # as a running embed holds it
+    try:
+        r = run_cli([str(photos), *common(tiny_ckpt, out)])
+        assert r.returncode == 1 and "in use by another embed run" in r.stderr
+        assert not (out / "img_emb").exists()
+    finally:
+        held.release()
+    r = run_cli([str(photos), *common(tiny_ckpt, out)])
+    assert r.returncode == 0, r.stderr
+    # A rerun with other settings would mix two runs' parts: refused, naming what differs.
+    r = run_cli([str(photos), *common(tiny_ckpt, out), "--part-size", "6"])
+    assert r.returncode == 1 and "part_size: 5 there, 6 now" in r.stderr
+
+
+def write_shard(path: Path, images: list[Path], captions: list[str]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for i, (img, caption) in enumerate(zip(images, captions, strict=True)):
+            for name, data in ((f"{i:09d}{img.suffix}", img.read_bytes()),
+                               (f"{i:09d}.txt", caption.encode()),
+                               (f"{i:09d}.json", json.dumps({"key": f"{i:09d}"}).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_are_one_part_each_with_captions(tiny_ckpt, photos, tmp_path):
+    imgs = sorted(photos.glob("img_0[0-2]*"))
+    write_shard(tmp_path / "00000.tar", imgs[:4], [f"caption {i}" for i in range(4)])
+    write_shard(tmp_path / "00001.tar", [*imgs[4:6], photos / "img_050_broken.jpg"], ["x", "y", "z"])
+    (tmp_path / "00002.tar").write_bytes(b"not a tar")
+    out = tmp_path / "out"
+    manifest = siglip_so400m.embed(str(tmp_path / "*.tar"), out, model=str(tiny_ckpt), dtype="float32",
+                                   captions=True, workers=1)
+    assert manifest["parts"] == 3 and manifest["counts"]["per_part"] == [[4, 0], [2, 1], [0, 1]]
+    emb, meta, errors = read_all(out)
+    assert [m["key"] for m in meta] == ["000000000", "000000001", "000000002", "000000003",
+                                        "000000000", "000000001"]
+    assert meta[0]["shard"].endswith("00000.tar") and meta[0]["caption"] == "caption 0"
+    assert "00002.tar" in errors[1]["error"] and errors[0]["key"] == "000000002"
+    model, proc = siglip_so400m.load(tiny_ckpt)
+    with torch.no_grad():
+        ref = model.encode_image(proc.images([*imgs[:4], *imgs[4:6]]), normalize=True).numpy()
+        txt = model.encode_text(proc.texts([m["caption"] for m in meta]), normalize=True).numpy()
+    np.testing.assert_allclose(emb.astype(np.float32), ref, atol=2**-11, rtol=0)
+    text = np.concatenate([np.load(out / "text_emb" / f"text_emb_{i}.npy") for i in range(3)])
+    np.testing.assert_allclose(text.astype(np.float32), txt, atol=2**-11, rtol=0)
+
+
+def test_parquet_csv_and_txt_lists(tiny_ckpt, photos, tmp_path):
+    imgs = sorted(photos.glob("img_00*"))[:5]
+    rows = [{"image_path": str(p), "caption": f"c{i}"} for i, p in enumerate(imgs)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "list.parquet")
+    (tmp_path / "list.csv").write_text("image,caption\n" + "".join(f"{p},c{i}\n" for i, p in enumerate(imgs)))
+    (tmp_path / "list.txt").write_text("".join(f"{p.relative_to(photos.parent)}\n" for p in imgs))
+    (tmp_path / "list.txt").rename(photos.parent / "list.txt")  # relative to the list's folder
+    results = {}
+    for name, source in (("parquet", tmp_path / "list.parquet"), ("csv", tmp_path / "list.csv"),
+                         ("txt", photos.parent / "list.txt")):
+        siglip_so400m.embed(source, tmp_path / name, model=str(tiny_ckpt), dtype="float32", workers=0)
+        results[name] = read_all(tmp_path / name)
+    for name in ("parquet", "csv"):
+        assert [m["caption"] for m in results[name][1]] == [f"c{i}" for i in range(5)]
+    assert [Path(m["image_path"]).name for m in results["txt"][1]] == [p.name for p in imgs]
+    assert np.array_equal(results["parquet"][0], results["csv"][0])
+    assert np.array_equal(results["parquet"][0], results["txt"][0])
+    (tmp_path / "bad.csv").write_text("photo,label\nx,y\n")
+    with pytest.raises(EmbedError, match=r"needs an image column .* found: photo, label"):
+        siglip_so400m.embed(tmp_path / "bad.csv", tmp_path / "bad", model=str(tiny_ckpt))
+
+
+def test_import_pulls_in_neither_pyarrow_nor_faiss():
+    code = ("import sys, siglip_so400m; assert callable(siglip_so400m.embed) and siglip_so400m.Index; "
+            "print(sorted(m for m in ('pyarrow', 'faiss') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
