@@ -604,3 +604,51 @@ def test_api_key_and_allowed_urls(tiny_ckpt, tmp_path, api, image_files):
     finally:
         files.shutdown()
         assert s.stop() == 0, s.log()
+
+
+# ---- search over an embedded collection (--index) ----
+
+@pytest.fixture(scope="module")
+def collection(tiny_ckpt, image_files, tmp_path_factory) -> Path:
+    pytest.importorskip("pyarrow", reason="search needs the [search] extra")
+    out = tmp_path_factory.mktemp("collection") / "emb"
+    siglip_so400m.embed(str(next(iter(image_files.values())).parent), out, model=str(tiny_ckpt),
+                        dtype="float32", workers=0)
+    return out
+
+
+def test_search_matches_the_index_api(tiny_ckpt, collection, image_files, tmp_path):
+    from siglip_so400m.search import Index
+
+    s = Served(tiny_ckpt, tmp_path / "log.txt", "--index", str(collection))
+    try:
+        texts = ["a photo of a cat", "noise"]
+        body = {"texts": texts, "images": [data_uri(IMAGES["gray.png"])], "k": 3}
+        resp = httpx.post(f"{s.url}/v1/search", json=body)
+        assert resp.status_code == 200, resp.text
+        data = resp.json()["data"]
+        reference = Index.load(collection).search(texts=texts, images=[str(image_files["gray.png"])], k=3)
+        assert [d["query"] for d in data] == [{"text": t} for t in texts] + [{"image": 0}]
+        for d, ref in zip(data, reference, strict=True):
+            assert [h["id"] for h in d["hits"]] == [h["id"] for h in ref]
+            assert [h["path"] for h in d["hits"]] == [h["path"] for h in ref]
+            for h, r in zip(d["hits"], ref, strict=True):
+                assert set(h) == set(r)
+                for key in ("score", "cosine", "logit", "sigmoid"):
+                    assert h.get(key) == pytest.approx(r.get(key), abs=1e-4)
+        assert Path(data[2]["hits"][0]["path"]).name == "gray.png"  # an image finds itself first
+        assert data[2]["hits"][0]["cosine"] == pytest.approx(1.0, abs=1e-3)
+        cut = data[0]["hits"][1]["score"]
+        resp = httpx.post(f"{s.url}/v1/search", json={"texts": texts[:1], "k": 3, "threshold": cut})
+        assert [h["id"] for h in resp.json()["data"][0]["hits"]] == [h["id"] for h in data[0]["hits"][:2]]
+        error(httpx.post(f"{s.url}/v1/search", json={}), 422, "texts")
+        error(httpx.post(f"{s.url}/v1/search", json={"texts": ["a"], "k": 0}), 422, "k")
+        bad = {"images": ["data:image/png;base64,@"]}
+        error(httpx.post(f"{s.url}/v1/search", json=bad), 400, "images[0]")
+    finally:
+        assert s.stop() == 0, s.log()
+
+
+def test_search_refuses_an_index_of_another_model(tiny_copy, collection, tmp_path):
+    with pytest.raises(AssertionError, match="was embedded with"):
+        Served(tiny_copy, tmp_path / "log.txt", "--index", str(collection))

@@ -101,9 +101,7 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                 quantize=quantize)
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
-        index = None
-        if args.index:
-            index = _load_index(args.index, model, processor)
+        index = _load_index(args.index, model.checkpoint) if args.index else None
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -157,10 +155,28 @@ def _server_class():
     return Server
 
 
-def _load_index(folder: str, model, processor):
-    """The search index, sharing the server's model rather than loading a second copy."""
+def _load_index(folder: str, ckpt):
+    """The search index (the [search] extra). Queries are embedded by the server's own model, so
+    the index must come from the same checkpoint: another model's embeddings would live in another
+    space, and every hit would be wrong without any error."""
+    import hashlib
+
     try:
-        from .. import Index
-    except ImportError:
-        raise ValueError("--index: this installation has no siglip_so400m.Index (the search job)") from None
-    return Index.load(folder)
+        from ..search import Index, SearchError
+    except ImportError as e:
+        raise ValueError(f"--index needs the search job's dependencies ({e}): pip install "
+                         "'siglip_so400m[search]'") from None
+    try:
+        index = Index.load(folder)
+    except SearchError as e:
+        raise ValueError(f"--index {folder}: {e}") from None
+    m = index.manifest
+    if ckpt.revision is not None:
+        same = m.get("revision") == ckpt.revision
+    else:  # a local checkpoint: embed records a hash of its path, size and mtime
+        same = m.get("weights") == hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16]
+    if not same:
+        raise ValueError(f"--index {folder} was embedded with {m.get('model')} (revision "
+                         f"{m.get('revision')}, weights {m.get('weights')}), not with the server's "
+                         f"--model {ckpt.name}: start the server with --model {m.get('model')}")
+    return index

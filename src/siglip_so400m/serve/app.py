@@ -7,7 +7,6 @@ import asyncio
 import base64
 import hmac
 import json
-import os
 import sys
 import threading
 from collections import OrderedDict
@@ -18,6 +17,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -113,6 +113,7 @@ class Server:
         self.batcher, self.metrics, self.index = batcher, metrics, index
         self.labels = LabelMemory(settings.label_cache_size)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
+        self.index_lock = threading.Lock()
 
     # ---- turning request items into model inputs (in the decode threads) ----
 
@@ -142,6 +143,25 @@ class Server:
         ids = tok.encode(text)
         used = ids.index(tok.eos_id) + 1 if tok.eos_id in ids else len(ids)
         return torch.tensor(ids, dtype=torch.long), used
+
+    def search(self, rows: list[Tensor], n_texts: int, k: int, threshold: float | None) -> list[list[dict]]:
+        """Query embeddings made by the batcher -> the index's hits, scored as Index.search scores
+        them: a text query by SigLIP's sigmoid (t' and b in float32, from the index's manifest), an
+        image query by cosine."""
+        # As Index.embed_texts/embed_images: the raw embedding in float32, then normalized.
+        q = F.normalize(torch.stack(rows).float(), dim=-1).numpy()  # (Q, D)
+        with self.index_lock:  # the index's metadata cache is not made for threads
+            results = self.index.search(vectors=q, k=k)
+        scale, bias = (np.float32(self.index.manifest[key]) for key in ("logit_scale", "logit_bias"))
+        out = []
+        for n, hits in enumerate(results):
+            if n < n_texts:
+                for hit in hits:
+                    logit = np.exp(scale) * np.float32(hit["cosine"]) + bias
+                    sigmoid = float(1 / (1 + np.exp(-logit)))
+                    hit |= {"logit": float(logit), "sigmoid": sigmoid, "score": sigmoid}
+            out.append([h for h in hits if threshold is None or h["score"] >= threshold])
+        return out
 
     async def in_pool(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
@@ -585,15 +605,15 @@ def create_app(server: Server) -> Guard:
         if k < 1:
             raise ApiError(422, "k must be at least 1", "k")
         threshold = optional(body, "threshold", (int, float), None)
-        pil = await server.gather_items([(_image_pil_job, server, item, f"images[{i}]")
-                                         for i, item in enumerate(images)])
-        try:
-            future = server.batcher.call(lambda: server.index.search(
-                texts=texts or None, images=pil or None, k=k, threshold=threshold))
-        except Closed as e:
-            raise ApiError(503, str(e), headers={"Retry-After": "1"}) from None
-        results = await asyncio.wrap_future(future)
-        return json_response({"object": "list", "model": s.model_name, "data": _jsonable(results)})
+        jobs = [(_text_job, server, t) for t in texts]
+        jobs += [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
+        prepared = await server.gather_items(jobs)
+        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+        results = await server.in_pool(server.search, rows, len(texts), k, threshold)
+        queries = [{"text": t} for t in texts] + [{"image": i} for i in range(len(images))]
+        data = [{"query": q, "hits": h} for q, h in zip(queries, results, strict=True)]
+        return Response(json.dumps({"object": "list", "model": s.model_name, "data": data},
+                                   ensure_ascii=False, default=str), media_type="application/json")
 
     return Guard(app, server)
 
@@ -605,33 +625,3 @@ def _text_job(server: Server, text: str) -> tuple[str, Tensor, int]:
 
 def _image_job(server: Server, item: Any, param: str) -> tuple[str, Tensor, int]:
     return "image", server.image_tensor(item, param), 0
-
-
-def _image_pil_job(server: Server, item: Any, param: str):
-    """For search: the decoded image, which the index embeds itself."""
-    if isinstance(item, Upload):
-        data = item.data
-    elif isinstance(item, str) and is_image_uri(item):
-        data = data_uri_bytes(item, param)
-    elif isinstance(item, dict):
-        url = item["image_url"]
-        limits = server.settings.image_limits
-        data = data_uri_bytes(url, param) if is_image_uri(url) else fetch_url(url, param, limits)
-    else:
-        raise ApiError(400, f"{param}: expected a data:image/...;base64 URI (paths are never read)", param)
-    return decode_image(data, param, server.settings.image_limits.max_pixels)
-
-
-def _jsonable(x: Any) -> Any:
-    """Search results as JSON: dataclasses, tensors and numpy values turned into plain values."""
-    if hasattr(x, "__dataclass_fields__"):
-        return {k: _jsonable(getattr(x, k)) for k in x.__dataclass_fields__}
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if hasattr(x, "tolist"):
-        return x.tolist()
-    if isinstance(x, os.PathLike):
-        return os.fspath(x)
-    return x
