@@ -516,7 +516,7 @@ def test_full_queue_answers_503_then_recovers(tiny_ckpt, tmp_path):
 def test_sigterm_answers_every_accepted_request(tiny_ckpt, tmp_path, api):
     """'Accepted' means the server began handling the request (the server counts it); a request
     the server never read may fail with a connection error. So: every request the server counted
-    got its whole answer to the client (200, or 503 if the queue was full), the counts are equal,
+    got its whole answer to the client (a 200: the queue never fills here), the counts are equal,
     requests in flight at SIGTERM finished after it, and the server exited 0 with nothing in
     flight. Uses --api-key (the flag) and a slowed model (test hook, 150 ms per batch)."""
     s = Served(tiny_ckpt, tmp_path / "log.txt", "--max-batch", "4", "--api-key", KEY,
@@ -567,7 +567,8 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt, tmp_path, api):
     served, in_flight = int(match[1]), int(match[2])
     assert in_flight == 0
     assert served == len(done), (served, len(done), refused)  # every accepted request reached its client
-    assert {status for _, status, _ in done} <= {200, 503}
+    # The queue (256 items) never fills with 12 clients: a 503 here would be a dropped request.
+    assert {status for _, status, _ in done} == {200}
     assert any(t > t_term and status == 200 for t, status, _ in done), "nothing was in flight at SIGTERM"
     assert "ConnectError" in refused  # and new connections were refused after it
 
