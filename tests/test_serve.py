@@ -38,6 +38,24 @@ LABELS = ["a red square", "a blue square", "a cat", "noise"]
 KEY = "correct horse battery staple"
 
 
+# ---- the optional extra ----
+
+def test_import_pulls_in_no_server_dependency():
+    code = ("import sys, siglip_so400m, siglip_so400m.serve, siglip_so400m.cli; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette', 'multipart') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_without_the_extra_one_message_names_it(monkeypatch, capsys, tiny_ckpt):
+    from siglip_so400m.serve import serve_main
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if not installed
+    assert serve_main(["--model", str(tiny_ckpt)]) == 1
+    err = capsys.readouterr().err
+    assert "uvicorn is missing" in err and "pip install 'siglip_so400m[serve]'" in err
+
+
 # ---- a server process, started and stopped by the test ----
 
 def free_port() -> int:
@@ -243,10 +261,11 @@ def test_multipart_uploads_match_data_uris(server, api, image_files):
     expected = torch.cat([api_image(api, [image_files["photo.jpg"]]), api_text(api, TEXTS[1:2]),
                           api_image(api, [image_files["rgba.png"]])])
     torch.testing.assert_close(got, expected, atol=TOL, rtol=0)
-    # {"image_url": data URI} is the same image too
-    got = embeddings(httpx.post(f"{server.url}/v1/embeddings",
-                                json={"input": [{"image_url": data_uri(IMAGES["photo.jpg"], "jpeg")}]}))
-    torch.testing.assert_close(got, expected[:1], atol=TOL, rtol=0)
+    # {"image_url": data URI} is the same image too, also in OpenAI's content-part shape
+    uri = data_uri(IMAGES["photo.jpg"], "jpeg")
+    items = [{"image_url": uri}, {"type": "image_url", "image_url": {"url": uri}}]
+    got = embeddings(httpx.post(f"{server.url}/v1/embeddings", json={"input": items}))
+    torch.testing.assert_close(got, expected[[0, 0]], atol=TOL, rtol=0)
 
 
 @pytest.mark.parametrize("templates", [None, ["a photo of {}.", "{}", "art of {}, blurry"]])
@@ -562,10 +581,10 @@ def test_sigterm_answers_every_accepted_request(tiny_ckpt, tmp_path, api):
     log = s.log()
     assert rc == 0, log
     assert not wrong
-    match = re.search(r"stopped; answered /v1/embeddings (\d+); (\d+) in flight", log)
+    match = re.search(r"stopped; answered /v1/embeddings (\d+); (\d+) unanswered; (\d+) in flight", log)
     assert match, log
-    served, in_flight = int(match[1]), int(match[2])
-    assert in_flight == 0
+    served, unanswered, in_flight = map(int, match.groups())
+    assert unanswered == in_flight == 0
     assert served == len(done), (served, len(done), refused)  # every accepted request reached its client
     # The queue (256 items) never fills with 12 clients: a 503 here would be a dropped request.
     assert {status for _, status, _ in done} == {200}

@@ -73,7 +73,7 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("--max-wait-ms must be >= 0 and --max-request-mb > 0")
     try:
         import fastapi  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: FastAPI's form parsing)
+        import python_multipart  # noqa: F401  (FastAPI's form parsing)
         import uvicorn
     except ImportError as e:
         print(f"error: siglip-so400m serve needs FastAPI, uvicorn and python-multipart ({e.name} is "

@@ -274,7 +274,8 @@ def check_image_item(item: Any, param: str) -> None:
     """Shape checks that need no decoding (422); decoding failures are 400 later."""
     if isinstance(item, Upload) or (isinstance(item, str) and item):
         return
-    if isinstance(item, dict) and set(item) == {"image_url"}:
+    if isinstance(item, dict) and "image_url" in item and set(item) <= {"type", "image_url"} \
+            and item.get("type", "image_url") == "image_url":  # also OpenAI's content-part shape
         url = item["image_url"]
         if isinstance(url, dict):  # OpenAI's {"image_url": {"url": ...}}
             url = url.get("url")
@@ -322,7 +323,7 @@ class Guard:
         start = perf_counter()
         metrics.request_started()
         received = 0
-        overflow = False
+        overflow = complete = False
 
         async def drain() -> None:
             # Read and drop the rest of an oversized body (up to a cap), so the client, still
@@ -347,12 +348,14 @@ class Guard:
             return msg
 
         async def send_status(msg):
-            nonlocal status
+            nonlocal status, complete
             if msg["type"] == "http.response.start":
                 status = msg["status"]
                 if overflow:
                     await drain()
             await send(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                complete = True
 
         try:
             headers = dict(scope["headers"])
@@ -380,7 +383,8 @@ class Guard:
                     return
             await self.app(scope, limited_receive, send_status)
         finally:
-            metrics.request_done(endpoint, status, perf_counter() - start)
+            # Not complete: cancelled (the client went away, or the graceful timeout ran out).
+            metrics.request_done(endpoint, status, perf_counter() - start, complete)
 
 
 async def _send_error(send, err: ApiError) -> None:
@@ -445,7 +449,7 @@ def create_app(server: Server) -> Guard:
         m = server.metrics
         counts = ", ".join(f"{e} {m.answered(e)}" for e in ENDPOINTS[:3] if m.answered(e))
         print(f"siglip-so400m serve: stopped; answered {counts or 'no model requests'}; "
-              f"{m.in_flight} in flight", file=sys.stderr, flush=True)
+              f"{m.unanswered} unanswered; {m.in_flight} in flight", file=sys.stderr, flush=True)
 
     app = FastAPI(title="siglip-so400m", lifespan=lifespan,
                   description="SigLIP So400m/14@384: embeddings, zero-shot classification and search, "

@@ -83,14 +83,18 @@ class Metrics:
         self.items: Counter[str] = Counter()
         self.labels: Counter[str] = Counter()  # label-embedding memory: "hit" or "miss"
         self.in_flight = 0
+        self.unanswered = 0  # requests whose response never went out whole
 
     def request_started(self) -> None:
         with self._lock:
             self.in_flight += 1
 
-    def request_done(self, endpoint: str, status: int, seconds: float) -> None:
+    def request_done(self, endpoint: str, status: int, seconds: float, complete: bool = True) -> None:
         with self._lock:
             self.in_flight -= 1
+            if not complete:
+                self.unanswered += 1
+                return
             self.requests[endpoint, status] += 1
             self.latency.setdefault(endpoint, Histogram(LATENCY_BUCKETS)).observe(seconds)
 
@@ -143,6 +147,10 @@ class Metrics:
             out += [f'siglip_queue_depth{{kind="{k}"}} {queue_depth.get(k, 0)}' for k in KINDS]
             out += ["# HELP siglip_queue_capacity Items the queue holds before answering 503.",
                     "# TYPE siglip_queue_capacity gauge", f"siglip_queue_capacity {max_queue}",
+                    "# HELP siglip_requests_unanswered_total Requests ended before their whole "
+                    "response went out (client gone, or the shutdown's grace period over).",
+                    "# TYPE siglip_requests_unanswered_total counter",
+                    f"siglip_requests_unanswered_total {self.unanswered}",
                     "# HELP siglip_requests_in_flight HTTP requests being handled.",
                     "# TYPE siglip_requests_in_flight gauge", f"siglip_requests_in_flight {self.in_flight}"]
         return "\n".join(out) + "\n"
