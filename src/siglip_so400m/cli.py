@@ -308,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("search", help="search an embedded collection by text or image", add_help=False)
     sub.add_parser("dedup", help="groups of near-duplicate images in an embedded collection",
                    add_help=False)
+    sub.add_parser("serve", help="serve embeddings, zero-shot and search over HTTP", add_help=False)
     args, rest = p.parse_known_args(argv)
     prog = f"siglip-so400m {args.command}"
     if args.command == "zero-shot":
@@ -322,6 +323,10 @@ def main(argv: list[str] | None = None) -> int:
         from .convert import convert_main
 
         return convert_main(rest, prog=prog)
+    if args.command == "serve":
+        from .serve import serve_main
+
+        return serve_main(rest, prog=prog)
     if args.command == "embed":
         from .embedding import main as embed_main
 

@@ -1,0 +1,182 @@
+"""`siglip-so400m serve`: the model behind HTTP, batched across requests (docs/serve.md).
+
+    pip install -e ".[serve]"
+    siglip-so400m serve --model google/siglip-so400m-patch14-384 --port 8000
+
+FastAPI and uvicorn are an optional extra, imported only when the server starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+
+from ..weights import DEFAULT_REPO
+
+API_KEY_ENV = "SIGLIP_SO400M_API_KEY"
+# Test hook, not a setting: milliseconds the model thread sleeps before each batch, so tests can
+# fill the queue with a tiny model. Leave it unset in production.
+TEST_DELAY_ENV = "SIGLIP_SO400M_SERVE_TEST_DELAY_MS"
+DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+
+
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description="Serve SigLIP So400m over HTTP: /v1/embeddings, "
+                                "/v1/classify, /v1/search, /health, /metrics (see docs/serve.md).")
+    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--index", help="a search index folder (siglip-so400m index); enables /v1/search")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this "
+                   "machine only; 0.0.0.0 exposes the server to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=16, help="items per forward pass (default: 16)")
+    g.add_argument("--max-wait-ms", type=float, default=10.0,
+                   help="longest wait for a fuller batch after the first item arrives (default: 10)")
+    g.add_argument("--max-queue", type=int, default=256,
+                   help="items waiting for the model before requests get 503 (default: 256)")
+    g.add_argument("--decode-threads", type=int, default=min(4, os.cpu_count() or 1),
+                   help="threads decoding images and tokenizing texts (default: min(4, CPUs))")
+    g = p.add_argument_group("limits and security")
+    g.add_argument("--max-items", type=int, default=64, help="texts and images per request (default: 64)")
+    g.add_argument("--max-labels", type=int, default=256, help="labels per classify request (default: 256)")
+    g.add_argument("--max-request-mb", type=float, default=32.0, help="request body size (default: 32)")
+    g.add_argument("--max-image-pixels", type=int, default=40_000_000,
+                   help="width x height above which an image is refused unread (default: 40e6)")
+    g.add_argument("--label-cache-size", type=int, default=10_000,
+                   help="label embeddings kept in memory across requests (default: 10000)")
+    g.add_argument("--api-key", help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
+    g.add_argument("--allow-urls", action="store_true",
+                   help="fetch {\"image_url\": \"http(s)://...\"} images; off by default: the server then "
+                        "makes requests to any host a client names")
+    g.add_argument("--url-timeout", type=float, default=10.0, help="seconds per URL fetch (default: 10)")
+    g.add_argument("--graceful-timeout", type=float, default=60.0,
+                   help="on SIGTERM, seconds to finish open requests before exiting (default: 60)")
+    p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    return p
+
+
+def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = parser(prog)
+    args = p.parse_args(argv)
+    for name in ("max_batch", "max_queue", "max_items", "max_labels", "decode_threads",
+                 "label_cache_size", "max_image_pixels"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.max_wait_ms < 0 or args.max_request_mb <= 0:
+        p.error("--max-wait-ms must be >= 0 and --max-request-mb > 0")
+    try:
+        import fastapi  # noqa: F401
+        import python_multipart  # noqa: F401  (FastAPI's form parsing)
+        import uvicorn
+    except ImportError as e:
+        print(f"error: siglip-so400m serve needs FastAPI, uvicorn and python-multipart ({e.name} is "
+              "missing): pip install 'siglip_so400m[serve]'", file=sys.stderr)
+        return 1
+
+    import torch
+
+    from ..api import load, pick_device, pick_dtype
+    from ..weights import CheckpointError
+    from .app import Server, Settings, create_app
+    from .batcher import Batcher, Metrics
+    from .inputs import ImageLimits
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    quantize = "int8" if args.dtype == "int8" else None
+    if quantize and device.type != "cpu":
+        p.error("--dtype int8 runs on the CPU only (--device cpu)")
+    dtype = (torch.float32 if quantize else pick_dtype(device) if args.dtype == "auto"
+             else getattr(torch, args.dtype))
+    try:
+        model, processor = load(args.model, revision=args.revision, dtype=dtype, device=device,
+                                quantize=quantize)
+        if processor.tokenizer is None:
+            raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
+        index = _load_index(args.index, model.checkpoint) if args.index else None
+    except (CheckpointError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    ckpt = model.checkpoint
+    metrics = Metrics()
+    batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
+                      max_queue=args.max_queue, metrics=metrics,
+                      delay_s=float(os.environ.get(TEST_DELAY_ENV, 0)) / 1000)
+    settings = Settings(
+        model_name=ckpt.name, revision=ckpt.revision, precision=model.precision,
+        max_items=args.max_items, max_labels=args.max_labels,
+        max_request_bytes=int(args.max_request_mb * (1 << 20)),
+        image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_urls=args.allow_urls,
+                                 url_max_bytes=int(args.max_request_mb * (1 << 20)),
+                                 url_timeout_s=args.url_timeout),
+        api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
+        label_cache_size=args.label_cache_size, decode_threads=args.decode_threads)
+    app = create_app(Server(model, processor, settings, batcher, metrics, index))
+    # Our own check refuses big images per request; PIL's process-wide warning would only be noise.
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",
+              file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                            timeout_graceful_shutdown=args.graceful_timeout, lifespan="on",
+                            access_log=args.log_level == "debug")
+    # uvicorn handles SIGTERM and SIGINT: it stops listening, finishes open requests, then runs the
+    # app's shutdown, which drains the batcher.
+    _server_class()(config).run()
+    return 0
+
+
+def _server_class():
+    import contextlib
+
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn's server, exiting 0 after a graceful SIGTERM. uvicorn re-raises the signal once
+        it has drained, so the exit status would look like an abrupt kill; here 0 tells a clean drain
+        from a kill."""
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            with super().capture_signals():
+                yield
+                getattr(self, "_captured_signals", []).clear()
+
+    return Server
+
+
+def _load_index(folder: str, ckpt):
+    """The search index (the [search] extra). Queries are embedded by the server's own model, so
+    the index must come from the same checkpoint: another model's embeddings would live in another
+    space, and every hit would be wrong without any error."""
+    import hashlib
+
+    try:
+        from ..search import Index, SearchError
+    except ImportError as e:
+        raise ValueError(f"--index needs the search job's dependencies ({e}): pip install "
+                         "'siglip_so400m[search]'") from None
+    try:
+        index = Index.load(folder)
+    except SearchError as e:
+        raise ValueError(f"--index {folder}: {e}") from None
+    m = index.manifest
+    if ckpt.revision is not None:
+        same = m.get("revision") == ckpt.revision
+    else:  # a local checkpoint: embed records a hash of its path, size and mtime
+        same = m.get("weights") == hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16]
+    if not same:
+        raise ValueError(f"--index {folder} was embedded with {m.get('model')} (revision "
+                         f"{m.get('revision')}, weights {m.get('weights')}), not with the server's "
+                         f"--model {ckpt.name}: start the server with --model {m.get('model')}")
+    return index

@@ -1,0 +1,631 @@
+"""The FastAPI application: endpoints, request validation, and the ASGI guard in front of them
+(API key, body-size limit, metrics). Everything that runs the model goes through the Batcher."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from time import perf_counter
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from torch import Tensor
+
+from ..api import Processor
+from ..model import SigLIP
+from ..zeroshot import ZeroShotClassifier, check_labels, check_templates
+from .batcher import Batcher, Closed, Metrics, QueueFull
+from .inputs import ApiError, ImageLimits, data_uri_bytes, decode_image, fetch_url, is_image_uri
+
+ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/search", "/health", "/metrics", "/docs",
+             "/openapi.json")
+MAX_TEMPLATES = 32  # prompt templates per classify request: each multiplies the text tower's work
+DEFAULT_TEMPLATE = "This is a photo of {}."
+
+
+@dataclass
+class Upload:
+    """An image sent as a multipart file part."""
+
+    data: bytes
+    filename: str | None
+
+
+@dataclass
+class Settings:
+    model_name: str
+    revision: str | None
+    precision: str
+    max_items: int = 64
+    max_labels: int = 256
+    max_request_bytes: int = 32 << 20
+    image_limits: ImageLimits = field(default_factory=lambda: ImageLimits(max_pixels=40_000_000))
+    api_key: str | None = None
+    label_cache_size: int = 10_000
+    decode_threads: int = 4
+    retry_after_s: int = 1
+
+
+class LabelMemory:
+    """Label embeddings in memory, shared by every request and bounded (least recently used go
+    first), keyed by (templates, label)."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._lru: OrderedDict[tuple[tuple[str, ...], str], Tensor] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def view(self, templates: Sequence[str], labels: Sequence[str]) -> _LabelView:
+        return _LabelView(self, tuple(templates), list(labels))
+
+
+class _LabelView:
+    """The get()/put() of zeroshot.LabelCache, on the shared memory, for one request's labels."""
+
+    def __init__(self, memory: LabelMemory, templates: tuple[str, ...], labels: list[str]):
+        self.memory, self.templates, self.labels = memory, templates, labels
+
+    def get(self) -> dict[str, Tensor]:
+        m = self.memory
+        with m._lock:
+            found = {}
+            for label in self.labels:
+                key = (self.templates, label)
+                if key in m._lru:
+                    m._lru.move_to_end(key)
+                    found[label] = m._lru[key]
+            return found
+
+    def put(self, embeddings: dict[str, Tensor]) -> None:
+        m = self.memory
+        with m._lock:
+            for label, emb in embeddings.items():
+                m._lru[self.templates, label] = emb
+                m._lru.move_to_end((self.templates, label))
+            while len(m._lru) > m.capacity:
+                m._lru.popitem(last=False)
+
+
+class Server:
+    """What the endpoints share: the model, its batcher, limits, metrics and the search index."""
+
+    def __init__(self, model: SigLIP, processor: Processor, settings: Settings, batcher: Batcher,
+                 metrics: Metrics, index: Any = None):
+        if processor.tokenizer is None:
+            raise ValueError("the checkpoint has no spiece.model: the server needs its tokenizer")
+        self.model, self.processor, self.settings = model, processor, settings
+        self.batcher, self.metrics, self.index = batcher, metrics, index
+        self.labels = LabelMemory(settings.label_cache_size)
+        self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
+        self.index_lock = threading.Lock()
+
+    # ---- turning request items into model inputs (in the decode threads) ----
+
+    def image_tensor(self, item: Any, param: str) -> Tensor:
+        """A data URI, {"image_url": ...} or Upload -> (3, S, S) float32 pixels."""
+        limits = self.settings.image_limits
+        if isinstance(item, Upload):
+            data = item.data
+        elif isinstance(item, str) and is_image_uri(item):
+            data = data_uri_bytes(item, param)
+        elif isinstance(item, dict):
+            url = item["image_url"]
+            data = data_uri_bytes(url, param) if is_image_uri(url) else fetch_url(url, param, limits)
+        else:
+            raise ApiError(400, f"{param}: expected an image as a data:image/...;base64 URI, an "
+                           "{\"image_url\": ...} object or a multipart file (paths are never read)", param)
+        img = decode_image(data, param, limits.max_pixels)
+        try:
+            image = self.processor.image
+            return image.to_tensor(image.prepare(img))
+        except Exception as e:
+            raise ApiError(400, f"{param}: cannot convert the image ({e})", param) from None
+
+    def text_ids(self, text: str) -> tuple[Tensor, int]:
+        """A text -> (L,) int64 token ids, and the tokens it used (up to and with the EOS)."""
+        tok = self.processor.tokenizer
+        ids = tok.encode(text)
+        used = ids.index(tok.eos_id) + 1 if tok.eos_id in ids else len(ids)
+        return torch.tensor(ids, dtype=torch.long), used
+
+    def search(self, rows: list[Tensor], n_texts: int, k: int, threshold: float | None) -> list[list[dict]]:
+        """Query embeddings made by the batcher -> the index's hits, scored as Index.search scores
+        them: a text query by SigLIP's sigmoid (t' and b in float32, from the index's manifest), an
+        image query by cosine."""
+        # As Index.embed_texts/embed_images: the raw embedding in float32, then normalized.
+        q = F.normalize(torch.stack(rows).float(), dim=-1).numpy()  # (Q, D)
+        with self.index_lock:  # the index's metadata cache is not made for threads
+            results = self.index.search(vectors=q, k=k)
+        scale, bias = (np.float32(self.index.manifest[key]) for key in ("logit_scale", "logit_bias"))
+        out = []
+        for n, hits in enumerate(results):
+            if n < n_texts:
+                for hit in hits:
+                    logit = np.exp(scale) * np.float32(hit["cosine"]) + bias
+                    sigmoid = float(1 / (1 + np.exp(-logit)))
+                    hit |= {"logit": float(logit), "sigmoid": sigmoid, "score": sigmoid}
+            out.append([h for h in hits if threshold is None or h["score"] >= threshold])
+        return out
+
+    async def in_pool(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def gather_items(self, jobs: list) -> list:
+        """Run one decode job per item in the pool; the first failing item (by index) wins."""
+        results = await asyncio.gather(*(self.in_pool(*job) for job in jobs), return_exceptions=True)
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results
+
+    async def embed(self, items: list[tuple[str, Tensor]]) -> list[Tensor]:
+        """Items through the batcher -> their raw (D,) embeddings in the model's dtype."""
+        try:
+            futures = self.batcher.submit(items)
+        except (QueueFull, Closed) as e:
+            raise ApiError(503, f"{e}; retry after {self.settings.retry_after_s} s",
+                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
+        return list(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+
+    async def classifier(self, labels: list[str], templates: list[str]) -> ZeroShotClassifier:
+        """The labels' embeddings from the shared memory, the missing ones computed (by the zero-shot
+        module's own code) on the model thread."""
+        view = self.labels.view(templates, labels)
+        make = lambda: ZeroShotClassifier(self.model, self.processor, labels, templates, cache=view)  # noqa: E731
+        known = len(view.get())
+        self.metrics.label_cache(hits=known, misses=len(labels) - known)
+        if known == len(labels):
+            return make()  # every label known: no model work, so no need to queue behind batches
+        try:
+            future = self.batcher.call(make)
+        except Closed as e:
+            raise ApiError(503, str(e), headers={"Retry-After": "1"}) from None
+        return await asyncio.wrap_future(future)
+
+
+# ---- request parsing and validation ----
+
+async def read_body(request: Request, server: Server, fields: dict[str, str]) -> dict[str, Any]:
+    """The JSON object, or the multipart form turned into the same shape. `fields` tells, for a
+    form, which names are lists ("list") and which single values ("str", "int", "float", "bool")."""
+    ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if ctype == "multipart/form-data":
+        s = server.settings
+        try:
+            form = await request.form(max_files=s.max_items + 1, max_fields=s.max_items + s.max_labels
+                                      + 2 * MAX_TEMPLATES + 16, max_part_size=s.max_request_bytes)
+        except HTTPException as e:
+            status = 422 if "Too many" in str(e.detail) else 400
+            raise ApiError(status, f"multipart form: {e.detail} (at most {s.max_items} items, "
+                           f"{s.max_labels} labels)") from None
+        try:
+            body: dict[str, Any] = {}
+            for name, value in form.multi_items():
+                if isinstance(value, UploadFile):
+                    value = Upload(await value.read(), value.filename)
+                if fields.get(name) == "list":
+                    body.setdefault(name, []).append(value)
+                elif name in fields:
+                    body[name] = _form_value(value, fields[name], name)
+        finally:
+            await form.close()
+        return body
+    if ctype not in ("", "application/json"):
+        raise ApiError(415, f"unsupported content type {ctype!r}: send "
+                       "application/json or multipart/form-data")
+    raw = await request.body()
+    if not raw:
+        raise ApiError(422, "empty request body: send a JSON object")
+    try:
+        body = json.loads(raw) if len(raw) < 1 << 16 else await server.in_pool(json.loads, raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "the body must be a JSON object")
+    return body
+
+
+def _form_value(value: Any, kind: str, name: str) -> Any:
+    if isinstance(value, Upload):
+        raise ApiError(422, f"{name}: expected a value, got a file", name)
+    try:
+        if kind == "bool":
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(value)
+            return value.lower() in ("true", "1")
+        return {"int": int, "float": float, "str": str}[kind](value)
+    except ValueError:
+        raise ApiError(422, f"{name}: expected {kind}, got {value!r}", name) from None
+
+
+def require_list(body: dict, name: str, limit: int, limit_flag: str, *, allow_str: bool = False) -> list:
+    if name not in body or body[name] is None:
+        raise ApiError(422, f"missing field {name!r}", name)
+    value = body[name]
+    if allow_str and isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise ApiError(422, f"{name} must be a list" + (" or a string" if allow_str else ""), name)
+    if not value:
+        raise ApiError(422, f"{name} is an empty list", name)
+    if len(value) > limit:
+        raise ApiError(422, f"{name} has {len(value)} items, over this server's limit of {limit} "
+                       f"({limit_flag})", name)
+    return value
+
+
+def check_image_item(item: Any, param: str) -> None:
+    """Shape checks that need no decoding (422); decoding failures are 400 later."""
+    if isinstance(item, Upload) or (isinstance(item, str) and item):
+        return
+    if isinstance(item, dict) and "image_url" in item and set(item) <= {"type", "image_url"} \
+            and item.get("type", "image_url") == "image_url":  # also OpenAI's content-part shape
+        url = item["image_url"]
+        if isinstance(url, dict):  # OpenAI's {"image_url": {"url": ...}}
+            url = url.get("url")
+            item["image_url"] = url
+        if isinstance(url, str) and url:
+            return
+    if isinstance(item, str):
+        raise ApiError(422, f"{param} is an empty string", param)
+    raise ApiError(422, f"{param}: expected a data:image/ URI string or {{\"image_url\": URL}}", param)
+
+
+def optional(body: dict, name: str, kind: type | tuple, default: Any) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ApiError(422, f"{name} has the wrong type ({type(value).__name__})", name)
+    return value
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(json.dumps(payload, ensure_ascii=False), status, media_type="application/json")
+
+
+# ---- the ASGI guard: auth, body limit, metrics ----
+
+class Guard:
+    """Pure ASGI middleware in front of the app: it sees every request, including ones refused
+    before routing (401, 413), and counts them."""
+
+    def __init__(self, app, server: Server):
+        self.app, self.server = app, server
+        s = server.settings
+        self.key = s.api_key.encode() if s.api_key else None
+        self.limit = s.max_request_bytes
+        self.drain_cap = max(4 * s.max_request_bytes, 16 << 20)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"]
+        endpoint = path if path in ENDPOINTS else "other"
+        metrics = self.server.metrics
+        status = 500
+        start = perf_counter()
+        metrics.request_started()
+        received = 0
+        overflow = complete = False
+
+        async def drain() -> None:
+            # Read and drop the rest of an oversized body (up to a cap), so the client, still
+            # sending, is not cut off by a reset before it can read the 413.
+            nonlocal received
+            while received <= self.drain_cap:
+                msg = await receive()
+                if msg["type"] != "http.request":
+                    return
+                received += len(msg.get("body", b""))
+                if not msg.get("more_body"):
+                    return
+
+        async def limited_receive():
+            nonlocal received, overflow
+            msg = await receive()
+            if msg["type"] == "http.request":
+                received += len(msg.get("body", b""))
+                if received > self.limit:
+                    overflow = True
+                    raise ApiError(413, f"request body over {self.limit >> 20} MB (--max-request-mb)")
+            return msg
+
+        async def send_status(msg):
+            nonlocal status, complete
+            if msg["type"] == "http.response.start":
+                status = msg["status"]
+                if overflow:
+                    await drain()
+            await send(msg)
+            if msg["type"] == "http.response.body" and not msg.get("more_body"):
+                complete = True
+
+        try:
+            headers = dict(scope["headers"])
+            if self.key and path != "/health":
+                auth = headers.get(b"authorization", b"")
+                scheme, _, token = auth.partition(b" ")
+                if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
+                    await _send_error(send_status, ApiError(401, "missing or wrong API key: send "
+                                      "Authorization: Bearer <key>", headers={"WWW-Authenticate": "Bearer"}))
+                    return
+            length = headers.get(b"content-length")
+            if length is not None:
+                try:
+                    n = int(length)
+                except ValueError:
+                    n = -1
+                if n < 0:
+                    await _send_error(send_status, ApiError(400, "bad Content-Length header"))
+                    return
+                if n > self.limit:
+                    if n <= self.drain_cap:
+                        await drain()
+                    await _send_error(send_status, ApiError(
+                        413, f"request body of {n} bytes is over {self.limit >> 20} MB (--max-request-mb)"))
+                    return
+            await self.app(scope, limited_receive, send_status)
+        finally:
+            # Not complete: cancelled (the client went away, or the graceful timeout ran out).
+            metrics.request_done(endpoint, status, perf_counter() - start, complete)
+
+
+async def _send_error(send, err: ApiError) -> None:
+    body = json.dumps(err.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
+    await send({"type": "http.response.start", "status": err.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+# ---- the application ----
+
+EMBEDDINGS_SCHEMA = {
+    "type": "object", "required": ["input"],
+    "properties": {
+        "input": {"description": "a text, or a list of texts and images; a string starting with "
+                  "data:image/ is an image (base64 data URI), any other string a text",
+                  "anyOf": [{"type": "string"}, {"type": "array", "items": {"anyOf": [
+                      {"type": "string"},
+                      {"type": "object", "properties": {"image_url": {"type": "string"}}}]}}]},
+        "model": {"type": "string", "description": "ignored: the server has one model"},
+        "normalize": {"type": "boolean", "default": True},
+        "encoding_format": {"enum": ["float", "base64"], "default": "float"},
+    },
+}
+CLASSIFY_SCHEMA = {
+    "type": "object", "required": ["images", "labels"],
+    "properties": {
+        "images": {"type": "array", "items": {"type": "string"}, "description": "data:image/ URIs"},
+        "labels": {"type": "array", "items": {"type": "string"}},
+        "template": {"type": "string", "default": DEFAULT_TEMPLATE},
+        "templates": {"type": "array", "items": {"type": "string"}},
+        "top_k": {"type": "integer"}, "threshold": {"type": "number"},
+    },
+}
+SEARCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "texts": {"type": "array", "items": {"type": "string"}},
+        "images": {"type": "array", "items": {"type": "string"}, "description": "data:image/ URIs"},
+        "k": {"type": "integer", "default": 10}, "threshold": {"type": "number"},
+    },
+}
+
+
+def _body_doc(schema: dict) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema},
+                                                          "multipart/form-data": {"schema": schema}}}}
+
+
+def create_app(server: Server) -> Guard:
+    s = server.settings
+
+    @asynccontextmanager
+    async def lifespan(app):
+        server.batcher.start()
+        yield
+        # uvicorn calls this after it stopped listening and every open request was answered; the
+        # batcher then finishes what is queued (nothing should be) and the worker stops.
+        server.batcher.close()
+        server.pool.shutdown(wait=True)
+        m = server.metrics
+        counts = ", ".join(f"{e} {m.answered(e)}" for e in ENDPOINTS[:3] if m.answered(e))
+        print(f"siglip-so400m serve: stopped; answered {counts or 'no model requests'}; "
+              f"{m.unanswered} unanswered; {m.in_flight} in flight", file=sys.stderr, flush=True)
+
+    app = FastAPI(title="siglip-so400m", lifespan=lifespan,
+                  description="SigLIP So400m/14@384: embeddings, zero-shot classification and search, "
+                  "batched across requests. Errors: {\"error\": {\"message\", \"type\", \"param\"}}.")
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, e: ApiError):
+        return JSONResponse(e.body(), e.status, headers=e.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        err = ApiError(e.status_code, str(e.detail), headers=dict(e.headers or {}))
+        return JSONResponse(err.body(), err.status, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, e: Exception):
+        # Starlette answers this, then re-raises so uvicorn logs the traceback.
+        err = ApiError(500, f"internal error: {type(e).__name__}: {e}")
+        return JSONResponse(err.body(), 500)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        return JSONResponse(ApiError(422, str(e.errors())).body(), 422)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": s.model_name, "revision": s.revision, "dtype": s.precision,
+                "queue_depth": sum(server.batcher.depth().values()),
+                "max_queue": server.batcher.max_queue, "search": server.index is not None}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    async def metrics():
+        return PlainTextResponse(server.metrics.render(server.batcher.depth(), server.batcher.max_queue),
+                                 media_type="text/plain; version=0.0.4")
+
+    @app.post("/v1/embeddings", openapi_extra=_body_doc(EMBEDDINGS_SCHEMA))
+    async def embeddings(request: Request):
+        """OpenAI's embeddings request and response; texts and images in one `input` list."""
+        body = await read_body(request, server, {"input": "list", "model": "str", "normalize": "bool",
+                                                 "encoding_format": "str"})
+        items = require_list(body, "input", s.max_items, "--max-items", allow_str=True)
+        normalize = optional(body, "normalize", bool, True)
+        fmt = optional(body, "encoding_format", str, "float")
+        if fmt not in ("float", "base64"):
+            raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}",
+                           "encoding_format")
+        jobs = []
+        for i, item in enumerate(items):
+            param = f"input[{i}]"
+            if isinstance(item, str) and not is_image_uri(item):
+                if not item.strip():
+                    raise ApiError(422, f"{param} is an empty string", param)
+                jobs.append((_text_job, server, item))
+            elif isinstance(item, list):
+                raise ApiError(422, f"{param}: token ids are not accepted; send the text", param)
+            else:
+                check_image_item(item, param)
+                jobs.append((_image_job, server, item, param))
+        prepared = await server.gather_items(jobs)  # [(kind, tensor, tokens)]
+        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+        tokens = sum(t for _, _, t in prepared)
+        n_images = sum(kind == "image" for kind, _, _ in prepared)
+
+        def build() -> bytes:
+            emb = torch.stack(rows)  # (N, D)
+            emb = (F.normalize(emb, dim=-1) if normalize else emb).float()
+            data = []
+            for i, e in enumerate(emb):
+                value = base64.b64encode(e.numpy().astype("<f4").tobytes()).decode() if fmt == "base64" \
+                    else e.tolist()
+                data.append({"object": "embedding", "index": i, "embedding": value})
+            return json.dumps({"object": "list", "data": data, "model": s.model_name,
+                               "usage": {"prompt_tokens": tokens, "total_tokens": tokens,
+                                         "images": n_images}}).encode()
+
+        return Response(await server.in_pool(build), media_type="application/json")
+
+    @app.post("/v1/classify", openapi_extra=_body_doc(CLASSIFY_SCHEMA))
+    async def classify(request: Request):
+        """Zero-shot classification: per image, the labels best first with score (= sigmoid),
+        logit and softmax, as `siglip-so400m zero-shot --json` prints them."""
+        body = await read_body(request, server, {"images": "list", "labels": "list", "template": "str",
+                                                 "templates": "list", "top_k": "int", "threshold": "float"})
+        images = require_list(body, "images", s.max_items, "--max-items")
+        labels = require_list(body, "labels", s.max_labels, "--max-labels")
+        if "templates" in body and body["templates"] is not None:
+            templates = require_list(body, "templates", MAX_TEMPLATES, f"at most {MAX_TEMPLATES}")
+        else:
+            templates = [optional(body, "template", str, DEFAULT_TEMPLATE)]
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label.strip():
+                raise ApiError(422, f"labels[{i}] must be a non-empty string", f"labels[{i}]")
+        try:
+            labels = list(dict.fromkeys(labels))  # duplicates merged, as the CLI does
+            labels, templates = check_labels(labels), check_templates(templates)
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, str(e), "templates") from None
+        top_k = optional(body, "top_k", int, None)
+        if top_k is not None and top_k < 1:
+            raise ApiError(422, "top_k must be at least 1", "top_k")
+        threshold = optional(body, "threshold", (int, float), None)
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ApiError(422, "threshold is a sigmoid probability, between 0 and 1", "threshold")
+        for i, item in enumerate(images):
+            check_image_item(item, f"images[{i}]")
+        prepared = await server.gather_items([(_image_job, server, item, f"images[{i}]")
+                                              for i, item in enumerate(images)])
+        clf = await server.classifier(labels, templates)
+        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+
+        def build() -> bytes:
+            with torch.inference_mode():
+                # What ZeroShotClassifier.logits does after encode_image(normalize=True).
+                img = F.normalize(torch.stack(rows).to(clf.label_emb.device), dim=-1).float()
+                logits = server.model.logits(img, clf.label_emb).float()  # (B, N)
+            data = []
+            for i, preds in enumerate(clf.scores(logits)):
+                if threshold is not None:
+                    preds = [p for p in preds if p["sigmoid"] >= threshold]
+                if top_k is not None:
+                    preds = preds[:top_k]
+                data.append({"image": i, "model": s.model_name, "revision": s.revision,
+                             "dtype": s.precision, "templates": templates,
+                             "predictions": [{"label": p["label"], "score": p["sigmoid"],
+                                              "logit": p["logit"], "softmax": p["softmax"]}
+                                             for p in preds]})
+            return json.dumps({"object": "list", "model": s.model_name, "data": data},
+                              ensure_ascii=False).encode()
+
+        return Response(await server.in_pool(build), media_type="application/json")
+
+    @app.post("/v1/search", openapi_extra=_body_doc(SEARCH_SCHEMA))
+    async def search(request: Request):
+        """Search the --index: texts scored by SigLIP's sigmoid, images by cosine, as
+        `siglip-so400m search` does."""
+        if server.index is None:
+            raise ApiError(404, "no index: start the server with --index DIR to search")
+        body = await read_body(request, server, {"texts": "list", "images": "list", "k": "int",
+                                                 "threshold": "float"})
+        texts = body.get("texts") or []
+        images = body.get("images") or []
+        if isinstance(texts, str):
+            texts = [texts]
+        if not isinstance(texts, list) or not isinstance(images, list):
+            raise ApiError(422, "texts and images must be lists")
+        if not texts and not images:
+            raise ApiError(422, "give texts or images to search with", "texts")
+        if len(texts) + len(images) > s.max_items:
+            raise ApiError(422, f"{len(texts) + len(images)} queries, over this server's limit of "
+                           f"{s.max_items} (--max-items)", "texts")
+        for i, t in enumerate(texts):
+            if not isinstance(t, str) or not t.strip():
+                raise ApiError(422, f"texts[{i}] must be a non-empty string", f"texts[{i}]")
+        for i, item in enumerate(images):
+            check_image_item(item, f"images[{i}]")
+        k = optional(body, "k", int, 10)
+        if k < 1:
+            raise ApiError(422, "k must be at least 1", "k")
+        threshold = optional(body, "threshold", (int, float), None)
+        jobs = [(_text_job, server, t) for t in texts]
+        jobs += [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
+        prepared = await server.gather_items(jobs)
+        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+        results = await server.in_pool(server.search, rows, len(texts), k, threshold)
+        queries = [{"text": t} for t in texts] + [{"image": i} for i in range(len(images))]
+        data = [{"query": q, "hits": h} for q, h in zip(queries, results, strict=True)]
+        return Response(json.dumps({"object": "list", "model": s.model_name, "data": data},
+                                   ensure_ascii=False, default=str), media_type="application/json")
+
+    return Guard(app, server)
+
+
+def _text_job(server: Server, text: str) -> tuple[str, Tensor, int]:
+    ids, used = server.text_ids(text)
+    return "text", ids, used
+
+
+def _image_job(server: Server, item: Any, param: str) -> tuple[str, Tensor, int]:
+    return "image", server.image_tensor(item, param), 0
