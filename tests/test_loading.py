@@ -65,9 +65,11 @@ def test_loads_a_bare_safetensors_file_with_a_config(tmp_path, tiny_ckpt):
         proc.texts(["a cat"])
 
 
-def test_bf16_load_converts_every_tensor(tiny_ckpt):
+def test_bf16_load_converts_every_tower_tensor_and_keeps_the_logit_params_fp32(tiny_ckpt):
     model, _ = siglip_so400m.load(tiny_ckpt, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {dtypes.pop("logit_scale"), dtypes.pop("logit_bias")} == {torch.float32}
+    assert set(dtypes.values()) == {torch.bfloat16}
     ref, _ = siglip_so400m.load(tiny_ckpt)
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():

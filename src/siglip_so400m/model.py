@@ -266,8 +266,11 @@ class SigLIP(nn.Module):
         return F.normalize(x, dim=-1) if normalize else x
 
     def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
-        """exp(t') * cos + b for normalized embeddings: (B_img, D), (B_txt, D) -> (B_img, B_txt)."""
-        return image_emb @ text_emb.t() * self.logit_scale.exp() + self.logit_bias
+        """exp(t') * cos + b for normalized embeddings: (B_img, D), (B_txt, D) -> (B_img, B_txt),
+        always in float32: t ~ 112 amplifies any rounding of the cosines, and thresholds on the
+        sigmoid work near 0.5, where a bf16 logit would move the score by points."""
+        cos = image_emb.float() @ text_emb.float().t()
+        return cos * self.logit_scale.float().exp() + self.logit_bias.float()
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
         """Logits per image, (B_img, B_txt); a sigmoid of them gives SigLIP's match probabilities."""

@@ -170,7 +170,8 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
 
     `model` may hold one tower only: the other tower's tensors are then neither read nor checked
     beyond their names. Every tensor of the checkpoint must belong to the full model, every
-    parameter of `model` must be in the checkpoint, and shapes must agree.
+    parameter of `model` must be in the checkpoint, and shapes must agree. `dtype` applies to the
+    towers; logit_scale and logit_bias are always float32.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     full = _full_key_set(ckpt.config)
@@ -211,10 +212,14 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
         for group in _slices(keys, found):
             with _open(file) as f:
                 for k in group:
-                    state[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+                    # t' and b stay float32 whatever the dtype: in bf16, t = exp(t') ~ 112 would move
+                    # by up to 1.6% and b ~ -16.5 by 0.03, shifting sigmoid scores near 0.5.
+                    dt = torch.float32 if k in FP32_KEYS else dtype
+                    state[k] = f.get_tensor(k).to(device=device, dtype=dt)
     model.load_state_dict(state, strict=True, assign=True)
 
 
+FP32_KEYS = ("logit_scale", "logit_bias")  # kept in float32 by every load
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 
