@@ -51,3 +51,86 @@ def test_bf16_model_gives_the_fp32_logits_from_the_same_embeddings(tiny_ckpt, tm
     assert got.dtype == from_bf16_embeddings.dtype == torch.float32
     assert bf16.logit_scale.dtype == bf16.logit_bias.dtype == torch.float32
     assert ref[0, 0].item() == pytest.approx(math.exp(scale) + bias, abs=1e-3)
+
+
+# 3. The CPU fast paths must be safe on every machine and every torch.
+
+@pytest.fixture
+def fresh_probe(monkeypatch):
+    """Forget what the oneDNN probe found, and forget it again afterwards."""
+    from siglip_so400m import kernels
+
+    monkeypatch.setattr(kernels, "_onednn_works", {}, raising=False)
+    return kernels
+
+
+def linear_inputs(dtype: torch.dtype):
+    torch.manual_seed(0)
+    return torch.nn.Linear(32, 48).to(dtype), torch.randn(2, 5, 32, dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_linear_falls_back_to_f_linear_when_the_onednn_probe_fails(fresh_probe, monkeypatch, caplog,
+                                                                          dtype):
+    calls = []
+
+    def broken(*args):
+        calls.append(args)
+        raise RuntimeError("mkldnn::_linear_pointwise: no kernel for this build")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+    layer, x = linear_inputs(dtype)
+    with caplog.at_level("DEBUG", logger="siglip_so400m.kernels"), torch.inference_mode():
+        first = fresh_probe.linear(x, layer, gelu=True)
+        second = fresh_probe.linear(x, layer)
+    ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    assert torch.equal(second, ref)
+    assert torch.equal(first, torch.nn.functional.gelu(ref, approximate="tanh"))
+    assert len(calls) == 1  # probed once, then never called again
+    notes = [r for r in caplog.records if "F.linear instead" in r.getMessage()]
+    assert len(notes) == 1 and notes[0].levelname == "DEBUG"
+
+
+@pytest.mark.parametrize("machine", ["aarch64", "arm64"])
+def test_fast_paths_are_not_used_on_arm_and_apple_cpus(fresh_probe, monkeypatch, machine):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr("platform.machine", lambda: machine)
+    layer, x = linear_inputs(torch.bfloat16)
+    q = k = v = torch.randn(1, 2, 300, 8, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = fresh_probe.linear(x, layer)
+        att = fresh_probe.attention(q, k, v)
+    assert calls == []
+    assert torch.equal(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
+    assert torch.equal(att, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+
+
+def test_bf16_fast_path_needs_onednn_bf16_support(fresh_probe, monkeypatch):
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    layer, x = linear_inputs(torch.bfloat16)
+    with torch.inference_mode():
+        got = fresh_probe.linear(x, layer)
+    assert calls == []
+    assert torch.equal(got, torch.nn.functional.linear(x, layer.weight, layer.bias))
+
+
+# 5. Training under autocast.
+
+def test_locked_tower_under_bf16_autocast_computes_in_bf16(tiny_ckpt):
+    """A tower locked with --lock-image runs under no_grad inside the training step's autocast: it
+    must compute what autocast computes (bf16 matmuls), not take the fp32 inference fast path."""
+    model, proc = siglip_so400m.load(tiny_ckpt)  # fp32 weights, as train() loads them
+    px = torch.rand(3, 3, 32, 32) * 2 - 1
+    ids = proc.texts(["a cat", "a red circle", "two dogs"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        trained_img, trained_txt = model.encode_image(px), model.encode_text(ids)  # grad enabled
+        with torch.no_grad():
+            locked_img, locked_txt = model.encode_image(px), model.encode_text(ids)
+    assert locked_img.dtype == locked_txt.dtype == torch.bfloat16
+    torch.testing.assert_close(locked_img, trained_img.detach(), atol=0, rtol=0)
+    torch.testing.assert_close(locked_txt, trained_txt.detach(), atol=0, rtol=0)
