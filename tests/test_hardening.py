@@ -134,3 +134,89 @@ def test_locked_tower_under_bf16_autocast_computes_in_bf16(tiny_ckpt):
     assert locked_img.dtype == locked_txt.dtype == torch.bfloat16
     torch.testing.assert_close(locked_img, trained_img.detach(), atol=0, rtol=0)
     torch.testing.assert_close(locked_txt, trained_txt.detach(), atol=0, rtol=0)
+
+
+# 4. CUDA correctness, checked without a GPU.
+
+@pytest.mark.parametrize(("capability", "dtype"), [
+    ((7, 0), torch.float16),  # V100: bf16 only emulated
+    ((7, 5), torch.float16),  # T4
+    ((8, 0), torch.bfloat16),  # A100
+    ((9, 0), torch.bfloat16),  # H100
+])
+def test_pick_dtype_uses_bf16_only_where_the_gpu_computes_it_natively(monkeypatch, capability, dtype):
+    from siglip_so400m.api import pick_dtype
+
+    seen = []
+
+    def capability_of(device=None):
+        seen.append(device)
+        return capability
+
+    def bf16_supported(including_emulation: bool = True) -> bool:
+        # As torch does: with emulation every GPU "supports" bf16.
+        return including_emulation or capability >= (8, 0)
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", capability_of)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", bf16_supported)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert pick_dtype(torch.device("cuda", 1)) == dtype
+    assert seen and all(d in (1, torch.device("cuda", 1)) for d in seen)  # the target GPU, not GPU 0
+
+
+def test_int8_on_a_gpu_is_refused_before_anything_is_loaded(tmp_path):
+    # The path does not exist: the device check must come first, with its own message.
+    with pytest.raises(ValueError, match="CPU only"):
+        siglip_so400m.load(tmp_path / "nothing", device="cuda", quantize="int8")
+
+
+@pytest.fixture(scope="module")
+def meta_model(tiny_ckpt):
+    """The tiny model on the meta device: a stand-in for a GPU, with no CPU fallback possible."""
+    model, proc = siglip_so400m.load(tiny_ckpt, device="meta")
+    return model, proc
+
+
+def test_encoders_and_zero_shot_logits_take_cpu_inputs_to_the_models_device(meta_model):
+    from siglip_so400m.zeroshot import ZeroShotClassifier
+
+    model, proc = meta_model
+    px = torch.rand(2, 3, 32, 32)  # CPU, as processor.images() returns them
+    ids = proc.texts(["a cat", "a plane"])  # CPU
+    img, txt = model.encode_image(px, normalize=True), model.encode_text(ids, normalize=True)
+    assert img.device.type == txt.device.type == "meta"
+    assert img.shape == txt.shape == (2, 64)
+    assert model(px, ids).shape == (2, 2)
+    clf = ZeroShotClassifier.__new__(ZeroShotClassifier)  # label embeddings below, not from the tower
+    clf.model, clf.processor, clf.labels = model, proc, ["a", "b", "c"]
+    clf.label_emb = torch.nn.functional.normalize(torch.randn(3, 64, device="meta"), dim=-1)
+    logits = clf.logits(torch.rand(2, 3, 32, 32))
+    assert logits.device.type == "meta" and logits.shape == (2, 3) and logits.dtype == torch.float32
+
+
+def test_zero_shot_scores_copy_the_logits_to_the_cpu_once(tiny_ckpt):
+    """On a GPU every .item() is a device sync; the scores must come back in one copy, not three
+    per image and label."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from siglip_so400m.zeroshot import ZeroShotClassifier
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    model, proc = siglip_so400m.load(tiny_ckpt)
+    clf = ZeroShotClassifier(model, proc, ["a cat", "a dog", "a plane", "a remote"])
+    logits = clf.logits(torch.rand(3, 3, 32, 32) * 2 - 1)
+    with Count() as count:
+        scores = clf.scores(logits)
+    reads = [op for op in count.ops if "_local_scalar_dense" in op]  # what .item() dispatches to
+    assert reads == []
+    assert [len(s) for s in scores] == [4, 4, 4]
+    for s, row in zip(scores, logits, strict=True):
+        assert [p["logit"] for p in s] == sorted(row.tolist(), reverse=True)

@@ -256,13 +256,16 @@ class SigLIP(nn.Module):
         return tower
 
     def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
-        """(B, 3, S, S) pixels from processor.images() -> (B, D) embeddings."""
-        x = self._tower("vision")(pixel_values)
+        """(B, 3, S, S) pixels from processor.images() -> (B, D) embeddings, on the model's device
+        (the pixels are moved there; the tower casts them to its dtype)."""
+        tower = self._tower("vision")
+        x = tower(pixel_values.to(tower.post_layernorm.weight.device))
         return F.normalize(x, dim=-1) if normalize else x
 
     def encode_text(self, input_ids: Tensor, normalize: bool = False) -> Tensor:
-        """(B, L) token ids from processor.texts() -> (B, D) embeddings."""
-        x = self._tower("text")(input_ids)
+        """(B, L) token ids from processor.texts() -> (B, D) embeddings, on the model's device."""
+        tower = self._tower("text")
+        x = tower(input_ids.to(tower.final_layer_norm.weight.device))
         return F.normalize(x, dim=-1) if normalize else x
 
     def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:

@@ -149,13 +149,14 @@ class ZeroShotClassifier:
 
     def scores(self, logits: Tensor) -> list[list[dict[str, float | str]]]:
         """Per image, every label sorted best first with its logit, sigmoid and softmax."""
-        sig, soft = logits.sigmoid(), logits.softmax(dim=-1)
-        out = []
-        for i in range(logits.shape[0]):
-            order = logits[i].argsort(descending=True, stable=True).tolist()
-            out.append([{"label": self.labels[j], "logit": logits[i, j].item(),
-                         "sigmoid": sig[i, j].item(), "softmax": soft[i, j].item()} for j in order])
-        return out
+        # One copy to the CPU for the whole batch: an .item() per value would be one device sync
+        # each on a GPU.
+        logits = logits.float().cpu()
+        order = logits.argsort(dim=-1, descending=True, stable=True).tolist()
+        values = zip(logits.tolist(), logits.sigmoid().tolist(), logits.softmax(dim=-1).tolist(),
+                     strict=True)
+        return [[{"label": self.labels[j], "logit": lg[j], "sigmoid": sg[j], "softmax": sm[j]}
+                 for j in idx] for idx, (lg, sg, sm) in zip(order, values, strict=True)]
 
     def __call__(self, images: ImageInput | list[ImageInput], batch_size: int = 8) -> list[list[dict]]:
         if not isinstance(images, (list, tuple)):
