@@ -220,3 +220,111 @@ def test_zero_shot_scores_copy_the_logits_to_the_cpu_once(tiny_ckpt):
     assert [len(s) for s in scores] == [4, 4, 4]
     for s, row in zip(scores, logits, strict=True):
         assert [p["logit"] for p in s] == sorted(row.tolist(), reverse=True)
+
+
+# 2. A read-only or broken cache is not fatal, and concurrent writers lose nothing.
+
+SHAPE_LABELS = ["a red circle", "a blue square", "a green triangle"]
+
+
+def test_cli_with_an_unwritable_label_cache_warns_once_and_prints_the_results(tiny_ckpt, tmp_path, capsys):
+    from siglip_so400m.cli import zero_shot_main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")  # the cache folder cannot be created below a file, even as root
+    png = tmp_path / "x.png"
+    from PIL import Image
+
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(png)
+    code = zero_shot_main([str(png), "--labels", *SHAPE_LABELS, "--model", str(tiny_ckpt), "--json",
+                           "--dtype", "float32", "--cache-dir", str(blocker / "cache")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    import json
+
+    (record,) = json.loads(out)
+    assert sorted(p["label"] for p in record["predictions"]) == sorted(SHAPE_LABELS)
+    warnings = [line for line in err.splitlines() if "label cache not written" in line]
+    assert len(warnings) == 1 and "Traceback" not in err, err
+
+
+def _cache(ckpt: Path, root: Path):
+    from siglip_so400m.text import Tokenizer
+    from siglip_so400m.weights import resolve
+    from siglip_so400m.zeroshot import LabelCache
+
+    return LabelCache(root, resolve(ckpt), Tokenizer.from_folder(ckpt), ["{}"], "float32")
+
+
+def _writer(ckpt: str, root: str, name: str, n: int, barrier) -> None:
+    import threading
+
+    def put(thread: int) -> None:
+        cache = _cache(Path(ckpt), Path(root))
+        for j in range(n):
+            cache.put({f"{name}-{thread}-{j}": torch.full((8,), float(j))})
+
+    barrier.wait()
+    threads = [threading.Thread(target=put, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def test_concurrent_cache_writers_lose_no_labels(tiny_ckpt, tmp_path):
+    """Three processes of two threads each write labels to one cache at the same moment."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    n = 15
+    procs = [ctx.Process(target=_writer, args=(str(tiny_ckpt), str(tmp_path), f"p{i}", n, barrier))
+             for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    labels = [f"p{i}-{t}-{j}" for i in range(3) for t in range(2) for j in range(n)]
+    got = _cache(tiny_ckpt, tmp_path).get(labels)
+    assert sorted(got) == sorted(labels)
+    assert all(torch.equal(got[k], torch.full((8,), float(k.rsplit("-", 1)[1]))) for k in labels)
+    assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
+
+
+def test_warm_cache_reads_each_label_embedding_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
+    from siglip_so400m import zeroshot
+    from siglip_so400m.cli import zero_shot_main
+
+    args = [str(tiny_ckpt / "nothing.png"), "--labels", *SHAPE_LABELS, "--model", str(tiny_ckpt),
+            "--dtype", "float32", "--cache-dir", str(tmp_path)]
+    zero_shot_main(args)  # fills the cache (the image is missing: reported, exit 1)
+    reads = []
+    real = zeroshot.safe_open
+
+    class Counting:
+        def __init__(self, *a, **k):
+            self.f = real(*a, **k)
+
+        def __enter__(self):
+            self.f.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+        def metadata(self):
+            return self.f.metadata()
+
+        def keys(self):
+            return self.f.keys()
+
+        def get_tensor(self, name):
+            reads.append(name)
+            return self.f.get_tensor(name)
+
+    monkeypatch.setattr(zeroshot, "safe_open", Counting)
+    zero_shot_main(args)
+    capsys.readouterr()
+    assert len(reads) == len(SHAPE_LABELS)
