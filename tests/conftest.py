@@ -12,7 +12,6 @@ import pytest
 
 from siglip_so400m.testing import save_checkpoint, so400m_hf_config, tiny_hf_config, train_spiece
 
-
 # A checkpoint folder made beforehand by `python -m siglip_so400m.testing DIR --tiny`, for
 # environments without transformers (scripts/check_dependency_floors.py); tests that compare
 # against transformers still need it.
