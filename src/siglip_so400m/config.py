@@ -16,14 +16,15 @@ from pathlib import Path
 from typing import Any
 
 # Keys that transformers writes into every config.json (bookkeeping, generation and task settings of
-# its generic PretrainedConfig). They say nothing about the SigLIP architecture, so we accept and
+# its generic PretrainedConfig; transformers 4 wrote pad/bos/eos_token_id into the vision_config
+# too). They say nothing about the SigLIP architecture, so we accept and
 # ignore them; any other unknown key is an error, since it probably means a typo or another model.
 HF_BOOKKEEPING_KEYS = frozenset(
     """
     _attn_implementation _attn_implementation_autoset _commit_hash _name_or_path add_cross_attention
     architectures attn_implementation bad_words_ids begin_suppress_tokens chunk_size_feed_forward
     cross_attention_hidden_size decoder_start_token_id diversity_penalty do_sample dtype
-    early_stopping encoder_no_repeat_ngram_size exponential_decay_length_penalty finetuning_task
+    early_stopping encoder_no_repeat_ngram_size eos_token_id bos_token_id pad_token_id exponential_decay_length_penalty finetuning_task
     forced_bos_token_id forced_eos_token_id id2label is_decoder is_encoder_decoder label2id
     length_penalty max_length min_length model_type no_repeat_ngram_size num_beam_groups num_beams
     num_labels num_return_sequences output_attentions output_hidden_states output_scores prefix
