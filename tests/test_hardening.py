@@ -328,3 +328,41 @@ def test_warm_cache_reads_each_label_embedding_once(tiny_ckpt, tmp_path, capsys,
     zero_shot_main(args)
     capsys.readouterr()
     assert len(reads) == len(SHAPE_LABELS)
+
+
+# 9. The smaller items.
+
+def test_a_vision_config_written_with_token_ids_loads():
+    """transformers 4 wrote pad/bos/eos_token_id into every sub-config, the vision one too."""
+    import json
+
+    from siglip_so400m.config import SO400M_CONFIG, SiglipConfig
+
+    d = json.loads(SO400M_CONFIG.read_text())
+    d["vision_config"].update(pad_token_id=None, bos_token_id=None, eos_token_id=None)
+    assert SiglipConfig.from_dict(d) == SiglipConfig.from_json(SO400M_CONFIG)
+
+
+def test_the_so400m_config_ships_in_the_package_and_configs_holds_the_same_file():
+    import siglip_so400m
+    from siglip_so400m.config import SO400M_CONFIG
+    from siglip_so400m.testing import SO400M_CONFIG as used_by_testing
+
+    package = Path(siglip_so400m.__file__).parent
+    assert used_by_testing == SO400M_CONFIG and SO400M_CONFIG.is_relative_to(package)
+    # The copy at the repository root, for readers browsing the repo, must not drift.
+    top = Path(__file__).parents[1] / "configs" / SO400M_CONFIG.name
+    assert top.read_bytes() == SO400M_CONFIG.read_bytes()
+
+
+def test_the_installed_wheel_carries_the_config(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    root = Path(__file__).parents[1]
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(root)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("siglip_so400m-*.whl")
+    assert "siglip_so400m/configs/siglip-so400m-patch14-384.json" in zipfile.ZipFile(wheel).namelist()

@@ -187,7 +187,17 @@ def test_hub_config_reads_the_same_as_our_explicit_config(tmp_path):
                           "num_hidden_layers": 27, "patch_size": 14},
     }
     ours = SiglipConfig.from_json(SO400M_CONFIG)
-    assert SiglipConfig.from_dict(hub_sparse) == ours
+    from_hub = SiglipConfig.from_dict(hub_sparse)
+    # The reference is transformers reading the same sparse file, field by field, defaults included.
+    from transformers import SiglipConfig as HFConfig
+
+    hf_sparse = HFConfig.from_dict(hub_sparse)
+    for sub, cls in (("vision_config", VisionConfig), ("text_config", TextConfig)):
+        for f in dataclasses.fields(cls):
+            want = getattr(getattr(hf_sparse, sub), f.name)
+            assert getattr(getattr(from_hub, sub), f.name) == want, f"{sub}.{f.name}"
+    assert from_hub.initializer_factor == hf_sparse.initializer_factor
+    assert from_hub == ours
     assert ours.vision_config.num_patches == 729 and ours.vision_config.head_dim == 72
     # Every field is spelled out in configs/*.json, so nothing rests on a hidden default.
     explicit = json.loads(SO400M_CONFIG.read_text())
@@ -195,8 +205,6 @@ def test_hub_config_reads_the_same_as_our_explicit_config(tmp_path):
     for sub, cls in (("vision_config", VisionConfig), ("text_config", TextConfig)):
         assert {f.name for f in dataclasses.fields(cls)} <= set(explicit[sub])
     # And transformers reads our explicit file to the same model shape.
-    from transformers import SiglipConfig as HFConfig
-
     (tmp_path / "config.json").write_text(SO400M_CONFIG.read_text())
     hf = HFConfig.from_pretrained(tmp_path)
     assert hf.vision_config.intermediate_size == 4304 and hf.text_config.projection_size == 1152

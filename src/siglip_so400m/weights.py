@@ -135,7 +135,7 @@ def _from_file(path: Path, config: SiglipConfig | str | Path | None) -> Checkpoi
     if config is None:
         if not (path.parent / "config.json").is_file():
             raise CheckpointError(f"{path} is a bare weights file: pass its config too, e.g. "
-                                  "config='configs/siglip-so400m-patch14-384.json'")
+                                  "config=siglip_so400m.config.SO400M_CONFIG (the so400m shape)")
         config = path.parent / "config.json"
     return Checkpoint(str(path), None, path.parent, (path,), _read_config(config))
 
