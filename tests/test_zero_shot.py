@@ -293,7 +293,7 @@ def test_entry_points_run(tiny_ckpt, tmp_path, command):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert {p["label"] for p in json.loads(r.stdout)[0]["predictions"]} == {"a cat", "a dog"}
-    assert list(tmp_path.glob("labels-*.safetensors"))  # the default cache honours the variable
+    assert list(tmp_path.glob("labels-*/*.safetensors"))  # the default cache honours the variable
 
 
 def test_console_script_is_installed():
