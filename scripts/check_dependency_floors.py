@@ -3,6 +3,7 @@
     python scripts/check_dependency_floors.py                         # the declared floors
     python scripts/check_dependency_floors.py --pin numpy==1.26.0     # try another version of one
     python scripts/check_dependency_floors.py --venv /tmp/floors      # reuse a venv between tries
+    python scripts/check_dependency_floors.py tests/test_loading.py -k hub   # other arguments: pytest's
 
 What it does:
 
@@ -87,8 +88,7 @@ def main() -> int:
                     help="install this version instead of the declared floor (repeatable)")
     ap.add_argument("--torch", default="torch==2.13.0", help="torch requirement (default: %(default)s)")
     ap.add_argument("--venv", type=Path, help="venv folder (reused if it exists; default: a temp one)")
-    ap.add_argument("pytest_args", nargs="*", help="extra pytest arguments, e.g. a test file")
-    args = ap.parse_args()
+    args, pytest_args = ap.parse_known_args()  # the rest goes to pytest: test files, -k EXPR, ...
 
     floors = declared_floors()
     wanted = {name: f"{name}=={floors[name]}" for name in PURE_PYTHON}
@@ -117,7 +117,7 @@ def main() -> int:
         env.update(SIGLIP_SO400M_TEST_TINY_CKPT=str(ckpt), PYTHONPATH=str(tmp), HF_HUB_OFFLINE="1")
         # From the repo root so tests/ and its conftest are found; the package comes from the venv.
         cmd = [str(py), "-m", "pytest", "-m", "not slow", "-q", "-p", "floors_plugin",
-               "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning", *args.pytest_args]
+               "-p", "no:cacheprovider", *pytest_args]
         print("+", " ".join(cmd), flush=True)
         code = subprocess.run(cmd, cwd=ROOT, env=env).returncode
     print(f"\nfloors tried: {', '.join(wanted.values())}, {args.torch}")
