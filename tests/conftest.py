@@ -4,6 +4,7 @@ compares against."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -11,9 +12,16 @@ import pytest
 
 from siglip_so400m.testing import save_checkpoint, so400m_hf_config, tiny_hf_config, train_spiece
 
+# A checkpoint folder made beforehand by `python -m siglip_so400m.testing DIR --tiny`, for
+# environments without transformers (scripts/check_dependency_floors.py); tests that compare
+# against transformers still need it.
+PREBUILT = os.environ.get("SIGLIP_SO400M_TEST_TINY_CKPT")
+
 
 @pytest.fixture(scope="session")
 def spiece(tmp_path_factory) -> Path:
+    if PREBUILT:
+        return Path(PREBUILT) / "spiece.model"
     return train_spiece(tmp_path_factory.mktemp("spiece") / "spiece.model")
 
 
@@ -23,9 +31,11 @@ def tiny_config(spiece):
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(tmp_path_factory, tiny_config, spiece) -> Path:
+def tiny_ckpt(tmp_path_factory, request, spiece) -> Path:
     """A tiny random SigLIP saved by transformers: config, weights, tokenizer, preprocessor."""
-    return save_checkpoint(tmp_path_factory.mktemp("tiny"), tiny_config, spiece)
+    if PREBUILT:
+        return Path(PREBUILT)
+    return save_checkpoint(tmp_path_factory.mktemp("tiny"), request.getfixturevalue("tiny_config"), spiece)
 
 
 @pytest.fixture

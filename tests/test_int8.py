@@ -102,10 +102,12 @@ def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, onednn, dtype):
     # per matmul on Gaussian data; the issue's bar for the embeddings is a cosine of 0.99.
     assert img >= 0.99 and txt >= 0.99, (img, txt)
     assert img < 1 - 1e-7  # the int8 path really ran
-    # The linear layers' float weights are gone (inference only); the rest is in the asked dtype.
+    # The linear layers' float weights are gone (inference only); the rest is in the asked dtype,
+    # but t' and b, which stay float32 (bf16 would move the logits).
     meta = {k for k, v in model.state_dict().items() if v.is_meta}
     assert meta and all(".mlp." in k or "_proj." in k or k.startswith("text_model.head.") for k in meta)
-    assert {p.dtype for p in model.parameters() if not p.is_meta} == {dtype}
+    assert {p.dtype for n, p in model.named_parameters() if not p.is_meta and "logit" not in n} == {dtype}
+    assert model.logit_scale.dtype == model.logit_bias.dtype == torch.float32
     with pytest.raises(RuntimeError, match="inference only"):
         model.encode_image(pixels(1, 32).requires_grad_())
 

@@ -65,9 +65,11 @@ def test_loads_a_bare_safetensors_file_with_a_config(tmp_path, tiny_ckpt):
         proc.texts(["a cat"])
 
 
-def test_bf16_load_converts_every_tensor(tiny_ckpt):
+def test_bf16_load_converts_every_tower_tensor_and_keeps_the_logit_params_fp32(tiny_ckpt):
     model, _ = siglip_so400m.load(tiny_ckpt, dtype=torch.bfloat16)
-    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {dtypes.pop("logit_scale"), dtypes.pop("logit_bias")} == {torch.float32}
+    assert set(dtypes.values()) == {torch.bfloat16}
     ref, _ = siglip_so400m.load(tiny_ckpt)
     pixels = torch.rand(2, 3, 32, 32) * 2 - 1
     with torch.no_grad():
@@ -185,7 +187,17 @@ def test_hub_config_reads_the_same_as_our_explicit_config(tmp_path):
                           "num_hidden_layers": 27, "patch_size": 14},
     }
     ours = SiglipConfig.from_json(SO400M_CONFIG)
-    assert SiglipConfig.from_dict(hub_sparse) == ours
+    from_hub = SiglipConfig.from_dict(hub_sparse)
+    # The reference is transformers reading the same sparse file, field by field, defaults included.
+    from transformers import SiglipConfig as HFConfig
+
+    hf_sparse = HFConfig.from_dict(hub_sparse)
+    for sub, cls in (("vision_config", VisionConfig), ("text_config", TextConfig)):
+        for f in dataclasses.fields(cls):
+            want = getattr(getattr(hf_sparse, sub), f.name)
+            assert getattr(getattr(from_hub, sub), f.name) == want, f"{sub}.{f.name}"
+    assert from_hub.initializer_factor == hf_sparse.initializer_factor
+    assert from_hub == ours
     assert ours.vision_config.num_patches == 729 and ours.vision_config.head_dim == 72
     # Every field is spelled out in configs/*.json, so nothing rests on a hidden default.
     explicit = json.loads(SO400M_CONFIG.read_text())
@@ -193,8 +205,6 @@ def test_hub_config_reads_the_same_as_our_explicit_config(tmp_path):
     for sub, cls in (("vision_config", VisionConfig), ("text_config", TextConfig)):
         assert {f.name for f in dataclasses.fields(cls)} <= set(explicit[sub])
     # And transformers reads our explicit file to the same model shape.
-    from transformers import SiglipConfig as HFConfig
-
     (tmp_path / "config.json").write_text(SO400M_CONFIG.read_text())
     hf = HFConfig.from_pretrained(tmp_path)
     assert hf.vision_config.intermediate_size == 4304 and hf.text_config.projection_size == 1152

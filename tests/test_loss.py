@@ -122,3 +122,53 @@ def test_mismatched_embeddings_are_refused():
     x, y, t, b = embeddings(4)
     with pytest.raises(ValueError, match="matching pair"):
         sigmoid_loss(x, y[:3], t, b)
+
+
+def test_an_empty_batch_is_refused_instead_of_giving_nan():
+    x, y, t, b = embeddings(3)
+    with pytest.raises(ValueError, match="empty batch"):
+        sigmoid_loss(x[:0], y[:0], t, b)
+    with pytest.raises(ValueError, match="empty batch"):
+        sigmoid_loss(x[:0], y[:0], t, b, chunk_size=2)
+
+
+@pytest.mark.parametrize("sizes", [[0, 4], [3, 0, 2], [2, 0, 0, 3]], ids=str)
+def test_distributed_loss_with_a_rank_without_pairs_equals_the_global_loss(sizes):
+    test_distributed_loss_equals_the_global_loss_in_value_and_gradient(sizes)
+
+
+def _reinit_worker(rank: int, world: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1")
+    results = []
+    for attempt in range(2):  # a second init after destroy_process_group(), as a notebook may do
+        os.environ["MASTER_PORT"] = str(port + attempt)
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+        try:
+            x, y, t, b = embeddings(4 * world)
+            lo, hi = 4 * rank, 4 * (rank + 1)
+            results.append(distributed_sigmoid_loss(x[lo:hi], y[lo:hi], t, b).item())
+        finally:
+            dist.destroy_process_group()
+    out[rank] = results
+
+
+def test_the_loss_group_is_made_again_after_a_new_process_group():
+    world, port = 2, free_port()
+    with mp.Manager() as manager:
+        out = manager.dict()
+        ctx = mp.start_processes(_reinit_worker, args=(world, port, out), nprocs=world, join=False)
+        for p in ctx.processes:
+            p.join(timeout=120)
+        alive = [p for p in ctx.processes if p.is_alive()]
+        for p in alive:
+            p.kill()
+        assert not alive, "the second run hung on the destroyed group"
+        assert all(p.exitcode == 0 for p in ctx.processes)
+        results = [out[r] for r in range(world)]
+    x, y, t, b = embeddings(4 * world)
+    want = sigmoid_loss(x, y, t, b).item()
+    for first, second in results:
+        assert first == second
+    assert sum(r[1] for r in results) / world == pytest.approx(want, rel=1e-12)

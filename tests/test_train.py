@@ -212,3 +212,62 @@ def test_global_batches_are_the_same_for_any_number_of_processes():
         assert [[i for s in shares for i in s[step]] for step in range(5)] == one
     assert list(GlobalBatches(10, 8, steps=5, start_step=2, seed=3)) == one[2:]
     assert sorted(i for batch in one for i in batch) == sorted(list(range(10)) * 4)  # once per epoch
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(tiny_ckpt, shapes, tmp_path, capsys):
+    out = tmp_path / "run"
+    train(config(tiny_ckpt, shapes, out, steps=4, save_every=2))
+    whole = (out / "model.safetensors").read_bytes()
+    assert json.loads((out / "checkpoint.old" / "state.json").read_text())["step"] == 2  # kept
+    # A power cut after the rename of unflushed data: the newest checkpoint is cut short.
+    damaged = out / "checkpoint" / "trainable.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    (out / "model.safetensors").unlink()
+    capsys.readouterr()
+    train(config(tiny_ckpt, shapes, out, steps=4, save_every=2))
+    err = capsys.readouterr().err
+    assert "checkpoint cannot be read" in err and "resuming from the previous checkpoint" in err
+    assert "resuming from step 2" in err
+    assert (out / "model.safetensors").read_bytes() == whole  # steps 2 and 3 again, to the same end
+
+
+def test_no_readable_checkpoint_is_one_line_and_exit_1(tiny_ckpt, shapes, tmp_path):
+    out = tmp_path / "run"
+    train(config(tiny_ckpt, shapes, out, steps=2, save_every=1))
+    for name in ("checkpoint", "checkpoint.old"):
+        (out / name / "state.json").write_text("{not json")
+    r = run_finetune(common_args(tiny_ckpt, shapes, out))
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot resume" in line and "checkpoint cannot be read" in line
+
+
+def test_ranks_without_the_checkpoint_stop_every_rank_with_a_clear_message(tiny_ckpt, shapes, tmp_path):
+    """Two machines without a shared disk: rank 0's output folder holds a checkpoint of step 4, rank
+    1's (the same path on another machine) is empty. Before, rank 0 resumed at step 4 and rank 1
+    started at 0, and their collectives hung; now both stop with a message saying why."""
+    from test_loss import free_port
+
+    train(config(tiny_ckpt, shapes, tmp_path / "rank0", steps=4, save_every=2))
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "WORLD_SIZE": "2", "RANK": str(rank),
+               "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port)}
+        args = common_args(tiny_ckpt, shapes, tmp_path / f"rank{rank}", steps=6)
+        procs.append(subprocess.Popen([sys.executable, str(ROOT / "scripts" / "finetune.py"), *args],
+                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        results = [p.communicate(timeout=300) for p in procs]
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            p.kill()
+        pytest.fail("the ranks hung instead of stopping")
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 1, err
+        assert "Traceback" not in err
+        assert "rank 0 resumes from step 4" in err and "rank(s) 1 cannot read" in err
+        assert "on a disk all machines share" in err
+    assert "rank 1: " in results[1][1] and "checkpoint cannot be read" in results[1][1]  # what it lacked

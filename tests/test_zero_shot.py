@@ -160,7 +160,7 @@ def test_label_cache_skips_the_text_tower_and_gives_the_same_scores(tiny_ckpt, t
     args = [photo("chelsea.png"), "--labels", *LABELS, "--model", tiny_ckpt, "--json",
             "--cache-dir", tmp_path]
     code, first, _ = run_cli(capsys, *args)
-    assert code == 0 and len(list(tmp_path.glob("labels-*.safetensors"))) == 1
+    assert code == 0 and len(list(tmp_path.glob("labels-*/*.safetensors"))) == len(LABELS)
 
     def no_text(*a, **k):
         raise AssertionError("the text tower ran although every label was cached")
@@ -293,7 +293,7 @@ def test_entry_points_run(tiny_ckpt, tmp_path, command):
                        timeout=300)
     assert r.returncode == 0, r.stderr
     assert {p["label"] for p in json.loads(r.stdout)[0]["predictions"]} == {"a cat", "a dog"}
-    assert list(tmp_path.glob("labels-*.safetensors"))  # the default cache honours the variable
+    assert list(tmp_path.glob("labels-*/*.safetensors"))  # the default cache honours the variable
 
 
 def test_console_script_is_installed():
@@ -312,4 +312,4 @@ def test_cli_int8_mode_reports_its_precision_and_caches_apart(capsys, tiny_ckpt,
     assert code == 0, err
     assert json.loads(out)[0]["dtype"] == "int8"
     run_cli(capsys, *args, "--dtype", "float32")
-    assert len(list(tmp_path.glob("labels-*.safetensors"))) == 2  # one cache file per precision
+    assert len(list(tmp_path.glob("labels-*"))) == 2  # one cache folder per precision

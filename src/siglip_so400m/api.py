@@ -107,6 +107,9 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     if quantize and dtype not in (None, torch.float32, torch.bfloat16):
         raise ValueError(f"quantize='int8' runs the other layers in float32 or bfloat16, not {dtype}")
+    if quantize and torch.device(device or "cpu").type != "cpu":
+        raise ValueError(f"quantize='int8' runs on the CPU only (its kernels are oneDNN's), not on "
+                         f"{device}; load with device='cpu', or use dtype=torch.bfloat16 on {device}")
     if isinstance(towers, str):
         towers = (towers,)
     ckpt = name if isinstance(name, Checkpoint) else resolve(name, revision=revision, config=config,
@@ -135,10 +138,16 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def pick_dtype(device: torch.device) -> torch.dtype:
     """The fast inference dtype for a device: bf16 where the hardware computes it natively (CUDA
-    with bf16 support; x86 CPUs with AVX512-BF16 or AMX), float32 elsewhere. bf16 embeddings keep
-    a cosine similarity above 0.999 to fp32; pass float32 for exact transformers parity."""
+    from sm_80, Ampere, on; x86 CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100), float32
+    elsewhere. bf16 embeddings keep a cosine similarity above 0.999 to fp32; pass float32 for exact
+    transformers parity."""
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # torch.cuda.is_bf16_supported() alone counts emulation, which is slow (T4, V100); and it
+        # speaks of the current device, so the target's own compute capability decides.
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        native = torch.cuda.get_device_capability(index)[0] >= 8 \
+            and torch.cuda.is_bf16_supported(including_emulation=False)
+        return torch.bfloat16 if native else torch.float16
     if device.type == "cpu" and _cpu_has_native_bf16():
         return torch.bfloat16
     return torch.float32

@@ -172,7 +172,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
             cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
                                templates, precision)
         # With every label cached, the text tower is neither read nor run.
-        towers = ("vision",) if cache and set(labels) <= set(cache.get()) else ("vision", "text")
+        towers = ("vision",) if cache and not cache.missing(labels) else ("vision", "text")
         model, processor = load(ckpt, dtype=dtype, device=device, towers=towers, quantize=quantize)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -4,7 +4,8 @@ No torch import here, so a config can be read and checked without loading the fr
 
 The field defaults are `transformers`' own SiglipConfig defaults (the siglip-base shape). They exist
 only so that a sparse Hub `config.json` (google/siglip-so400m-patch14-384 lists just the fields that
-differ from base) reads to the same config as our fully explicit `configs/*.json`.
+differ from base) reads to the same config as our fully explicit `configs/*.json` (shipped in the
+package, `siglip_so400m.config.CONFIGS`).
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from pathlib import Path
 from typing import Any
 
 # Keys that transformers writes into every config.json (bookkeeping, generation and task settings of
-# its generic PretrainedConfig). They say nothing about the SigLIP architecture, so we accept and
+# its generic PretrainedConfig; transformers 4 wrote pad/bos/eos_token_id into the vision_config
+# too). They say nothing about the SigLIP architecture, so we accept and
 # ignore them; any other unknown key is an error, since it probably means a typo or another model.
 HF_BOOKKEEPING_KEYS = frozenset(
     """
     _attn_implementation _attn_implementation_autoset _commit_hash _name_or_path add_cross_attention
     architectures attn_implementation bad_words_ids begin_suppress_tokens chunk_size_feed_forward
     cross_attention_hidden_size decoder_start_token_id diversity_penalty do_sample dtype
-    early_stopping encoder_no_repeat_ngram_size exponential_decay_length_penalty finetuning_task
+    early_stopping encoder_no_repeat_ngram_size eos_token_id bos_token_id pad_token_id
+    exponential_decay_length_penalty finetuning_task
     forced_bos_token_id forced_eos_token_id id2label is_decoder is_encoder_decoder label2id
     length_penalty max_length min_length model_type no_repeat_ngram_size num_beam_groups num_beams
     num_labels num_return_sequences output_attentions output_hidden_states output_scores prefix
@@ -33,6 +36,10 @@ HF_BOOKKEEPING_KEYS = frozenset(
     torchscript transformers_version typical_p use_bfloat16 use_cache
     """.split()
 )
+
+# Fully explicit configs shipped inside the package (configs/ at the repository root holds a copy).
+CONFIGS = Path(__file__).parent / "configs"
+SO400M_CONFIG = CONFIGS / "siglip-so400m-patch14-384.json"
 
 # What our implementation computes; a config asking for anything else is refused, not ignored.
 GELU_TANH = "gelu_pytorch_tanh"

@@ -126,8 +126,10 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn:
                 m.bias = nn.Parameter(m.bias.to("meta"), requires_grad=False)
             count += 1
     with torch.no_grad():
-        for p in module.parameters():
+        for name, p in module.named_parameters():
             p.requires_grad_(False)
             if not p.is_meta:
-                p.data = p.data.to(dtype, copy=True)
+                # t' and b stay float32 whatever the dtype: bf16 would move the logits by up to 0.09.
+                keep = torch.float32 if name.split(".")[-1] in ("logit_scale", "logit_bias") else dtype
+                p.data = p.data.to(keep, copy=True)
     return count

@@ -26,10 +26,13 @@ def _block(x: Tensor, y: Tensor, logit_scale: Tensor, logit_bias: Tensor, diag: 
     return -F.logsigmoid(z * logits).sum()
 
 
-def _check(image_emb: Tensor, text_emb: Tensor) -> None:
+def _check(image_emb: Tensor, text_emb: Tensor, empty_ok: bool = False) -> None:
     if image_emb.ndim != 2 or image_emb.shape != text_emb.shape:
         raise ValueError(f"need two (B, D) embeddings of one shape, row i of each a matching pair; got "
                          f"{tuple(image_emb.shape)} and {tuple(text_emb.shape)}")
+    if not empty_ok and image_emb.shape[0] == 0:
+        raise ValueError("the sigmoid loss of an empty batch is undefined (it divides by |B| = 0); "
+                         "skip the step or give at least one pair")
 
 
 def sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor, logit_bias: Tensor,
@@ -92,18 +95,21 @@ def _p2p(items: list[tuple[Tensor, int, int, torch.Size]], group) -> list[Tensor
     return received
 
 
-_LOSS_GROUPS: dict[tuple[int, ...], object] = {}
+_loss_groups: tuple[object, object] | None = None  # (the default group it was made in, the group)
 
 
 def _loss_group(group):
     """A process group of its own for the exchange, so that its point-to-point traffic never
-    interleaves with DDP's gradient all-reduce, which starts while the loss is still backpropagating."""
+    interleaves with DDP's gradient all-reduce, which starts while the loss is still backpropagating.
+    Made again when the default group changes (destroy_process_group() and a new init): the old
+    one is destroyed with it."""
+    global _loss_groups
     if group is not None:
         return group
-    ranks = tuple(range(dist.get_world_size()))
-    if ranks not in _LOSS_GROUPS:
-        _LOSS_GROUPS[ranks] = dist.new_group(list(ranks))
-    return _LOSS_GROUPS[ranks]
+    world = dist.group.WORLD
+    if _loss_groups is None or _loss_groups[0] is not world:
+        _loss_groups = (world, dist.new_group(list(range(dist.get_world_size()))))
+    return _loss_groups[1]
 
 
 def distributed_sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: Tensor,
@@ -116,9 +122,9 @@ def distributed_sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: T
     ranks, |B| the global batch), so the mean over ranks is the global loss and DDP's averaging of
     gradients gives exactly the global-batch gradients.
     """
-    _check(image_emb, text_emb)
     if not dist.is_available() or not dist.is_initialized():
         return sigmoid_loss(image_emb, text_emb, logit_scale, logit_bias)
+    _check(image_emb, text_emb, empty_ok=True)  # a rank may have no pairs; the global batch may not
     group = _loss_group(group)
     W = dist.get_world_size(group)
     rank = dist.get_rank(group)
@@ -128,6 +134,8 @@ def distributed_sigmoid_loss(image_emb: Tensor, text_emb: Tensor, logit_scale: T
     dist.all_gather(all_sizes, sizes, group=group)
     all_sizes = [int(s) for s in all_sizes]
     B, D = sum(all_sizes), text_emb.shape[1]
+    if B == 0:  # every rank sees the same sizes, so every rank raises
+        raise ValueError("the sigmoid loss of an empty global batch is undefined: no rank has a pair")
 
     def peer(offset: int) -> int:
         return dist.get_global_rank(group, (rank + offset) % W)

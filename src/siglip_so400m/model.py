@@ -382,9 +382,11 @@ class SigLIP(nn.Module):
         return tower
 
     def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
-        """(B, 3, H, W) pixels from processor.images() -> (B, D) embeddings. Any H and W of at
-        least one patch: the grid is floor(H / P) x floor(W / P) and the position table is resized."""
-        x = self._tower("vision")(pixel_values)
+        """(B, 3, H, W) pixels from processor.images() -> (B, D) embeddings, on the model's device
+        (the pixels are moved there; the tower casts them to its dtype). Any H and W of at least one
+        patch: the grid is floor(H / P) x floor(W / P) and the position table is resized."""
+        tower = self._tower("vision")
+        x = tower(pixel_values.to(tower.post_layernorm.weight.device))
         return F.normalize(x, dim=-1) if normalize else x
 
     def image_features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
@@ -397,7 +399,8 @@ class SigLIP(nn.Module):
         norm=True applies the final LayerNorm to each (so layers=(-1,) is `last_hidden_state`);
         grid=True returns (B, D, h, w) instead. Blocks past the deepest layer asked for are not run.
         See docs/backbone.md."""
-        return self._tower("vision").features(pixel_values, layers, norm, grid)
+        tower = self._tower("vision")
+        return tower.features(pixel_values.to(tower.post_layernorm.weight.device), layers, norm, grid)
 
     def set_image_size(self, image_size: int) -> None:
         """Make `image_size` the image tower's native size (for fine-tuning at it): the position
@@ -406,13 +409,17 @@ class SigLIP(nn.Module):
         self.config = dataclasses.replace(self.config, vision_config=self.vision_model.config)
 
     def encode_text(self, input_ids: Tensor, normalize: bool = False) -> Tensor:
-        """(B, L) token ids from processor.texts() -> (B, D) embeddings."""
-        x = self._tower("text")(input_ids)
+        """(B, L) token ids from processor.texts() -> (B, D) embeddings, on the model's device."""
+        tower = self._tower("text")
+        x = tower(input_ids.to(tower.final_layer_norm.weight.device))
         return F.normalize(x, dim=-1) if normalize else x
 
     def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
-        """exp(t') * cos + b for normalized embeddings: (B_img, D), (B_txt, D) -> (B_img, B_txt)."""
-        return image_emb @ text_emb.t() * self.logit_scale.exp() + self.logit_bias
+        """exp(t') * cos + b for normalized embeddings: (B_img, D), (B_txt, D) -> (B_img, B_txt),
+        always in float32: t ~ 112 amplifies any rounding of the cosines, and thresholds on the
+        sigmoid work near 0.5, where a bf16 logit would move the score by points."""
+        cos = image_emb.float() @ text_emb.float().t()
+        return cos * self.logit_scale.float().exp() + self.logit_bias.float()
 
     def forward(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
         """Logits per image, (B_img, B_txt); a sigmoid of them gives SigLIP's match probabilities."""

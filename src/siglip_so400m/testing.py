@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SO400M_CONFIG = Path(__file__).parents[2] / "configs" / "siglip-so400m-patch14-384.json"
+from .config import SO400M_CONFIG
 
 # Words for the tokenizer's training corpus: plain English, accents, CJK, emoji, digits, so that
 # hard tokenizer cases meet real pieces and unknown characters alike.

@@ -3,9 +3,11 @@
 The same command gives the same run whatever the number of processes: `batch_size` is the global
 batch, every step's global batch depends on the step alone (see data.GlobalBatches), and the loss
 across ranks equals the global-batch loss. A checkpoint every `save_every` steps is written beside
-the old one and then swapped in, so a run killed at any moment resumes from the last complete one
-and ends where an uninterrupted run ends. The result is saved in the Hugging Face layout, loadable
-by `siglip_so400m.load` and by `transformers.SiglipModel.from_pretrained` alike.
+the old one, flushed to disk, and then swapped in (the old one kept as a fallback), so a run killed
+at any moment, or cut by a power failure, resumes from the last complete one and ends where an
+uninterrupted run ends. Rank 0 decides where to resume and every rank must read that checkpoint.
+The result is saved in the Hugging Face layout, loadable by `siglip_so400m.load` and by
+`transformers.SiglipModel.from_pretrained` alike.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -32,7 +35,7 @@ from .api import load, pick_device, pick_dtype
 from .data import GlobalBatches, ImageTextDataset, collate, read_pairs
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
-from .weights import TOKENIZER_FILES, resolve
+from .weights import TOKENIZER_FILES, CheckpointError, resolve
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
 
@@ -152,9 +155,10 @@ def train(cfg: TrainConfig) -> Path:
 
     identity = ckpt.identity()
     start, skipped = 0, 0
-    state_dir = _find_checkpoint(out)
-    if state_dir is not None:
-        start, skipped = _restore(state_dir, params, opt, sched, identity, device)
+    found = _agree_on_checkpoint(out, device, rank, world, log)
+    if found is not None:
+        state_dir, saved = found
+        start, skipped = _restore(state_dir, saved, params, opt, sched, identity)
         log.info(f"resuming from step {start} ({state_dir})")
 
     pairs = read_pairs(cfg.data)
@@ -233,7 +237,21 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
 def _atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    _fsync(tmp)
     os.replace(tmp, path)
+    _fsync(path.parent)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file, or a folder's entries, to the disk: a rename is only as durable as what it
+    renames, so after a power cut the new name must not point at unwritten data."""
+    if path.is_dir() and os.name == "nt":
+        return  # Windows cannot open a folder; NTFS journals its entries
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _sum_over_ranks(value: float, world: int, device: torch.device) -> float:
@@ -244,18 +262,77 @@ def _sum_over_ranks(value: float, world: int, device: torch.device) -> float:
     return t.item()
 
 
-def _find_checkpoint(out: Path) -> Path | None:
-    # A kill between the two renames of _save_checkpoint leaves only the old state as .old.
-    for name in (CHECKPOINT, CHECKPOINT + ".old"):
-        if (out / name / "state.json").is_file():
-            return out / name
-    return None
+def _read_checkpoint(state_dir: Path, device: torch.device) -> dict:
+    """Everything a checkpoint holds, read in full before anything is applied; a CheckpointError
+    naming the folder if any part is missing or damaged."""
+    try:
+        state = json.loads((state_dir / "state.json").read_text())
+        return {"state": state, "step": int(state["step"]),
+                "trainable": load_file(state_dir / "trainable.safetensors"),
+                "moments": load_file(state_dir / "optimizer.safetensors", device=str(device))}
+    except (OSError, ValueError, KeyError, TypeError, SafetensorError) as e:
+        raise CheckpointError(f"{state_dir} cannot be read ({type(e).__name__}: {e})") from None
+
+
+def _agree_on_checkpoint(out: Path, device: torch.device, rank: int, world: int,
+                         log: _Log) -> tuple[Path, dict] | None:
+    """The checkpoint to resume from, the same on every rank, or None to start afresh.
+
+    Rank 0 decides: the newest checkpoint, or the previous one if the newest cannot be read (a
+    power cut, a full disk). Its step goes to every rank, and each rank reads that checkpoint
+    itself; a rank that cannot (no shared disk) stops all of them with a clear message rather than
+    resuming at another step and hanging in the first collective."""
+    names = (CHECKPOINT, CHECKPOINT + ".old")  # newest first
+    found, which, problems = None, -1, []
+    if rank == 0:
+        for i, name in enumerate(names):
+            if (out / name).exists():
+                try:
+                    found, which = _read_checkpoint(out / name, device), i
+                    break
+                except CheckpointError as e:
+                    problems.append(str(e))
+        if problems and found is not None:
+            log.warn(f"{problems[0]}; resuming from the previous checkpoint instead")
+        elif problems:
+            which = -2
+    # (which checkpoint, its step): -1 start afresh, -2 rank 0 found none readable
+    decision = torch.tensor([which, found["step"] if found else -1], dtype=torch.long, device=device)
+    if world > 1:
+        dist.broadcast(decision, src=0)
+    which, step = int(decision[0]), int(decision[1])
+    if which == -2:
+        raise CheckpointError(("cannot resume: " + "; ".join(problems)) if rank == 0 else
+                              "cannot resume: rank 0 found no readable checkpoint (see its message)")
+    if which == -1:
+        return None
+    error = ""
+    if rank != 0:
+        try:
+            found = _read_checkpoint(out / names[which], device)
+            if found["step"] != step:
+                error = f"{out / names[which]} holds step {found['step']}"
+        except CheckpointError as e:
+            error = str(e)
+    if world > 1:  # every rank learns which ranks failed, so that all of them stop together
+        failed = torch.zeros(world, dtype=torch.long, device=device)
+        failed[rank] = bool(error)
+        dist.all_reduce(failed)
+        bad = [r for r in range(world) if failed[r]]
+        if bad:
+            raise CheckpointError(
+                (f"rank {rank}: {error}; " if error else "") +
+                f"rank 0 resumes from step {step} ({out / names[which]}), which rank(s) "
+                f"{', '.join(map(str, bad))} cannot read. Every process must see the same output "
+                "folder: put --output-dir on a disk all machines share")
+    return out / names[which], found
 
 
 def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tensor], opt, sched,
                      identity: str, rank: int, world: int) -> None:
-    """Trainable parameters, optimizer moments and the step, written beside the last checkpoint and
-    swapped in by renames: whenever the process dies, one complete checkpoint is on disk."""
+    """Trainable parameters, optimizer moments and the step, written and flushed to disk beside the
+    last checkpoint, then swapped in by renames; the last one stays as the fallback. Whenever the
+    process or the power dies, one complete checkpoint is on disk."""
     if rank == 0:
         tmp, final, old = out / (CHECKPOINT + ".tmp"), out / CHECKPOINT, out / (CHECKPOINT + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -269,27 +346,28 @@ def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tenso
         state = {"step": step, "skipped": skipped, "base": identity, "names": list(params),
                  "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        for f in (*tmp.iterdir(), tmp):
+            _fsync(f)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        _fsync(out)
     if world > 1:
         dist.barrier()
 
 
-def _restore(state_dir: Path, params: dict[str, nn.Parameter], opt, sched, identity: str,
-             device: torch.device) -> tuple[int, int]:
-    state = json.loads((state_dir / "state.json").read_text())
-    if state["base"] != identity or state["names"] != list(params):
-        raise ValueError(f"{state_dir} belongs to another run (other base model or other trainable "
-                         "parameters); use a new --output-dir or delete it")
+def _restore(state_dir: Path, saved: dict, params: dict[str, nn.Parameter], opt, sched,
+             identity: str) -> tuple[int, int]:
+    state = saved["state"]
+    if state.get("base") != identity or state.get("names") != list(params):
+        raise CheckpointError(f"{state_dir} belongs to another run (other base model or other "
+                              "trainable parameters); use a new --output-dir or delete it")
     with torch.no_grad():
-        for k, v in load_file(state_dir / "trainable.safetensors").items():
+        for k, v in saved["trainable"].items():
             params[k].copy_(v)
-    moments = load_file(state_dir / "optimizer.safetensors", device=str(device))
     opt_state: dict = {"state": {}, "param_groups": state["param_groups"]}
-    for key, v in moments.items():
+    for key, v in saved["moments"].items():
         i, name = key.split(".", 1)
         opt_state["state"].setdefault(int(i), {})[name] = v
     opt.load_state_dict(opt_state)

@@ -149,7 +149,7 @@ def _from_file(path: Path, config: SiglipConfig | str | Path | None) -> Checkpoi
     if config is None:
         if not (path.parent / "config.json").is_file():
             raise CheckpointError(f"{path} is a bare weights file: pass its config too, e.g. "
-                                  "config='configs/siglip-so400m-patch14-384.json'")
+                                  "config=siglip_so400m.config.SO400M_CONFIG (the so400m shape)")
         config = path.parent / "config.json"
     return Checkpoint(str(path), None, path.parent, (path,), _read_config(config))
 
@@ -184,7 +184,8 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
 
     `model` may hold one tower only, or an image tower cut short (vision_layers): the tensors it
     lacks are then neither read nor checked beyond their names. Every tensor of the checkpoint must
-    belong to the full model, every parameter of `model` must be in the checkpoint, and shapes must agree.
+    belong to the full model, every parameter of `model` must be in the checkpoint, and shapes must
+    agree. `dtype` applies to the towers; logit_scale and logit_bias are always float32.
     """
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     if ckpt.weight_files[0].suffix == ".npz":
@@ -228,10 +229,14 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
         for group in _slices(keys, found):
             with _open(file) as f:
                 for k in group:
-                    state[k] = f.get_tensor(k).to(device=device, dtype=dtype)
+                    # t' and b stay float32 whatever the dtype: in bf16, t = exp(t') ~ 112 would move
+                    # by up to 1.6% and b ~ -16.5 by 0.03, shifting sigmoid scores near 0.5.
+                    dt = torch.float32 if k in FP32_KEYS else dtype
+                    state[k] = f.get_tensor(k).to(device=device, dtype=dt)
     model.load_state_dict(state, strict=True, assign=True)
 
 
+FP32_KEYS = ("logit_scale", "logit_bias")  # kept in float32 by every load
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 

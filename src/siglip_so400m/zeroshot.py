@@ -8,9 +8,11 @@ independent of the other labels) and the softmax (relative among the labels give
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -68,33 +70,64 @@ def check_templates(templates: Sequence[str]) -> list[str]:
 
 
 class LabelCache:
-    """Label embeddings on disk, one file per (checkpoint, tokenizer, templates, precision):
-    a second run with the same labels does not run the text tower at all."""
+    """Label embeddings on disk: a folder per (checkpoint, tokenizer, templates, precision), one small
+    file per label in it, so that a second run with the same labels does not run the text tower.
+
+    One file per label, each written to a fresh temporary name and renamed into place, means that
+    concurrent writers (threads, processes, hosts sharing the folder) never lose each other's labels
+    and that knowing what is cached reads no tensor. A cache that cannot be written (read-only,
+    full, or not a folder) costs one warning, never the results."""
 
     def __init__(self, root: str | Path, ckpt: Checkpoint, tokenizer: Tokenizer,
                  templates: Sequence[str], precision: str):
         key = json.dumps({"checkpoint": ckpt.identity(), "tokenizer": tokenizer.identity(),
                           "templates": list(templates), "dtype": precision})
-        self.path = Path(root) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+        self.path = Path(root) / f"labels-{hashlib.sha256(key.encode()).hexdigest()[:32]}"
+        self._read: dict[str, Tensor] = {}  # each file is read once, then served from here
 
-    def get(self) -> dict[str, Tensor]:
-        try:
-            with safe_open(str(self.path), framework="pt") as f:
-                # Tensor names are the labels' sha256 (any string is then a safe name).
-                names = json.loads((f.metadata() or {}).get("labels", "{}"))
-                stored = set(f.keys())
-                return {label: f.get_tensor(name) for label, name in names.items() if name in stored}
-        except (FileNotFoundError, SafetensorError, OSError, ValueError):
-            return {}  # no cache yet, or a damaged one that the next put() replaces
+    def _file(self, label: str) -> Path:
+        # The label's sha256 names its file: any string is then a safe file name.
+        return self.path / f"{hashlib.sha256(label.encode()).hexdigest()}.safetensors"
+
+    def missing(self, labels: Sequence[str]) -> list[str]:
+        """The labels without a usable cached embedding."""
+        found = self.get(labels)
+        return [label for label in labels if label not in found]
+
+    def get(self, labels: Sequence[str]) -> dict[str, Tensor]:
+        """The cached embeddings of those labels that have one, each file read at most once; a
+        damaged file counts as missing (put() replaces it)."""
+        for label in labels:
+            if label in self._read:
+                continue
+            try:
+                with safe_open(str(self._file(label)), framework="pt") as f:
+                    if (f.metadata() or {}).get("label") == label:
+                        self._read[label] = f.get_tensor("embedding")
+            except (SafetensorError, OSError, ValueError):
+                continue  # no file yet (FileNotFoundError), or a damaged one
+        return {label: self._read[label] for label in labels if label in self._read}
 
     def put(self, embeddings: dict[str, Tensor]) -> None:
-        merged = {**self.get(), **embeddings}
-        names = {label: hashlib.sha256(label.encode()).hexdigest() for label in merged}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-        save_file({names[k]: v.contiguous() for k, v in merged.items()}, tmp,
-                  metadata={"labels": json.dumps(names)})
-        os.replace(tmp, self.path)  # atomic: a concurrent reader sees the old file or the new one
+        """Store each label's embedding, atomically per label; an OSError becomes one warning."""
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for label, emb in embeddings.items():
+                # mkstemp: a name no other thread, process or host writing here can also pick.
+                fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".", suffix=".tmp")
+                os.close(fd)
+                try:
+                    save_file({"embedding": emb.contiguous()}, tmp, metadata={"label": label})
+                    os.replace(tmp, self._file(label))  # atomic: readers see no file or a whole one
+                    self._read[label] = emb
+                except BaseException:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+                    raise
+        except (OSError, SafetensorError) as e:
+            warnings.warn(f"label cache not written ({e}); the results are not affected. Pass "
+                          "--no-cache, or --cache-dir / $SIGLIP_SO400M_CACHE to a writable folder",
+                          stacklevel=2)
 
 
 @torch.inference_mode()
@@ -127,7 +160,7 @@ class ZeroShotClassifier:
         self.processor = processor
         self.labels = check_labels(labels)
         self.templates = check_templates(templates)
-        cached = cache.get() if cache else {}
+        cached = cache.get(self.labels) if cache else {}
         todo = [label for label in self.labels if label not in cached]
         if todo:
             if processor.tokenizer is None:
@@ -150,13 +183,14 @@ class ZeroShotClassifier:
 
     def scores(self, logits: Tensor) -> list[list[dict[str, float | str]]]:
         """Per image, every label sorted best first with its logit, sigmoid and softmax."""
-        sig, soft = logits.sigmoid(), logits.softmax(dim=-1)
-        out = []
-        for i in range(logits.shape[0]):
-            order = logits[i].argsort(descending=True, stable=True).tolist()
-            out.append([{"label": self.labels[j], "logit": logits[i, j].item(),
-                         "sigmoid": sig[i, j].item(), "softmax": soft[i, j].item()} for j in order])
-        return out
+        # One copy to the CPU for the whole batch: an .item() per value would be one device sync
+        # each on a GPU.
+        logits = logits.float().cpu()
+        order = logits.argsort(dim=-1, descending=True, stable=True).tolist()
+        values = zip(logits.tolist(), logits.sigmoid().tolist(), logits.softmax(dim=-1).tolist(),
+                     strict=True)
+        return [[{"label": self.labels[j], "logit": lg[j], "sigmoid": sg[j], "softmax": sm[j]}
+                 for j in idx] for idx, (lg, sg, sm) in zip(order, values, strict=True)]
 
     def __call__(self, images: ImageInput | list[ImageInput], batch_size: int = 8) -> list[list[dict]]:
         if not isinstance(images, (list, tuple)):
