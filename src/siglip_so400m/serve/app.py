@@ -81,11 +81,11 @@ class _LabelView:
     def __init__(self, memory: LabelMemory, templates: tuple[str, ...], labels: list[str]):
         self.memory, self.templates, self.labels = memory, templates, labels
 
-    def get(self) -> dict[str, Tensor]:
+    def get(self, labels: Sequence[str] | None = None) -> dict[str, Tensor]:
         m = self.memory
         with m._lock:
             found = {}
-            for label in self.labels:
+            for label in self.labels if labels is None else labels:
                 key = (self.templates, label)
                 if key in m._lru:
                     m._lru.move_to_end(key)
