@@ -77,12 +77,21 @@ def test_bf16_and_int8_stay_close_to_fp32_so400m(so400m_ckpt):
     assert img >= 0.99 and txt >= 0.99
 
 
-def test_bf16_attention_is_as_accurate_as_transformers_eager_bf16():
+@pytest.mark.parametrize("amx", [False, True], ids=["per-head (no AMX)", "sdpa (AMX)"])
+def test_bf16_attention_is_as_accurate_as_transformers_eager_bf16(monkeypatch, amx):
+    from siglip_so400m import kernels
     from siglip_so400m.kernels import attention
 
+    # Per head on oneDNN without AMX, sdpa's kernel with it (faster there): both paths, any CPU.
+    monkeypatch.setattr(kernels, "_cpu_has_amx", lambda: amx)
+    calls = []
+    real_sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(kernels.F, "scaled_dot_product_attention",
+                        lambda *a, **kw: calls.append(1) or real_sdpa(*a, **kw))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 4, 300, 72, generator=g).mul(2).bfloat16() for _ in range(3))
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    calls.clear()
     with torch.inference_mode():
         ours = attention(q, k, v).double()
     # transformers' eager attention in bf16: bf16 scores, softmax in float32, bf16 probabilities.
@@ -94,3 +103,4 @@ def test_bf16_attention_is_as_accurate_as_transformers_eager_bf16():
 
     assert err(ours) < 1e-2 and err(ours) <= 1.2 * err(eager), (err(ours), err(eager))
     assert ours.shape == ref.shape
+    assert bool(calls) == (amx or not kernels._onednn(torch.bfloat16))
