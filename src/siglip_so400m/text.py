@@ -28,7 +28,25 @@ SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-boundary marker
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
 
 
-class Tokenizer:
+class _Batched:
+    """What both tokenizers share once `_ids` and `encode` are defined: truncation check, batching."""
+
+    max_length: int
+
+    def is_truncated(self, text: str) -> bool:
+        """Whether the text has more than the max_length - 1 tokens that fit before the EOS."""
+        return len(self._ids(text)) > self.max_length - 1
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        """One text or a list -> (B, max_length) int64 token ids."""
+        if isinstance(texts, str):
+            texts = [texts]
+        if not texts:
+            raise ValueError("no texts given")
+        return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
+
+
+class Tokenizer(_Batched):
     """SigLIP's text preprocessing over a SentencePiece model (the checkpoint's spiece.model)."""
 
     def __init__(self, spiece_model: str | Path, *, max_length: int = 64, do_lower_case: bool = True,
@@ -123,20 +141,8 @@ class Tokenizer:
             ids.append(self.eos_id)
         return ids + [self.pad_id] * (self.max_length - len(ids))
 
-    def is_truncated(self, text: str) -> bool:
-        """Whether the text has more than the max_length - 1 tokens that fit before the EOS."""
-        return len(self._ids(text)) > self.max_length - 1
 
-    def __call__(self, texts: str | list[str]) -> torch.Tensor:
-        """One text or a list -> (B, max_length) int64 token ids."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise ValueError("no texts given")
-        return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
-
-
-class GemmaTokenizer:
+class GemmaTokenizer(_Batched):
     """SigLIP 2's text preprocessing over the Gemma vocabulary (BPE with byte fallback).
 
     With a tokenizer.json the ids come from the `tokenizers` library, the engine transformers'
@@ -223,18 +229,6 @@ class GemmaTokenizer:
         """Text -> exactly max_length ids: tokens truncated to max_length - 1, EOS, <pad> padding."""
         ids = [*self._ids(text)[: self.max_length - 1], self.eos_id]
         return ids + [self.pad_id] * (self.max_length - len(ids))
-
-    def is_truncated(self, text: str) -> bool:
-        """Whether the text has more than the max_length - 1 tokens that fit before the EOS."""
-        return len(self._ids(text)) > self.max_length - 1
-
-    def __call__(self, texts: str | list[str]) -> torch.Tensor:
-        """One text or a list -> (B, max_length) int64 token ids."""
-        if isinstance(texts, str):
-            texts = [texts]
-        if not texts:
-            raise ValueError("no texts given")
-        return torch.tensor([self.encode(t) for t in texts], dtype=torch.long)
 
 
 AnyTokenizer = Tokenizer | GemmaTokenizer
