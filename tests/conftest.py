@@ -63,3 +63,36 @@ def shapes_model(tmp_path_factory, tiny_ckpt) -> Path:
     return train(TrainConfig(model=str(tiny_ckpt), data=str(data), output_dir=str(folder / "run"),
                              steps=300, batch_size=32, lr=3e-3, precision="fp32", num_workers=0,
                              log_every=25, save_every=0))
+
+
+@pytest.fixture
+def record_reads(monkeypatch):
+    """record_reads(module) replaces `module.safe_open` with one that records the name of every tensor
+    read through it, and returns that list (for tests of what a load or a cache reads)."""
+
+    def install(module) -> list[str]:
+        read: list[str] = []
+        real = module.safe_open
+
+        class Recording:
+            def __init__(self, *a, **k):
+                self.f = real(*a, **k)
+
+            def __enter__(self):
+                self.f.__enter__()
+                return self
+
+            def __exit__(self, *exc):
+                return self.f.__exit__(*exc)
+
+            def get_tensor(self, name):
+                read.append(name)
+                return self.f.get_tensor(name)
+
+            def __getattr__(self, name):
+                return getattr(self.f, name)
+
+        monkeypatch.setattr(module, "safe_open", Recording)
+        return read
+
+    return install

@@ -11,7 +11,6 @@ import csv
 import json
 import subprocess
 import sys
-import typing
 from pathlib import Path
 
 import numpy as np
@@ -108,37 +107,11 @@ def test_blocks_past_the_deepest_requested_layer_are_not_run(ours):
             hook.remove()
 
 
-class _Spy:
-    """safe_open that records which tensors are read."""
-
-    read: typing.ClassVar[list[str]] = []
-
-    def __init__(self, *a, **k):
-        from safetensors import safe_open
-
-        self.f = safe_open(*a, **k)
-
-    def __enter__(self):
-        self.f.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.f.__exit__(*exc)
-
-    def get_tensor(self, k):
-        _Spy.read.append(k)
-        return self.f.get_tensor(k)
-
-    def __getattr__(self, name):
-        return getattr(self.f, name)
-
-
-def test_truncated_tower_matches_and_never_reads_the_dropped_block_or_the_head(ckpt, hf, ours, monkeypatch):
-    monkeypatch.setattr(siglip_so400m.weights, "safe_open", _Spy)
-    _Spy.read = []
+def test_truncated_tower_matches_and_never_reads_the_dropped_block_or_the_head(ckpt, hf, ours, record_reads):
+    reads = record_reads(siglip_so400m.weights)
     cut, _ = siglip_so400m.load(ckpt, towers=("vision",), vision_layers=L - 1)
     assert len(cut.vision_model.encoder.layers) == L - 1 and cut.vision_model.head is None
-    read = set(_Spy.read)
+    read = set(reads)
     assert "vision_model.encoder.layers.0.mlp.fc1.weight" in read
     assert "vision_model.post_layernorm.weight" in read  # kept: norm=True still works
     dropped = [k for k in read if k.startswith((f"vision_model.encoder.layers.{L - 1}.",

@@ -293,38 +293,14 @@ def test_concurrent_cache_writers_lose_no_labels(tiny_ckpt, tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))  # no temporary file left behind
 
 
-def test_warm_cache_reads_each_label_embedding_once(tiny_ckpt, tmp_path, capsys, monkeypatch):
+def test_warm_cache_reads_each_label_embedding_once(tiny_ckpt, tmp_path, capsys, record_reads):
     from siglip_so400m import zeroshot
     from siglip_so400m.cli import zero_shot_main
 
     args = [str(tiny_ckpt / "nothing.png"), "--labels", *SHAPE_LABELS, "--model", str(tiny_ckpt),
             "--dtype", "float32", "--cache-dir", str(tmp_path)]
     zero_shot_main(args)  # fills the cache (the image is missing: reported, exit 1)
-    reads = []
-    real = zeroshot.safe_open
-
-    class Counting:
-        def __init__(self, *a, **k):
-            self.f = real(*a, **k)
-
-        def __enter__(self):
-            self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def metadata(self):
-            return self.f.metadata()
-
-        def keys(self):
-            return self.f.keys()
-
-        def get_tensor(self, name):
-            reads.append(name)
-            return self.f.get_tensor(name)
-
-    monkeypatch.setattr(zeroshot, "safe_open", Counting)
+    reads = record_reads(zeroshot)
     zero_shot_main(args)
     capsys.readouterr()
     assert len(reads) == len(SHAPE_LABELS)

@@ -98,31 +98,8 @@ def test_from_scratch_init_uses_the_papers_temperature_and_bias(tiny_config):
     assert w.std().item() == pytest.approx(math.sqrt(1 / 147), rel=0.1)
 
 
-def test_each_tower_loads_alone_without_reading_the_other(tiny_ckpt, inputs, tiny, monkeypatch):
-    import safetensors
-
-    read: list[str] = []
-    real_open = safetensors.safe_open
-
-    class Spy:
-        def __init__(self, *a, **k):
-            self.f = real_open(*a, **k)
-
-        def __enter__(self):
-            self.f.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-        def get_tensor(self, k):
-            read.append(k)
-            return self.f.get_tensor(k)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-    monkeypatch.setattr(siglip_so400m.weights, "safe_open", Spy)
+def test_each_tower_loads_alone_without_reading_the_other(tiny_ckpt, inputs, tiny, record_reads):
+    read = record_reads(siglip_so400m.weights)
     pixels, ids = inputs
     full, _ = tiny
     vision, _ = siglip_so400m.load(tiny_ckpt, towers=("vision",))
