@@ -285,6 +285,12 @@ def test_npz_loads_to_the_model_it_was_written_from(stacked, prefix, npz_source,
         torch.testing.assert_close(img, out.image_embeds, atol=1e-5, rtol=0)
         torch.testing.assert_close(txt, out.text_embeds, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(pixels, ids), out.logits_per_image, atol=1e-3, rtol=0)
+    # In bf16 too, t' and b stay float32, as from safetensors: bf16 would move the logits.
+    bf16, _ = siglip_so400m.load(npz, dtype=torch.bfloat16)
+    assert bf16.vision_model.post_layernorm.weight.dtype == torch.bfloat16
+    for name in ("logit_scale", "logit_bias"):
+        assert getattr(bf16, name).dtype == torch.float32
+        torch.testing.assert_close(getattr(bf16, name), getattr(model, name), atol=0, rtol=0)
 
 
 def test_i18n_npz_without_text_head_gets_the_identity_head(tokenizer_models, tmp_path):

@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .weights import FP32_KEYS
+
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
            and hasattr(torch.ops.onednn, "qlinear_pointwise")
            and hasattr(torch.ops.onednn, "qlinear_prepack"))
@@ -129,7 +131,7 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn:
         for name, p in module.named_parameters():
             p.requires_grad_(False)
             if not p.is_meta:
-                # t' and b stay float32 whatever the dtype: bf16 would move the logits by up to 0.09.
-                keep = torch.float32 if name.split(".")[-1] in ("logit_scale", "logit_bias") else dtype
+                # t' and b stay float32 whatever the dtype, as every load keeps them (weights.py).
+                keep = torch.float32 if name in FP32_KEYS else dtype
                 p.data = p.data.to(keep, copy=True)
     return count

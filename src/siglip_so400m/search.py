@@ -186,7 +186,7 @@ class Index:
         import torch
 
         from .api import load
-        from .weights import logit_params, resolve
+        from .weights import resolve
 
         if self._model is not None and tower in self._model.towers:
             return self._model, self._processor
@@ -200,8 +200,8 @@ class Index:
         self._model, self._processor = load(
             ckpt, dtype=None if quantize else getattr(torch, precision), device=self._device,
             towers=towers, quantize=quantize)
-        # t' and b as the checkpoint stores them, in float32, whatever dtype the towers run in.
-        self._logit = logit_params(ckpt)
+        # t' and b as the checkpoint stores them: every load keeps them in float32.
+        self._logit = (self._model.logit_scale.item(), self._model.logit_bias.item())
         return self._model, self._processor
 
     def embed_texts(self, texts: Sequence[str]) -> np.ndarray:

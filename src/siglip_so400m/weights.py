@@ -323,29 +323,24 @@ def _npz_state(ckpt: Checkpoint, expected: dict[str, tuple[int, ...]], dtype: to
         if ours != theirs:
             raise CheckpointError(f"{path} has {theirs} layers where its config has {what} = {ours}: the "
                                   "config does not match these weights (leave config= out to infer it)")
-    prefix = "params/" if _has_params_prefix(path) else ""
     with np.load(path) as npz:
+        prefix = bigvision.strip_prefix(npz.files)
         state = bigvision.to_state_dict(_NpzArrays(npz, prefix), cfg, keys=set(expected))
     wrong = [f"{k}: file {tuple(v.shape)} vs config {expected[k]}"
              for k, v in state.items() if tuple(v.shape) != expected[k]]
     if wrong:
         raise CheckpointError(f"{path} does not fit its config: wrong shapes: {_cut(wrong)} (the config "
                               "does not match these weights; leave config= out to infer it)")
-    return {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
-
-
-def _has_params_prefix(path: Path) -> bool:
-    with zipfile.ZipFile(path) as z:
-        return any(n.startswith("params/") for n in z.namelist())
+    return {k: v.to(device=device, dtype=torch.float32 if k in FP32_KEYS else dtype)  # as load_weights
+            for k, v in state.items()}
 
 
 def logit_params(ckpt: Checkpoint) -> tuple[float, float]:
     """(t', b): the checkpoint's logit_scale and logit_bias as stored, in float32 whatever dtype the
     model was loaded in (a bf16 t' = 4.72 would move exp(t') by 0.4%, and every sigmoid with it)."""
     if ckpt.weight_files[0].suffix == ".npz":  # big_vision stores them as params/t and params/b
-        path = ckpt.weight_files[0]
-        prefix = "params/" if _has_params_prefix(path) else ""
-        with np.load(path) as npz:
+        with np.load(ckpt.weight_files[0]) as npz:
+            prefix = bigvision.strip_prefix(npz.files)
             if prefix + "t" in npz.files and prefix + "b" in npz.files:
                 return (float(np.asarray(npz[prefix + "t"], np.float32).reshape(-1)[0]),
                         float(np.asarray(npz[prefix + "b"], np.float32).reshape(-1)[0]))
