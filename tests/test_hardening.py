@@ -79,6 +79,9 @@ def test_fast_linear_falls_back_to_f_linear_when_the_onednn_probe_fails(fresh_pr
         raise RuntimeError("mkldnn::_linear_pointwise: no kernel for this build")
 
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", broken)
+    # Reach the probe's call on every CPU: without this, a CPU with no oneDNN bf16 (an AVX2 EPYC)
+    # is refused before the broken op is tried, and the test would not test the fallback.
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     layer, x = linear_inputs(dtype)
     with caplog.at_level("DEBUG", logger="siglip_so400m.kernels"), torch.inference_mode():
         first = fresh_probe.linear(x, layer, gelu=True)
