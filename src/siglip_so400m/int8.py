@@ -14,12 +14,14 @@ Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API
   quantization lowers to) on a weight packed once for it, with scale, bias and GELU fused, writing
   the output in the activations' dtype. At so400m's shapes on an AMX Xeon it measured faster than
   `torch._int_mm` itself (microbenchmarks; scripts/int8_routes.py compares the routes).
-- elsewhere (no oneDNN: ARM, builds without mkldnn), `torch._int_mm` (int8 x int8 -> int32) on the
-  pre-transposed weight, then the scale and bias in one `addcmul`.
+- elsewhere (no oneDNN: ARM, builds without mkldnn; or where a one-time probe finds oneDNN's result
+  wrong for the activations' dtype, as on an AVX2-only EPYC with float32), `torch._int_mm`
+  (int8 x int8 -> int32) on the pre-transposed weight, then the scale and bias in one `addcmul`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 
@@ -32,6 +34,42 @@ from .weights import FP32_KEYS
 _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
            and hasattr(torch.ops.onednn, "qlinear_pointwise")
            and hasattr(torch.ops.onednn, "qlinear_prepack"))
+_log = logging.getLogger(__name__)
+_onednn_works: dict[torch.dtype, bool] = {}
+
+
+def onednn_works(dtype: torch.dtype) -> bool:
+    """Whether oneDNN's int8 matmul gives the right numbers here for activations in `dtype`: probed
+    once per dtype against torch._int_mm on the same int8 operands (exact integer sums).
+
+    Not an idle check: on an AMD EPYC with AVX2 only (no VNNI, no AVX-512), torch 2.13's
+    qlinear_pointwise with float32 activations was 11-38% off (bf16 was exact), which made
+    `--dtype int8` embeddings silently wrong there."""
+    works = _onednn_works.get(dtype)
+    if works is None:
+        works = _onednn_works[dtype] = _probe_onednn(dtype)
+    return works
+
+
+def _probe_onednn(dtype: torch.dtype) -> bool:
+    if not _ONEDNN:
+        return False
+    try:
+        g = torch.Generator().manual_seed(0)
+        layer = nn.Linear(64, 48)
+        x = torch.randn(17, 64, generator=g).to(dtype)
+        with torch.inference_mode():
+            got = _matmul(x, quantize_weight(layer.weight, layer.bias, True)).float()
+            ref = _matmul(x, quantize_weight(layer.weight, layer.bias, False)).float()
+        # The same int8 operands: only the output's own rounding may differ (bf16: 2^-8 relative).
+        tol = 1e-4 if dtype == torch.float32 else 2**-7
+        if not torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item()):
+            raise RuntimeError(f"its result is {((got - ref).abs().max() / ref.abs().max()).item():.1%} "
+                               "off torch._int_mm's on the same int8 operands")
+    except Exception as e:  # a private op that fails or is wrong is not used
+        _log.debug("oneDNN int8 matmul not used for %s activations, torch._int_mm instead: %s", dtype, e)
+        return False
+    return True
 
 
 @dataclass
@@ -46,10 +84,11 @@ class Int8Weight:
     out_features: int
 
 
-def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = None) -> Int8Weight:
+def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = None,
+                    dtype: torch.dtype = torch.float32) -> Int8Weight:
     """(N, K) float weight -> int8, symmetric, one scale per output channel, packed for oneDNN where
-    it is available (onednn=None) or asked for, else laid out for torch._int_mm."""
-    onednn = _ONEDNN if onednn is None else onednn
+    it works for activations in `dtype` (onednn=None) or where asked, else laid out for torch._int_mm."""
+    onednn = onednn_works(dtype) if onednn is None else onednn
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
     q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K)
@@ -97,8 +136,11 @@ def _quantize_cached(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def linear(x: Tensor, w: Int8Weight, gelu: bool = False) -> Tensor:
     """x @ W^T + b (then tanh-GELU if asked) on int8 weights; (..., K) -> (..., N) in x's dtype."""
-    lead = x.shape[:-1]
-    q, s = _quantize_cached(x)
+    return _matmul(x, w, gelu, _quantize_cached(x)).view(*x.shape[:-1], w.out_features)
+
+
+def _matmul(x: Tensor, w: Int8Weight, gelu: bool = False, qs: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    q, s = qs or quantize_activation(x.reshape(-1, x.shape[-1]))  # (M, K) int8, () scale
     if w.onednn:
         y = torch.ops.onednn.qlinear_pointwise(
             q, s.item(), 0, w.weight, w.scale, w.zero_points, w.bias, 1.0, 0, x.dtype,
@@ -108,7 +150,7 @@ def linear(x: Tensor, w: Int8Weight, gelu: bool = False) -> Tensor:
         scale = s * w.scale
         y = torch.addcmul(w.bias, acc, scale) if w.bias is not None else acc * scale
         y = (F.gelu(y, approximate="tanh") if gelu else y).to(x.dtype)
-    return y.view(*lead, w.out_features)
+    return y  # (M, N)
 
 
 def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn: bool | None = None) -> int:
@@ -122,7 +164,7 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn:
     count = 0
     for m in module.modules():
         if isinstance(m, nn.Linear):
-            m.int8 = quantize_weight(m.weight, m.bias, onednn)
+            m.int8 = quantize_weight(m.weight, m.bias, onednn, dtype)
             m.weight = nn.Parameter(m.weight.to("meta"), requires_grad=False)
             if m.bias is not None:
                 m.bias = nn.Parameter(m.bias.to("meta"), requires_grad=False)
