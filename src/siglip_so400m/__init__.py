@@ -51,6 +51,10 @@ def __getattr__(name: str):
         from .embedding import embed
 
         return embed
+    if name == "evaluate":  # siglip_so400m.evaluate.zero_shot(...) without importing it first
+        import importlib
+
+        return importlib.import_module(".evaluate", __name__)
     if name == "Index":
         from .search import Index
 

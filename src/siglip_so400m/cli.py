@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("dedup", help="groups of near-duplicate images in an embedded collection",
                    add_help=False)
     sub.add_parser("serve", help="serve embeddings, zero-shot and search over HTTP", add_help=False)
+    sub.add_parser("eval", help="benchmark numbers: zero-shot accuracy, retrieval recall@k", add_help=False)
     args, rest = p.parse_known_args(argv)
     prog = f"siglip-so400m {args.command}"
     if args.command == "zero-shot":
@@ -327,6 +328,10 @@ def main(argv: list[str] | None = None) -> int:
         from .serve import serve_main
 
         return serve_main(rest, prog=prog)
+    if args.command == "eval":
+        from .evaluate.cli import eval_main
+
+        return eval_main(rest, prog=prog)
     if args.command == "embed":
         from .embedding import main as embed_main
 

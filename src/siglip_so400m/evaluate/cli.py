@@ -1,0 +1,119 @@
+"""`siglip-so400m eval zero-shot DATA` and `siglip-so400m eval retrieval PAIRS`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+from ..weights import DEFAULT_REPO
+
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--embeddings", type=Path, metavar="DIR", help="an `siglip-so400m embed` output folder "
+                   "holding these images (made with the same --model): they are not embedded again")
+    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA and on CPUs "
+                   "with native bf16, else float32; float32 gives transformers' numbers")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default: 2; 0: none)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--dataset-name", help="the `dataset` of the result JSON (default: DATA's name)")
+    p.add_argument("--json", action="store_true", help="print clip_benchmark's result JSON (dataset, "
+                   "model, task, metrics) instead of the table")
+
+
+def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Benchmark numbers with clip_benchmark's "
+                                "definitions: zero-shot accuracy, retrieval recall@k.")
+    sub = p.add_subparsers(dest="task", required=True, metavar="TASK")
+    z = sub.add_parser("zero-shot", help="zero-shot classification: acc@1, acc@5, mean per-class recall",
+                       description="DATA: an ImageFolder (one folder per class), a .csv/.parquet with an "
+                       "image and a label column, or webdataset .tar shards with a .cls member per sample.")
+    z.add_argument("data", metavar="DATA")
+    z.add_argument("--classes", metavar="FILE|imagenet1k", help="class names, one a line in the order of "
+                   "the sorted class folders (or of the label indices), or folder<TAB>name lines; "
+                   "imagenet1k: the 1000 shipped names (default: the folder names or labels)")
+    templates = z.add_mutually_exclusive_group()
+    templates.add_argument("--templates", choices=("siglip", "imagenet"), default="siglip",
+                           help="siglip: 'This is a photo of {}.'; imagenet: CLIP's 80 ImageNet prompts "
+                           "(default: %(default)s)")
+    templates.add_argument("--templates-file", type=Path, help="templates, one a line, {} for the class")
+    z.add_argument("--predictions", type=Path, metavar="FILE", help="write one JSON line per image: path, "
+                   "label, top5 (class names, best first)")
+    _common(z)
+    r = sub.add_parser("retrieval", help="image<->text retrieval: recall@k both ways",
+                       description="PAIRS: a .csv/.parquet with an image and a caption column (one row per "
+                       "caption, or a list of captions), or webdataset .tar shards whose .txt holds an "
+                       "image's captions one a line.")
+    r.add_argument("data", metavar="PAIRS")
+    r.add_argument("--recall-k", type=int, nargs="+", default=[1, 5, 10], metavar="K",
+                   help="the k of recall@k (default: 1 5 10)")
+    _common(r)
+    args = p.parse_args(argv)
+    if args.batch_size < 1 or args.workers < 0:
+        p.error("--batch-size must be at least 1 and --workers at least 0")
+
+    import torch
+
+    from ..weights import CheckpointError
+    from . import EvalError, retrieval, zero_shot
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    common = dict(model=args.model, revision=args.revision, embeddings=args.embeddings,
+                  dtype=None if args.dtype == "auto" else args.dtype,
+                  device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
+                  workers=args.workers, dataset=args.dataset_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
+        try:
+            if args.task == "zero-shot":
+                result = zero_shot(args.data, classes=args.classes,
+                                   templates=args.templates_file or args.templates, **common)
+            else:
+                result = retrieval(args.data, recall_k=args.recall_k, **common)
+        except (EvalError, CheckpointError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+    predictions = result.pop("predictions", None)
+    if args.task == "zero-shot" and args.predictions:
+        try:
+            with open(args.predictions, "w", encoding="utf-8") as f:
+                f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in predictions)
+        except OSError as e:
+            print(f"error: cannot write --predictions {args.predictions}: {e}", file=sys.stderr)
+            return 1
+    if args.json:
+        print(json.dumps(result, indent=2, ensure_ascii=False))
+    else:
+        print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    m = result["metrics"]
+    print(f"{result['task']} on {result['dataset']}: model {result['model']}, {result['dtype']}")
+    if result["task"] == "zeroshot_classification":
+        width = max(12, *(len(row["class"]) for row in result["per_class"]))
+        print(f"\n{'class':<{width}}  images  top-1  recall")
+        for row in result["per_class"]:
+            recall = "" if row["recall"] is None else f"{row['recall']:7.2%}"
+            print(f"{row['class']:<{width}}  {row['images']:6d}  {row['top1_correct']:5d}  {recall}")
+        print(f"\n{result['images']} images, {result['classes']} classes, {result['templates']} templates")
+        print(f"acc@1                  {m['acc1']:8.2%}")
+        print(f"acc@5                  {m['acc5']:8.2%}")
+        print(f"mean per-class recall  {m['mean_per_class_recall']:8.2%}")
+    else:
+        print(f"\n{result['images']} images, {result['captions']} captions")
+        ks = sorted({int(k.rsplit('@', 1)[1]) for k in m})
+        print("recall@k        " + "".join(f"{f'@{k}':>9}" for k in ks))
+        print("text -> image   " + "".join(f"{m[f'image_retrieval_recall@{k}']:9.2%}" for k in ks))
+        print("image -> text   " + "".join(f"{m[f'text_retrieval_recall@{k}']:9.2%}" for k in ks))

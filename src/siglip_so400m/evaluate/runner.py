@@ -1,0 +1,216 @@
+"""Running an evaluation: the model loaded once, the images embedded once (with embed's decoding
+workers, or read from an `embed` output folder), the texts embedded, the metrics computed."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..api import Processor
+from ..embedding import Item, _Decode, _worker_init
+from ..model import SigLIP
+from ..weights import DEFAULT_REPO
+from ..zeroshot import embed_labels
+from .inputs import EvalError, item_name, read_classes, read_labelled, read_pairs, read_templates
+from .metrics import classification_metrics, retrieval_metrics
+
+ModelSpec = str | os.PathLike | tuple[SigLIP, Processor]
+_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+class Loaded:
+    """The model and processor, with the names the result JSON reports."""
+
+    def __init__(self, model: ModelSpec, revision: str | None, dtype: str | torch.dtype | None,
+                 device: str | torch.device | None, towers: tuple[str, ...]):
+        from ..api import load, pick_device, pick_dtype
+        from ..weights import resolve
+
+        if isinstance(model, tuple):
+            self.net, self.processor = model
+            ckpt = getattr(self.net, "checkpoint", None)
+        else:
+            dev = pick_device(None if device in (None, "auto") else str(device))
+            quantize = "int8" if dtype == "int8" else None
+            if quantize:
+                torch_dtype = None
+            elif isinstance(dtype, torch.dtype):
+                torch_dtype = dtype
+            elif dtype in (None, "auto"):
+                torch_dtype = pick_dtype(dev)  # embed's fast default: bf16 on CUDA and AMX CPUs
+            else:
+                torch_dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype))
+            ckpt = resolve(model, revision=revision)
+            self.net, self.processor = load(ckpt, dtype=torch_dtype, device=dev, towers=towers,
+                                            quantize=quantize)
+        # embed records a local model by its absolute path and a Hub model by its name and commit.
+        self.name = None if ckpt is None else ckpt.name if ckpt.revision else str(Path(ckpt.name).resolve())
+        self.revision = None if ckpt is None else ckpt.revision
+        self.device = next(self.net.parameters()).device
+        self.precision = self.net.precision
+
+
+def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, batch_size: int = 32,
+                workers: int = 2, progress: bool | None = None) -> Tensor:
+    """(N, D) float32 unit image embeddings of the items, in order, decoded by embed's worker
+    processes. An unreadable image stops the evaluation (named, with the others), since a metric over
+    fewer images than the set has is not the set's metric."""
+    from tqdm import tqdm
+
+    device = next(net.parameters()).device
+    work = [(0, pos, item) for pos, item in enumerate(items)]
+    loader = torch.utils.data.DataLoader(
+        _Decode(work, processor.image), batch_size=None, shuffle=False, num_workers=workers,
+        worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
+    shown = progress if progress is not None else sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    bar = tqdm(total=len(work), unit="img", desc="images", file=sys.stderr, disable=not shown)
+    out, pending, errors = [], [], []
+
+    def flush() -> None:
+        with torch.inference_mode():
+            x = net.encode_image(torch.stack(pending).to(device))
+            out.append(F.normalize(x.float(), dim=-1))  # (B, D)
+        pending.clear()
+
+    for sample in loader:
+        result = sample[2]  # (part, position, pixels or error string, ...)
+        if isinstance(result, str):
+            errors.append(result)
+        else:
+            pending.append(result)
+            if len(pending) == batch_size:
+                flush()
+        bar.update(1)
+    if pending:
+        flush()
+    bar.close()
+    if errors:
+        raise EvalError(f"{len(errors)} of {len(items)} images cannot be read, so the metrics would not be "
+                        "the set's: " + "; ".join(errors[:5]) + ("; ..." if len(errors) > 5 else ""))
+    if not out:
+        return torch.zeros(0, net.config.vision_config.hidden_size, device=device)
+    return torch.cat(out)
+
+
+def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loaded: Loaded) -> Tensor:
+    """The items' rows of an `embed` output folder, (N, D) float32 (stored float16) on the model's
+    device. The folder must come from the same model; every item must be in it."""
+    from ..search import Collection, SearchError
+
+    try:
+        coll = Collection(folder)
+    except SearchError as e:
+        raise EvalError(str(e)) from None
+    made = coll.manifest.get("model"), coll.manifest.get("revision")
+    if loaded.name is not None and made != (loaded.name, loaded.revision):
+        raise EvalError(f"{folder} holds embeddings of {made[0]} (revision {made[1]}), not of "
+                        f"{loaded.name} (revision {loaded.revision}): pass the same --model, or embed again")
+
+    def key(path: str | None, shard: str | None, k: str | None) -> tuple:
+        # Absolute paths, so that an embed run from another working directory still matches.
+        return (str(Path(path).resolve()),) if path else (str(Path(shard).resolve()), k)
+
+    rows = {}
+    for i in range(len(coll)):
+        m = coll.metadata(i)
+        rows.setdefault(key(m.get("image_path"), m.get("shard"), m.get("key")), i)
+    ids, missing = [], []
+    for item in items:
+        i = rows.get(key(item.path, item.shard, item.key))
+        if i is None:
+            missing.append(item_name(item))
+        ids.append(i)
+    if missing:
+        raise EvalError(f"{len(missing)} of the {len(items)} images are not in {folder} (first: "
+                        f"{missing[0]}); embed the same images: siglip-so400m embed DATA --recursive "
+                        "--output DIR")
+    return torch.from_numpy(coll.vectors(np.array(ids, dtype=np.int64))).to(loaded.device)
+
+
+def _images(loaded: Loaded, items: list[Item], embeddings, batch_size: int, workers: int,
+            progress: bool | None) -> Tensor:
+    if embeddings is not None:
+        return embeddings_from_folder(embeddings, items, loaded)
+    return embed_items(loaded.net, loaded.processor, items, batch_size=batch_size, workers=workers,
+                       progress=progress)
+
+
+def _texts(loaded: Loaded, texts: list[str], batch_size: int) -> Tensor:
+    """(T, D) float32 unit caption embeddings."""
+    out = []
+    with torch.inference_mode():
+        for s in range(0, len(texts), batch_size):
+            ids = loaded.processor.texts(texts[s : s + batch_size]).to(loaded.device)
+            out.append(F.normalize(loaded.net.encode_text(ids).float(), dim=-1))
+    return torch.cat(out)
+
+
+def _result(task: str, loaded: Loaded, dataset: str, metrics: dict, **extra) -> dict:
+    # clip_benchmark's result JSON (dataset, model, pretrained, task, metrics, language), so that our
+    # numbers sit beside open_clip's tables; what we add comes after.
+    return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.revision, "task": task,
+            "metrics": metrics, "language": "en", "dtype": loaded.precision, **extra}
+
+
+def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revision: str | None = None,
+              classes: str | os.PathLike | Sequence[str] | None = None,
+              templates: str | os.PathLike | Sequence[str] | None = None,
+              embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+              device: str | torch.device | None = None, batch_size: int = 32, text_batch_size: int = 256,
+              workers: int = 2, progress: bool | None = None, dataset: str | None = None) -> dict:
+    """Zero-shot classification accuracy on a labelled set (see inputs.read_labelled).
+
+    Each class is embedded as the normalized mean of the normalized embeddings of its name in every
+    template (CLIP's and clip_benchmark's prompt ensemble). classes: "imagenet1k", a file or a list
+    (default: the folder names or labels); templates: "imagenet" (CLIP's 80), "siglip" (the default,
+    one prompt), a file or a list. embeddings: an `embed` output folder holding the images, so they are
+    not embedded again. dtype: None for the device's fast dtype, "float32" for transformers' numbers.
+    Returns clip_benchmark's result dict ({acc1, acc5, mean_per_class_recall} under "metrics") with
+    "per_class" rows and "predictions" ({path, label, top5} per image, class names best first).
+    """
+    templates = read_templates(templates)
+    labelled = read_labelled(data, read_classes(classes))
+    towers = ("text",) if embeddings is not None else ("vision", "text")
+    loaded = Loaded(model, revision, dtype, device, towers)
+    if loaded.processor.tokenizer is None:
+        raise EvalError("the checkpoint has no tokenizer to embed the class names with")
+    class_emb = embed_labels(loaded.net, loaded.processor.tokenizer, labelled.classes, templates,
+                             text_batch_size).to(loaded.device)  # (C, D)
+    image_emb = _images(loaded, labelled.items, embeddings, batch_size, workers, progress)  # (N, D)
+    metrics, top, per_class = classification_metrics(image_emb, class_emb, torch.tensor(labelled.targets))
+    names = labelled.classes
+    for row in per_class:
+        row["class"] = names[row["class"]]
+    predictions = [{"path": item_name(item), "label": names[t], "top5": [names[j] for j in row]}
+                   for item, t, row in zip(labelled.items, labelled.targets, top.tolist(), strict=True)]
+    return _result("zeroshot_classification", loaded, dataset or Path(str(data)).name, metrics,
+                   images=len(labelled.items), classes=len(names), templates=len(templates),
+                   per_class=per_class, predictions=predictions)
+
+
+def retrieval(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revision: str | None = None,
+              embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
+              device: str | torch.device | None = None, recall_k: Sequence[int] = (1, 5, 10),
+              batch_size: int = 32, text_batch_size: int = 256, workers: int = 2,
+              progress: bool | None = None, dataset: str | None = None) -> dict:
+    """Text -> image and image -> text recall@k on image-caption pairs (see inputs.read_pairs), with
+    clip_benchmark's keys image_retrieval_recall@k and text_retrieval_recall@k."""
+    if not recall_k or any(k < 1 for k in recall_k):
+        raise EvalError("recall@k needs k of at least 1")
+    pairs = read_pairs(data)
+    towers = ("text",) if embeddings is not None else ("vision", "text")
+    loaded = Loaded(model, revision, dtype, device, towers)
+    texts = [c for caps in pairs.captions for c in caps]
+    text_image = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])  # (T,)
+    text_emb = _texts(loaded, texts, text_batch_size)  # (T, D)
+    image_emb = _images(loaded, pairs.items, embeddings, batch_size, workers, progress)  # (I, D)
+    metrics = retrieval_metrics(image_emb, text_emb, text_image, sorted(set(recall_k)))
+    return _result("zeroshot_retrieval", loaded, dataset or Path(str(data)).name, metrics,
+                   images=len(pairs.items), captions=len(texts))
