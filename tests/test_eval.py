@@ -27,6 +27,8 @@ TEMPLATES = ["a photo of {}.", "a drawing of {}", "{}, in a picture"]
 
 
 def run(capsys, *args) -> tuple[int, str, str]:
+    if args[0] == "zero-shot" and "--cache-dir" not in args:
+        args = (*args, "--no-cache")  # never the user's ~/.cache
     try:
         code = main(["eval", *map(str, args)])
     except SystemExit as e:
@@ -96,7 +98,7 @@ def test_zero_shot_metrics_and_top5_equal_the_definition_on_transformers_siglip(
     tfile.write_text("\n".join(TEMPLATES) + "\n")
     code, out, err = run(capsys, "zero-shot", folder, "--model", tiny_ckpt, "--dtype", "float32",
                          "--templates-file", tfile, "--json", "--predictions", tmp_path / "pred.jsonl",
-                         "--workers", "0")
+                         "--workers", "0", "--cache-dir", tmp_path / "cache")
     assert code == 0, err
     result = json.loads(out)
     ref, top5, files, gap = reference_zero_shot(tiny_ckpt, folder, TEMPLATES)
@@ -216,13 +218,16 @@ def test_an_embed_folder_is_read_instead_of_embedding_again(tiny_ckpt, tmp_path)
                         recursive=True, part_size=10)  # 3 parts
     from siglip_so400m.evaluate import runner
 
-    def no_image_tower(*a, **k):
-        raise AssertionError("the images were embedded again")
+    def not_again(*a, **k):
+        raise AssertionError("embedded again")
 
     import unittest.mock
 
-    with unittest.mock.patch.object(runner, "embed_items", no_image_tower):
-        stored = zero_shot(folder, embeddings=tmp_path / "emb", **kw)
+    # With the class embeddings cached by a first run, the text tower is not run either.
+    zero_shot(folder, cache_dir=tmp_path / "cache", **kw)
+    with unittest.mock.patch.object(runner, "embed_items", not_again), \
+            unittest.mock.patch.object(runner, "embed_labels", not_again):
+        stored = zero_shot(folder, embeddings=tmp_path / "emb", cache_dir=tmp_path / "cache", **kw)
     # float16 storage moves scores by ~1e-3 of their spread at most: the same rankings here.
     assert stored["metrics"] == direct["metrics"]
     assert [p["top5"] for p in stored["predictions"]] == [p["top5"] for p in direct["predictions"]]

@@ -45,6 +45,9 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                            help="siglip: 'This is a photo of {}.'; imagenet: CLIP's 80 ImageNet prompts "
                            "(default: %(default)s)")
     templates.add_argument("--templates-file", type=Path, help="templates, one a line, {} for the class")
+    z.add_argument("--cache-dir", type=Path, help="class-embedding cache, shared with zero-shot "
+                   "(default: ~/.cache/siglip_so400m)")
+    z.add_argument("--no-cache", action="store_true", help="neither read nor write the class cache")
     z.add_argument("--predictions", type=Path, metavar="FILE", help="write one JSON line per image: path, "
                    "label, top5 (class names, best first)")
     _common(z)
@@ -76,7 +79,10 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
         try:
             if args.task == "zero-shot":
-                result = zero_shot(args.data, classes=args.classes,
+                from ..zeroshot import default_cache_dir
+
+                cache = None if args.no_cache else args.cache_dir or default_cache_dir()
+                result = zero_shot(args.data, classes=args.classes, cache_dir=cache,
                                    templates=args.templates_file or args.templates, **common)
             else:
                 result = retrieval(args.data, recall_k=args.recall_k, **common)

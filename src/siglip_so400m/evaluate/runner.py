@@ -134,6 +134,34 @@ def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loa
     return torch.from_numpy(coll.vectors(np.array(ids, dtype=np.int64))).to(loaded.device)
 
 
+def embed_classes(loaded: Loaded, classes: list[str], templates: list[str], batch_size: int,
+                  cache_dir: str | os.PathLike | None, progress: bool | None) -> Tensor:
+    """(C, D) float32 class embeddings, zero-shot's definition (zeroshot.embed_labels), a few classes
+    at a time for the progress bar; with cache_dir, read from and written to zero-shot's label cache."""
+    from tqdm import tqdm
+
+    from ..zeroshot import LabelCache
+
+    ckpt = getattr(loaded.net, "checkpoint", None)
+    cache = LabelCache(cache_dir, ckpt, loaded.processor.tokenizer, templates, loaded.precision) \
+        if cache_dir is not None and ckpt is not None else None
+    done = cache.get(classes) if cache else {}
+    todo = [c for c in dict.fromkeys(classes) if c not in done]  # a name listed twice: embedded once
+    shown = progress if progress is not None else sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    step = max(1, batch_size // len(templates))
+    with tqdm(total=len(todo) * len(templates), unit="text", desc="class prompts", file=sys.stderr,
+              disable=not shown or not todo) as bar:
+        for s in range(0, len(todo), step):
+            chunk = todo[s : s + step]
+            emb = embed_labels(loaded.net, loaded.processor.tokenizer, chunk, templates, batch_size).cpu()
+            fresh = dict(zip(chunk, emb, strict=True))
+            done.update(fresh)
+            if cache:
+                cache.put(fresh)
+            bar.update(len(chunk) * len(templates))
+    return torch.stack([done[c] for c in classes]).to(loaded.device)
+
+
 def _images(loaded: Loaded, items: list[Item], embeddings, batch_size: int, workers: int,
             progress: bool | None) -> Tensor:
     if embeddings is not None:
@@ -164,14 +192,17 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
               templates: str | os.PathLike | Sequence[str] | None = None,
               embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, batch_size: int = 32, text_batch_size: int = 256,
-              workers: int = 2, progress: bool | None = None, dataset: str | None = None) -> dict:
+              workers: int = 2, progress: bool | None = None, dataset: str | None = None,
+              cache_dir: str | os.PathLike | None = None) -> dict:
     """Zero-shot classification accuracy on a labelled set (see inputs.read_labelled).
 
     Each class is embedded as the normalized mean of the normalized embeddings of its name in every
     template (CLIP's and clip_benchmark's prompt ensemble). classes: "imagenet1k", a file or a list
     (default: the folder names or labels); templates: "imagenet" (CLIP's 80), "siglip" (the default,
     one prompt), a file or a list. embeddings: an `embed` output folder holding the images, so they are
-    not embedded again. dtype: None for the device's fast dtype, "float32" for transformers' numbers.
+    not embedded again. cache_dir: keep the class embeddings there (zero-shot's label cache), so that
+    ImageNet's 80 000 prompts go through the text tower once per checkpoint and dtype.
+    dtype: None for the device's fast dtype, "float32" for transformers' numbers.
     Returns clip_benchmark's result dict ({acc1, acc5, mean_per_class_recall} under "metrics") with
     "per_class" rows and "predictions" ({path, label, top5} per image, class names best first).
     """
@@ -181,8 +212,8 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
     loaded = Loaded(model, revision, dtype, device, towers)
     if loaded.processor.tokenizer is None:
         raise EvalError("the checkpoint has no tokenizer to embed the class names with")
-    class_emb = embed_labels(loaded.net, loaded.processor.tokenizer, labelled.classes, templates,
-                             text_batch_size).to(loaded.device)  # (C, D)
+    class_emb = embed_classes(loaded, labelled.classes, templates, text_batch_size, cache_dir,
+                              progress)  # (C, D)
     image_emb = _images(loaded, labelled.items, embeddings, batch_size, workers, progress)  # (N, D)
     metrics, top, per_class = classification_metrics(image_emb, class_emb, torch.tensor(labelled.targets))
     names = labelled.classes
