@@ -210,6 +210,28 @@ def test_retrieval_recalls_equal_the_definition_on_transformers_siglip(capsys, t
     assert code == 0 and f"{ref['image_retrieval_recall@5']:9.2%}" in out.splitlines()[-2]
 
 
+def test_retrieval_reads_parquet_caption_lists_and_webdataset_shards_as_the_csv(tiny_ckpt, tmp_path):
+    path, images, captions = pairs_csv(tmp_path / "pairs", 10)
+    kw = dict(model=str(tiny_ckpt), dtype="float32", workers=0)
+    base = retrieval(path, **kw)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    # One row per image, its captions in a list column.
+    pq.write_table(pa.table({"image": [p.name for p in images], "caption": captions}),
+                   tmp_path / "pairs" / "pairs.parquet")
+    # clip_benchmark's webdataset layout for COCO and Flickr: {key}.png + {key}.txt, a caption a line.
+    with tarfile.open(tmp_path / "pairs.tar", "w") as tar:
+        for n, (p, caps) in enumerate(zip(images, captions, strict=True)):
+            for name, data in ((f"{n:04d}.png", p.read_bytes()), (f"{n:04d}.txt", "\n".join(caps).encode())):
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    for data in (tmp_path / "pairs" / "pairs.parquet", tmp_path / "pairs.tar"):
+        got = retrieval(data, **kw)
+        assert (got["metrics"], got["images"], got["captions"]) == (base["metrics"], 10, 20), data
+
+
 def test_an_embed_folder_is_read_instead_of_embedding_again(tiny_ckpt, tmp_path):
     folder = image_folder(tmp_path / "set", per_class=3, seed=8)
     kw = dict(model=str(tiny_ckpt), dtype="float32", workers=0, templates=TEMPLATES)
