@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import math
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -328,12 +329,17 @@ def test_bad_inputs_each_get_one_clear_message(capsys, tiny_ckpt, tmp_path):
         zero_shot(folder, model=str(tiny_ckpt), classes="imagenet1k", workers=0)
 
 
-def test_fewer_than_five_classes_report_acc5_as_nan_like_clip_benchmark(tiny_ckpt, tmp_path):
+def test_fewer_than_five_classes_report_acc5_as_nan_like_clip_benchmark_with_progress_and_eta(
+        tiny_ckpt, tmp_path, capsys):
     folder = image_folder(tmp_path / "set", per_class=1, seed=2)
     for d in sorted(folder.iterdir())[4:]:
         shutil.rmtree(d)
-    m = zero_shot(folder, model=str(tiny_ckpt), workers=0)["metrics"]
+    m = zero_shot(folder, model=str(tiny_ckpt), workers=1, progress=True)["metrics"]
     assert math.isnan(m["acc5"]) and 0 <= m["acc1"] <= 1
+    err = capsys.readouterr().err
+    # tqdm's bars on stderr, each with elapsed<remaining (the ETA while it runs).
+    assert re.search(r"class prompts: 100%.* 4/4 \[\d\d:\d\d<\d\d:\d\d", err), err
+    assert re.search(r"images: 100%.* 4/4 \[\d\d:\d\d<\d\d:\d\d", err), err
 
 
 def test_clip_benchmark_own_metric_functions_give_our_numbers(tiny_ckpt, tmp_path, monkeypatch):

@@ -69,8 +69,7 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
     loader = torch.utils.data.DataLoader(
         _Decode(work, processor.image), batch_size=None, shuffle=False, num_workers=workers,
         worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
-    shown = progress if progress is not None else sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
-    bar = tqdm(total=len(work), unit="img", desc="images", file=sys.stderr, disable=not shown)
+    bar = tqdm(total=len(work), unit="img", desc="images", file=sys.stderr, disable=not _shown(progress))
     out, pending, errors = [], [], []
 
     def flush() -> None:
@@ -114,8 +113,9 @@ def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loa
                         f"{loaded.name} (revision {loaded.revision}): pass the same --model, or embed again")
 
     def key(path: str | None, shard: str | None, k: str | None) -> tuple:
-        # Absolute paths, so that an embed run from another working directory still matches.
-        return (str(Path(path).resolve()),) if path else (str(Path(shard).resolve()), k)
+        # Absolute paths, so that an embed run from another working directory still matches; a shard
+        # member by its shard and key, whatever embed writes into its image_path.
+        return (str(Path(shard).resolve()), k) if shard else (str(Path(path).resolve()),)
 
     rows = {}
     for i in range(len(coll)):
@@ -147,10 +147,9 @@ def embed_classes(loaded: Loaded, classes: list[str], templates: list[str], batc
         if cache_dir is not None and ckpt is not None else None
     done = cache.get(classes) if cache else {}
     todo = [c for c in dict.fromkeys(classes) if c not in done]  # a name listed twice: embedded once
-    shown = progress if progress is not None else sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
     step = max(1, batch_size // len(templates))
     with tqdm(total=len(todo) * len(templates), unit="text", desc="class prompts", file=sys.stderr,
-              disable=not shown or not todo) as bar:
+              disable=not _shown(progress) or not todo) as bar:
         for s in range(0, len(todo), step):
             chunk = todo[s : s + step]
             emb = embed_labels(loaded.net, loaded.processor.tokenizer, chunk, templates, batch_size).cpu()
@@ -170,13 +169,22 @@ def _images(loaded: Loaded, items: list[Item], embeddings, batch_size: int, work
                        progress=progress)
 
 
-def _texts(loaded: Loaded, texts: list[str], batch_size: int) -> Tensor:
+def _shown(progress: bool | None) -> bool:
+    """A progress bar (with its ETA) when asked, or by default when stderr is a terminal."""
+    return progress if progress is not None else sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def _texts(loaded: Loaded, texts: list[str], batch_size: int, progress: bool | None) -> Tensor:
     """(T, D) float32 unit caption embeddings."""
+    from tqdm import tqdm
+
     out = []
-    with torch.inference_mode():
+    with torch.inference_mode(), tqdm(total=len(texts), unit="text", desc="captions", file=sys.stderr,
+                                      disable=not _shown(progress)) as bar:
         for s in range(0, len(texts), batch_size):
             ids = loaded.processor.texts(texts[s : s + batch_size]).to(loaded.device)
             out.append(F.normalize(loaded.net.encode_text(ids).float(), dim=-1))
+            bar.update(len(ids))
     return torch.cat(out)
 
 
@@ -240,7 +248,7 @@ def retrieval(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
     loaded = Loaded(model, revision, dtype, device, towers)
     texts = [c for caps in pairs.captions for c in caps]
     text_image = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])  # (T,)
-    text_emb = _texts(loaded, texts, text_batch_size)  # (T, D)
+    text_emb = _texts(loaded, texts, text_batch_size, progress)  # (T, D)
     image_emb = _images(loaded, pairs.items, embeddings, batch_size, workers, progress)  # (I, D)
     metrics = retrieval_metrics(image_emb, text_emb, text_image, sorted(set(recall_k)))
     return _result("zeroshot_retrieval", loaded, dataset or Path(str(data)).name, metrics,
