@@ -400,3 +400,22 @@ def test_clip_benchmark_own_metric_functions_give_our_numbers(tiny_ckpt, tmp_pat
     right = cb_cls.zero_shot_classifier(model, tokenizer, Labelled.classes, ["{c}"], "cpu", amp=False)
     wrong = cb_cls.zero_shot_classifier(model, naive, Labelled.classes, ["{c}"], "cpu", amp=False)
     assert (right * wrong).sum(0).min() < 0.99  # cosine between the two embeddings of a class
+
+
+def test_the_wheel_carries_the_shipped_ensembles(tmp_path):
+    import subprocess
+    import sys
+    import zipfile
+
+    # Built from a clean copy: a build/ folder left in the checkout would carry stale files into it.
+    root, src = Path(__file__).parents[1], tmp_path / "src"
+    shutil.copytree(root / "src", src / "src", ignore=shutil.ignore_patterns("*.egg-info", "__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(root / name, src / name)
+    r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                        "-w", str(tmp_path), str(src)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    (wheel,) = tmp_path.glob("siglip_so400m-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for name in ("imagenet1k_classes.txt", "imagenet_templates.txt"):
+        assert f"siglip_so400m/evaluate/ensembles/{name}" in names
