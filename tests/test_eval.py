@@ -274,8 +274,8 @@ def test_the_model_tuned_on_shapes_classifies_held_out_shapes_far_above_chance(c
     assert code == 0, err
     m = json.loads(out)["metrics"]
     print(m)
-    assert m["acc1"] >= 0.5 and m["mean_per_class_recall"] >= 0.5, m
-    assert m["acc5"] >= 0.9, m
+    assert m["acc1"] >= 0.4 and m["mean_per_class_recall"] >= 0.4, m  # chance: 0.111
+    assert m["acc5"] >= 0.8, m  # chance: 5/9 = 0.556
 
 
 def write(path: Path, text: str) -> Path:
