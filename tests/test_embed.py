@@ -74,15 +74,20 @@ def common(ckpt: Path, out: Path) -> list[str]:
             "--batch-size", "3", "--threads", "1"]
 
 
+def part(out: Path, kind: str, i: int) -> Path:
+    """Part i's file: the number zero-padded to 6 digits, so that name order is part order."""
+    return out / kind / f"{kind}_{i:06d}.{'npy' if kind.endswith('_emb') else 'parquet'}"
+
+
 def read_all(out: Path) -> tuple[np.ndarray, list[dict], list[dict]]:
     manifest = json.loads((out / "manifest.json").read_text())
     embs, meta, errors = [], [], []
     for i in range(manifest["parts"]):
-        embs.append(np.load(out / "img_emb" / f"img_emb_{i}.npy"))
-        rows = pq.read_table(out / "metadata" / f"metadata_{i}.parquet").to_pylist()
+        embs.append(np.load(part(out, "img_emb", i)))
+        rows = pq.read_table(part(out, "metadata", i)).to_pylist()
         assert len(rows) == len(embs[-1])  # row-aligned, part by part, as embedding-reader pairs them
         meta += rows
-        errors += pq.read_table(out / "errors" / f"errors_{i}.parquet").to_pylist()
+        errors += pq.read_table(part(out, "errors", i)).to_pylist()
     return np.concatenate(embs), meta, errors
 
 
@@ -193,8 +198,64 @@ def test_webdataset_shards_are_one_part_each_with_captions(tiny_ckpt, photos, tm
         ref = model.encode_image(proc.images([*imgs[:4], *imgs[4:6]]), normalize=True).numpy()
         txt = model.encode_text(proc.texts([m["caption"] for m in meta]), normalize=True).numpy()
     np.testing.assert_allclose(emb.astype(np.float32), ref, atol=2**-11, rtol=0)
-    text = np.concatenate([np.load(out / "text_emb" / f"text_emb_{i}.npy") for i in range(3)])
+    text = np.concatenate([np.load(part(out, "text_emb", i)) for i in range(3)])
     np.testing.assert_allclose(text.astype(np.float32), txt, atol=2**-11, rtol=0)
+
+
+def test_embedding_reader_reads_our_rows_in_our_id_order_with_11_shards(tiny_ckpt, photos, tmp_path):
+    """embedding-reader (and autofaiss, which reads through it) takes the files in name order: with
+    11 parts, unpadded names would put part 10 before part 2 and its ids on other images than ours."""
+    from embedding_reader import EmbeddingReader
+
+    imgs = sorted(photos.glob("img_0[0-2]*"))
+    for s in range(11):
+        write_shard(tmp_path / f"{s:05d}.tar", imgs[2 * s : 2 * s + 2], [f"shard {s} a", f"shard {s} b"])
+    out = tmp_path / "out"
+    manifest = siglip_so400m.embed(str(tmp_path / "*.tar"), out, model=str(tiny_ckpt), dtype="float32",
+                                   workers=0)
+    assert manifest["parts"] == 11 and manifest["counts"]["images"] == 22
+    index = siglip_so400m.Index.load(out)
+    reader = EmbeddingReader(str(out / "img_emb"), file_format="parquet_npy",
+                             metadata_folder=str(out / "metadata"), meta_columns=["shard", "key"])
+    assert reader.count == len(index) == 22
+    seen = []
+    for emb, meta in reader(batch_size=5, show_progress=False):
+        ids = meta["i"].to_numpy()
+        seen += ids.tolist()
+        # Their row i is our id i: the same vector bit for bit, the same image.
+        np.testing.assert_array_equal(emb.astype(np.float32), index.collection.vectors(ids))
+        for i, shard, key in zip(ids, meta["shard"], meta["key"], strict=True):
+            ours = index.collection.metadata(int(i))
+            assert (ours["shard"], ours["key"]) == (shard, key)
+    assert sorted(seen) == list(range(22))
+    # And our ids follow the inputs: shard s holds ids 2s, 2s + 1.
+    assert [Path(index.collection.metadata(i)["shard"]).name for i in range(22)] == [
+        f"{i // 2:05d}.tar" for i in range(22)]
+    assert sorted(p.name for p in (out / "img_emb").iterdir()) == [f"img_emb_{i:06d}.npy" for i in range(11)]
+
+
+def test_a_rerun_continues_an_unpadded_folder_and_index_reads_one(tiny_ckpt, photos, tmp_path):
+    """Folders written before the padding (img_emb_3.npy, no part_digits in the manifest) still
+    open in Index, and a rerun renames their parts and finishes with the bytes of a fresh run."""
+    fresh, old = tmp_path / "fresh", tmp_path / "old"
+    siglip_so400m.embed(photos, fresh, model=str(tiny_ckpt), dtype="float32", part_size=7, workers=0)
+    siglip_so400m.embed(photos, old, model=str(tiny_ckpt), dtype="float32", part_size=7, workers=0)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["part_digits"]
+    for f in sorted(old.glob("*/*_0000*")):  # back to the old names: img_emb_3.npy
+        f.rename(f.with_name(re.sub(r"_0+(\d)", r"_\1", f.name)))
+    assert (old / "img_emb" / "img_emb_3.npy").is_file() and not list(old.glob("*/*_0000*"))
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    a, b = siglip_so400m.Index.load(fresh), siglip_so400m.Index.load(old)
+    assert len(a) == len(b) == 23
+    np.testing.assert_array_equal(a.collection.vectors(np.arange(23)), b.collection.vectors(np.arange(23)))
+    assert [a.collection.metadata(i) for i in range(23)] == [b.collection.metadata(i) for i in range(23)]
+    # An interrupted old run: its last part unwritten, the manifest not complete.
+    for f in old.glob("*/*_3.*"):
+        f.unlink()
+    (old / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
+    siglip_so400m.embed(photos, old, model=str(tiny_ckpt), dtype="float32", part_size=7, workers=0)
+    assert all_bytes(old) == all_bytes(fresh)
 
 
 def test_parquet_csv_and_txt_lists(tiny_ckpt, photos, tmp_path):
@@ -243,7 +304,7 @@ def test_so400m_embeddings_equal_encode_image(so400m_ckpt, tmp_path):
         out = tmp_path / dtype
         m = siglip_so400m.embed(tmp_path / src, out, model=str(so400m_ckpt), dtype=dtype, workers=1)
         assert m["counts"]["images"] == n and m["embedding_dim"] == 1152 and m["image_size"] == 384
-        emb = np.load(out / "img_emb" / "img_emb_0.npy")
+        emb = np.load(part(out, "img_emb", 0))
         assert emb.shape == (n, 1152) and emb.dtype == np.float16
         np.testing.assert_allclose(emb.astype(np.float32), ref[:n], atol=atol, rtol=0)
         cos = (emb.astype(np.float32) * ref[:n]).sum(1) / np.linalg.norm(emb.astype(np.float32), axis=1)

@@ -43,7 +43,7 @@ def photos_dir(tiny_ckpt, tmp_path_factory) -> Path:
 def test_an_images_own_embedding_and_the_image_itself_find_it_first(photos_dir, tmp_path):
     index = siglip_so400m.Index.load(photos_dir)
     assert index.faiss_index is None  # no index built: exact search
-    emb = np.load(photos_dir / "img_emb" / "img_emb_1.npy")  # rows 7..13
+    emb = np.load(photos_dir / "img_emb" / "img_emb_000001.npy")  # rows 7..13
     hits = index.search(vectors=emb, k=3)
     assert [h[0]["id"] for h in hits] == list(range(7, 7 + len(emb)))
     assert all(h[0]["cosine"] == pytest.approx(1, abs=2e-3) for h in hits)

@@ -5,11 +5,15 @@
 
 Output (clip-retrieval's, so autofaiss and embedding-reader read it):
 
-    emb/img_emb/img_emb_{i}.npy        float16 (n_i, D), L2-normalised, one row per readable image
-    emb/metadata/metadata_{i}.parquet  n_i rows, row-aligned: image_path | shard, key, caption, width, height
-    emb/text_emb/text_emb_{i}.npy      float16 (n_i, D) caption embeddings (with --captions)
-    emb/errors/errors_{i}.parquet      the images of part i that could not be read, with the error
-    emb/manifest.json                  model, revision, dtype, image size, logit_scale/bias, counts
+    emb/img_emb/img_emb_{i:06d}.npy        float16 (n_i, D), L2-normalised, one row per readable image
+    emb/metadata/metadata_{i:06d}.parquet  n_i rows, row-aligned: image_path | shard, key, caption, w, h
+    emb/text_emb/text_emb_{i:06d}.npy      float16 (n_i, D) caption embeddings (with --captions)
+    emb/errors/errors_{i:06d}.parquet      the images of part i that could not be read, with the error
+    emb/manifest.json                      model, revision, dtype, image size, logit_scale/bias, counts
+
+Part numbers are zero-padded (manifest["part_digits"] digits) because embedding-reader and autofaiss
+read the files in name order: unpadded, part 10 would sort before part 2 and their ids would point at
+other images than ours. Folders written before the padding are renamed when a rerun continues them.
 
 Bad images get no embedding row and no metadata row (readers pair row r of img_emb_i with row r of
 metadata_i, so a metadata row without an embedding would shift every later pairing); they are
@@ -38,7 +42,7 @@ import signal
 import sys
 import tarfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Sequence, Sized
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +61,8 @@ LOCK = ".lock"
 FORMAT = "siglip_so400m.embed/1"
 # Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
 # below) only changes speed.
+# 10**6 parts: ten billion images at the default part size (a billion need 10**5); more parts widen it.
+PART_DIGITS = 6
 IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "image_size", "embedding_dim",
                  "part_size", "captions", "batch_size", "inputs_sha256", "parts")
 
@@ -285,21 +291,38 @@ class _Lock:
         self.file.close()
 
 
-def _files(out: Path, i: int, captions: bool) -> dict[str, Path]:
-    f = {"errors": out / "errors" / f"errors_{i}.parquet",
-         "img_emb": out / "img_emb" / f"img_emb_{i}.npy",
-         "metadata": out / "metadata" / f"metadata_{i}.parquet"}  # renamed last: marks the part done
-    if captions:
-        f = {"text_emb": out / "text_emb" / f"text_emb_{i}.npy", **f}
-    return f
+def part_digits(parts: int) -> int:
+    """The width of the part numbers in file names: the same for every part of a run, so that name
+    order (what embedding-reader and autofaiss read in) is part order."""
+    return max(PART_DIGITS, len(str(max(parts - 1, 0))))
+
+
+_KINDS = (("text_emb", "npy"), ("errors", "parquet"), ("img_emb", "npy"),
+          ("metadata", "parquet"))  # metadata renamed last: its presence marks the part done
+
+
+def _files(out: Path, i: int, captions: bool, digits: int) -> dict[str, Path]:
+    """A part's files; digits=0 gives the unpadded names of folders written before the padding."""
+    return {kind: out / kind / f"{kind}_{str(i).zfill(digits)}.{ext}" for kind, ext in _KINDS
+            if captions or kind != "text_emb"}
+
+
+def _pad_old_names(out: Path, parts: list[Part], captions: bool, digits: int) -> None:
+    """Rename an unpadded folder's part files to the padded names, metadata last as when written,
+    so that a kill half-way leaves each part done under one name or redone."""
+    for p in parts:
+        for old, new in zip(_files(out, p.index, captions, 0).values(),
+                            _files(out, p.index, captions, digits).values(), strict=True):
+            if old != new and old.is_file() and not new.exists():
+                os.replace(old, new)
 
 
 def _tmp(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def part_done(out: Path, i: int, captions: bool) -> bool:
-    return all(p.is_file() for p in _files(out, i, captions).values())
+def part_done(out: Path, i: int, captions: bool, digits: int) -> bool:
+    return all(p.is_file() for p in _files(out, i, captions, digits).values())
 
 
 def _fault(name: str, value: int) -> None:
@@ -322,10 +345,10 @@ def _table(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()):
     return pa.Table.from_pylist(rows, schema=schema)
 
 
-def _write_part(out: Path, i: int, captions: bool, emb: np.ndarray, txt: np.ndarray | None,
+def _write_part(out: Path, i: int, captions: bool, digits: int, emb: np.ndarray, txt: np.ndarray | None,
                 meta: list[dict], errors: list[dict], commit_no: int) -> None:
     _, pq = _pyarrow()
-    files = _files(out, i, captions)
+    files = _files(out, i, captions, digits)
     for p in files.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     # Plain writes, no statistics or timestamps that vary: the bytes depend on the rows alone.
@@ -409,6 +432,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         # differently; on CPU images run one by one anyway, but we keep the promise simple.
         "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
     }
+    digits = part_digits(len(parts))
 
     # Rank 0 takes the lock and checks the folder; the others learn the verdict through a flag.
     lock, problem, already = None, "", 0
@@ -417,11 +441,12 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
             out.mkdir(parents=True, exist_ok=True)
             lock = _Lock(out)
             _check_manifest(out, identity)
-            already = sum(part_done(out, p.index, captions) for p in parts)
+            _pad_old_names(out, parts, captions, digits)
+            already = sum(part_done(out, p.index, captions, digits) for p in parts)
             for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a killed run's unfinished files
                 tmp.unlink()
-            _atomic_json(out / MANIFEST, {**identity, "logit_scale": scale, "logit_bias": bias,
-                                          "complete": False})
+            _atomic_json(out / MANIFEST, {**identity, "part_digits": digits, "logit_scale": scale,
+                                          "logit_bias": bias, "complete": False})
         except (EmbedError, OSError) as e:
             problem = str(e)
             if lock:
@@ -439,20 +464,21 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                               quantize=quantize)
         if captions and processor.tokenizer is None:
             raise EmbedError(f"{ckpt.name} has no spiece.model to tokenize captions with")
-        mine = [p for p in parts if p.index % world == rank and not part_done(out, p.index, captions)]
+        mine = [p for p in parts if p.index % world == rank
+                and not part_done(out, p.index, captions, digits)]
         for p in mine:
             if p.shard is not None:
                 p.items, error = scan_shard(p.shard)
                 if error:  # the whole shard is one bad input: recorded, not fatal
                     p.items = [Item(shard=p.shard, key="", error=f"{p.shard}: {error}")]
-        stats = _run(net, processor, mine, out, captions, batch_size, workers, dev, rank, progress)
+        stats = _run(net, processor, mine, out, captions, digits, batch_size, workers, dev, rank, progress)
         if world > 1:
             done = torch.tensor([stats["done"]], dtype=torch.int64)
             dist.all_reduce(done)  # also the barrier before rank 0 reads every part
             stats["done"] = int(done)
         manifest = None
         if rank == 0:
-            manifest = _finish(out, identity, scale, bias, parts, captions)
+            manifest = _finish(out, identity, scale, bias, parts, captions, digits)
             ok, bad = manifest["counts"]["images"], manifest["counts"]["errors"]
             print(f"embedded {ok} images into {len(parts)} parts in {out} ({stats['done']} embedded "
                   f"now, {already} parts were already done); {bad} bad images "
@@ -489,21 +515,22 @@ def _atomic_json(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Part], captions: bool) -> dict:
+def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Part], captions: bool,
+            digits: int) -> dict:
     _, pq = _pyarrow()
     counts = []
     for p in parts:
-        f = _files(out, p.index, captions)
+        f = _files(out, p.index, captions, digits)
         counts.append([pq.read_metadata(f["metadata"]).num_rows, pq.read_metadata(f["errors"]).num_rows])
-    manifest = {**identity, "logit_scale": scale, "logit_bias": bias, "complete": True,
+    manifest = {**identity, "part_digits": digits, "logit_scale": scale, "logit_bias": bias, "complete": True,
                 "counts": {"images": sum(c[0] for c in counts), "errors": sum(c[1] for c in counts),
                            "per_part": counts}}
     _atomic_json(out / MANIFEST, manifest)
     return manifest
 
 
-def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size: int, workers: int,
-         dev: torch.device, rank: int, progress: bool | None) -> dict:
+def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: int, batch_size: int,
+         workers: int, dev: torch.device, rank: int, progress: bool | None) -> dict:
     """Decode (in workers) and embed this rank's unfinished parts, writing each as it completes."""
     from tqdm import tqdm
 
@@ -542,7 +569,7 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, batch_size
             txt_chunks = [encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
             txt = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, D), np.float16)
         commits += 1
-        _write_part(out, mine[k].index, captions, emb, txt, meta, errors, commits)
+        _write_part(out, mine[k].index, captions, digits, emb, txt, meta, errors, commits)
 
     # Empty parts (an empty shard) are done at once; the others as their last item arrives.
     state: dict[int, dict] = {}
@@ -585,15 +612,20 @@ def write_synthetic(out: str | os.PathLike, parts: Iterable[np.ndarray],
     and no model: for index benchmarks and tests, which need collections larger than anyone would
     embed for them. Parts are written one at a time, so a million rows never sit in memory."""
     out = Path(out)
+    # A generator's length is unknown until its end: the default width, which holds 10**6 parts.
+    digits = part_digits(len(parts)) if isinstance(parts, Sized) else PART_DIGITS
     n, D, i = 0, 0, -1
     for i, vectors in enumerate(parts):
+        if len(str(i)) > digits:
+            raise ValueError(f"more than {10**digits} parts from a generator: pass a list")
         D = vectors.shape[1]
         meta = [{"image_path": f"synthetic/{j:09d}.jpg", "width": 1, "height": 1}
                 for j in range(n, n + len(vectors))]
-        _write_part(out, i, False, np.ascontiguousarray(vectors, np.float16), None, meta, [], 0)
+        _write_part(out, i, False, digits, np.ascontiguousarray(vectors, np.float16), None, meta, [], 0)
         n += len(vectors)
     _atomic_json(out / MANIFEST, {"format": FORMAT, "model": None, "dtype": "float16",
                                   "embedding_dim": D, "captions": False, "parts": i + 1,
+                                  "part_digits": digits,
                                   "logit_scale": logit_scale, "logit_bias": logit_bias,
                                   "complete": True, "counts": {"images": n, "errors": 0}})
     return out

@@ -68,7 +68,10 @@ class Collection:
         if not self.manifest.get("complete"):
             raise SearchError(f"{self.folder}: the embed run is not complete; run the same embed "
                               "command again to finish it")
-        self.parts = [np.load(self.folder / "img_emb" / f"img_emb_{i}.npy", mmap_mode="r")
+        # Part numbers are padded to part_digits (name order = part order, as embedding-reader
+        # reads); folders written before the padding have none.
+        self.digits = int(self.manifest.get("part_digits", 0))
+        self.parts = [np.load(self.part_file("img_emb", i), mmap_mode="r")
                       for i in range(self.manifest["parts"])]
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # global row -> part
         self.dim = int(self.manifest["embedding_dim"])
@@ -76,6 +79,11 @@ class Collection:
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    def part_file(self, kind: str, i: int) -> Path:
+        """Part i's file of `kind` (img_emb, metadata, text_emb, errors)."""
+        ext = "npy" if kind.endswith("_emb") else "parquet"
+        return self.folder / kind / f"{kind}_{str(i).zfill(self.digits)}.{ext}"
 
     def blocks(self, rows: int = 65536):
         """(first row, float32 block) over all embeddings, a bounded block at a time."""
@@ -94,8 +102,7 @@ class Collection:
     def metadata(self, i: int) -> dict:
         part = int(np.searchsorted(self.offsets, i, side="right") - 1)
         if part not in self._meta:
-            self._meta[part] = _pq().read_table(
-                self.folder / "metadata" / f"metadata_{part}.parquet").to_pylist()
+            self._meta[part] = _pq().read_table(self.part_file("metadata", part)).to_pylist()
         return self._meta[part][i - int(self.offsets[part])]
 
 
