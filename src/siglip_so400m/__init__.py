@@ -37,6 +37,7 @@ __all__ = [
     "convert",
     "distributed_sigmoid_loss",
     "embed",
+    "export",
     "load",
     "load_image",
     "sigmoid_loss",
@@ -45,8 +46,12 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # The collection jobs need pyarrow and faiss (extras [embed], [search]): import them on first use
-    # so that `import siglip_so400m` never does.
+    # The collection jobs need pyarrow and faiss (extras [embed], [search]), export onnx and openvino
+    # ([export]): import them on first use so that `import siglip_so400m` never does.
+    if name == "export":  # the module is `exporting`: a module `export` would shadow this function
+        from .exporting import export
+
+        return export
     if name == "embed":
         from .embedding import embed
 

@@ -310,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
                    add_help=False)
     sub.add_parser("serve", help="serve embeddings, zero-shot and search over HTTP", add_help=False)
     sub.add_parser("eval", help="benchmark numbers: zero-shot accuracy, retrieval recall@k", add_help=False)
+    sub.add_parser("export", help="each tower as an ONNX or OpenVINO graph, checked", add_help=False)
     args, rest = p.parse_known_args(argv)
     prog = f"siglip-so400m {args.command}"
     if args.command == "zero-shot":
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         from .evaluate.cli import eval_main
 
         return eval_main(rest, prog=prog)
+    if args.command == "export":
+        from .exporting import export_main
+
+        return export_main(rest, prog=prog)
     if args.command == "embed":
         from .embedding import main as embed_main
 

@@ -1,0 +1,476 @@
+"""Each tower as its own ONNX or OpenVINO graph, exact in float32, checked by the runtime at export.
+
+    pip install -e ".[export]"
+    siglip-so400m export google/siglip-so400m-patch14-384 --format onnx --output so400m-onnx/
+    siglip_so400m.export("google/siglip2-so400m-patch16-256", "out/", format="openvino")
+
+What DIR holds (docs/export.md; the README written into DIR says the same for its checkpoint):
+
+    vision.onnx + vision.onnx.data   pixel_values (B, 3, S, S) float32 -> image_embeds (B, D) float32
+    text.onnx + text.onnx.data       input_ids (B, L) int64 -> text_embeds (B, D) float32
+      (OpenVINO: vision.xml + vision.bin, text.xml + text.bin)
+      both outputs L2-normalized, so logits = exp(t') * image_embeds @ text_embeds.T + b
+    config.json, preprocessor_config.json, the tokenizer files   what a runtime needs beside them
+    export.json                      format, precision, inputs and outputs, t' and b, parity measured
+    README.md
+
+B is dynamic in every graph; S (the checkpoint's image size) and L (its text length, 64 or 16) are
+fixed, since SigLIP pads every text to L and the position table is learned at S.
+
+The graphs come from torch.onnx's torch.export-based exporter (the TorchScript one is deprecated and,
+traced under no_grad, met our CPU fast paths: an internal assert in torch 2.14.1). They are traced
+with grad mode on: our fast paths (kernels.linear's and kernels.attention's private oneDNN ops, the
+image tower's image-by-image loop on CPU) run only for CPU inference without grad, so the trace sees
+the plain PyTorch ops alone, and no global state is touched. OpenVINO converts the same ONNX graph
+and saves it without fp16 compression (its default, which alone moves so400m's normalized
+embeddings by 2.6e-4) unless fp16=True.
+
+Nothing leaves the temporary folder until the target runtime has run every graph on sample inputs at
+batch 3 and batch 1 and matched the eager model within the tolerance; otherwise export fails with
+the numbers and DIR is not made.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .weights import DEFAULT_REPO, TOKENIZER_FILES, Checkpoint, CheckpointError
+
+FORMATS = ("onnx", "openvino")
+# Which precisions each runtime is given: float32 everywhere; bfloat16 is OpenVINO's inference
+# precision hint (the graph stays float32; CPUs without bf16 compute float32 instead); int8 is ONNX
+# Runtime's dynamic quantization of the matmul weights per output channel.
+PRECISIONS = {"onnx": ("float32", "int8"), "openvino": ("float32", "bfloat16")}
+GRAPH_FILES = {"onnx": ".onnx", "openvino": ".xml"}
+INPUTS = {"vision": "pixel_values", "text": "input_ids"}
+OUTPUTS = {"vision": "image_embeds", "text": "text_embeds"}
+OPSET = 18
+# The parity gate, on L2-normalized embeddings against the eager float32 model: the largest
+# difference of any component (float32: 1e-4, what transformers' own graphs meet) and the smallest
+# cosine similarity of a row, for the precisions that round on purpose.
+MAX_ABS = {"float32": 1e-4}
+MIN_COSINE = {"float32": 0.99999, "fp16": 0.999, "bfloat16": 0.99, "int8": 0.98}
+SAMPLE_TEXTS = ("a photo of 2 cats", "a plane in the sky", "une télécommande rouge")
+
+
+class ExportError(RuntimeError):
+    """An export that cannot be made or that failed its parity check; the message says why."""
+
+
+def _require(fmt: str, precision: str) -> None:
+    """Import what this export needs, or fail naming the [export] extra."""
+    needed = ["onnx", "onnxscript"]  # torch.onnx's exporter writes ONNX through onnxscript
+    needed.append("onnxruntime" if fmt == "onnx" else "openvino")
+    for name in needed:
+        try:
+            __import__(name)
+        except ImportError as e:
+            raise ExportError(f"exporting to {fmt} needs {', '.join(needed)}; {name} is missing ({e}). "
+                              "Install them with: pip install 'siglip_so400m[export]'") from None
+
+
+@dataclass
+class TowerCheck:
+    """What the parity gate measured for one graph: the target runtime against the eager model."""
+
+    tower: str
+    graph: str
+    max_abs_diff: float  # over every component of the normalized embeddings, batches 3 and 1
+    min_cosine: float
+    batch_1_vs_3: float  # max |row 0 at batch 1 - row 0 at batch 3|: the dynamic batch is real
+    runtime_precision: str  # what the runtime reported it computed in
+
+    def line(self) -> str:
+        return (f"{self.tower}: {self.graph} max |diff| {self.max_abs_diff:.2e}, min cosine "
+                f"{self.min_cosine:.7f} against eager float32 (batch 3 and 1; batch 1 vs 3 "
+                f"{self.batch_1_vs_3:.1e}; runtime computed in {self.runtime_precision})")
+
+
+def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "siglip-export", *,
+           format: str = "onnx", dtype: str = "float32", fp16: bool = False,
+           towers: Sequence[str] = ("vision", "text"), revision: str | None = None,
+           config: str | Path | None = None, tokenizer: str | Path | None = None,
+           log: Callable[[str], None] | None = None) -> dict:
+    """Export the towers of `model` (anything load() takes) into the new folder `output`.
+
+    format: "onnx" or "openvino". dtype: "float32" (exact, the default), "bfloat16" (OpenVINO's
+    inference precision) or "int8" (ONNX Runtime's dynamic quantization). fp16: store the weights in
+    float16 (half the files; computed in float32 after a cast). towers: ("vision",), ("text",) or
+    both. Returns what export.json holds, the parity figures included; raises ExportError."""
+    log = log or _stderr
+    if format not in FORMATS:
+        raise ExportError(f"unknown format {format!r}: choose one of {', '.join(FORMATS)}")
+    if dtype not in PRECISIONS[format]:
+        raise ExportError(f"{format} exports take dtype {' or '.join(PRECISIONS[format])}, not {dtype!r}"
+                          + (" (int8: use --format onnx)" if dtype == "int8" else "")
+                          + (" (bfloat16: use --format openvino)" if dtype == "bfloat16" else ""))
+    if fp16 and dtype == "int8":
+        raise ExportError("fp16 stores float weights in float16; an int8 export has int8 weights already")
+    if isinstance(towers, str):
+        towers = (towers,)
+    if not towers or set(towers) - {"vision", "text"}:
+        raise ExportError(f"towers must be a non-empty subset of ('vision', 'text'), got {towers!r}")
+    towers = tuple(t for t in ("vision", "text") if t in towers)
+    out = Path(output)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"{out} exists and is not an empty folder: export writes a new folder; "
+                          "give another --output or remove it")
+    _require(format, dtype)
+
+    from .api import load
+
+    try:
+        sig, processor = load(model, revision=revision, config=config, tokenizer=tokenizer,
+                              towers=towers, dtype=torch.float32)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    cfg = sig.config
+    work = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    precision = "fp16" if fp16 else dtype
+    try:
+        checks = []
+        for tower in towers:
+            sample = _samples(sig, processor, tower)
+            log(f"exporting the {tower} tower to {format} ({precision}) ...")
+            graph = _export_tower(sig, tower, sample, work, format, dtype, fp16)
+            log(f"checking {graph.name} in {'ONNX Runtime' if format == 'onnx' else 'OpenVINO'} ...")
+            check = _parity(sig, tower, sample, graph, format, dtype)
+            log(check.line())
+            _gate(check, precision)
+            checks.append(check)
+        info = _write_support_files(work, sig, processor, format, dtype, precision, towers, checks)
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.replace(work, out)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    log(f"wrote {out}")
+    return info
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class _Embeddings(nn.Module):
+    """One tower and the L2 normalization: the graph's whole computation."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.tower(x), dim=-1)  # (B, D)
+
+
+def _samples(sig: nn.Module, processor, tower: str) -> torch.Tensor:
+    """Three inputs for the trace and the parity gate: pixels in the processor's [-1, 1] range, and
+    tokenized texts where the checkpoint has a tokenizer (else random ids over the vocabulary)."""
+    g = torch.Generator().manual_seed(0)
+    if tower == "vision":
+        v = sig.config.vision_config
+        return torch.rand(3, v.num_channels, v.image_size, v.image_size, generator=g) * 2 - 1
+    t = sig.config.text_config
+    if processor.tokenizer is not None:
+        return processor.texts(list(SAMPLE_TEXTS))
+    return torch.randint(0, t.vocab_size, (3, t.max_position_embeddings), generator=g)
+
+
+def _export_tower(sig: nn.Module, tower: str, sample: torch.Tensor, work: Path, fmt: str, dtype: str,
+                  fp16: bool) -> Path:
+    module = _Embeddings(sig.vision_model if tower == "vision" else sig.text_model).eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    onnx_path = work / f"{tower}.onnx"
+    # Grad mode on, parameters frozen: the fast paths (CPU inference without grad only) step aside
+    # and the trace records the plain ops; nothing is differentiated since nothing requires grad.
+    # The exporter reports its steps on stdout: they go to stderr with the other progress lines.
+    with torch.enable_grad(), contextlib.redirect_stdout(sys.stderr), _quiet():
+        torch.onnx.export(module, (sample[:2],), str(onnx_path), dynamo=True, external_data=True,
+                          opset_version=OPSET, input_names=[INPUTS[tower]], output_names=[OUTPUTS[tower]],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+    if fmt == "onnx":
+        if dtype == "int8":
+            return _quantize_int8(onnx_path)
+        if fp16:
+            _weights_to_fp16(onnx_path)
+        return onnx_path
+    import openvino as ov
+
+    graph = work / f"{tower}.xml"
+    ov_model = ov.convert_model(str(onnx_path))
+    ov.save_model(ov_model, str(graph), compress_to_fp16=fp16)  # fp16=False: the weights stay exact
+    del ov_model
+    for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
+        f.unlink(missing_ok=True)
+    return graph
+
+
+@contextlib.contextmanager
+def _quiet():
+    """The exporter's notes that concern nothing we use (torchvision ops, constant folding of Split,
+    its own deprecations), silenced while it runs; real errors still raise."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+def _weights_to_fp16(path: Path) -> None:
+    """Store every float32 weight matrix as float16 with a Cast back to float32 before its use: half
+    the file, computed in float32 (what OpenVINO's compress_to_fp16 does to its weights)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    m = onnx.load(str(path))
+    g = m.graph
+    casts, keep = [], []
+    for init in g.initializer:
+        if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
+            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + ".fp16")
+            keep.append(half)
+            casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT))
+        else:
+            keep.append(init)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)
+    onnx.save(m, str(path), save_as_external_data=True, location=data.name)
+
+
+def _quantize_int8(path: Path) -> Path:
+    """ONNX Runtime's dynamic int8: matmul weights int8 per output channel, activations quantized per
+    tensor at run time (as our own int8 mode does; no calibration data)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name(path.stem + ".int8.onnx")
+    quantize_dynamic(str(path), str(tmp), per_channel=True, weight_type=QuantType.QInt8,
+                     op_types_to_quantize=["MatMul", "Gemm"], use_external_data_format=True)
+    for f in (path, path.with_name(path.name + ".data")):
+        f.unlink()
+    # Rename the graph to vision.onnx / text.onnx; its external data keeps the name it points to.
+    os.replace(tmp, path)
+    return path
+
+
+class Graph:
+    """One exported tower run by its runtime: a numpy batch in, (B, D) float32 normalized out.
+
+    ONNX Runtime runs on the CPU execution provider; OpenVINO on the CPU with the inference precision
+    of the export ("f32" unless the export asked for bf16: OpenVINO's default on CPUs with bf16 is
+    bf16, which would not be exact)."""
+
+    def __init__(self, path: str | Path, runtime: str, precision: str = "float32"):
+        self.path = Path(path)
+        self.runtime = runtime
+        if runtime == "onnx":
+            import onnxruntime as ort
+
+            try:
+                self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+            except Exception as e:  # ORT raises its own pybind error types
+                raise ExportError(f"ONNX Runtime cannot load {self.path}: {e}") from None
+            self.input = self._session.get_inputs()[0].name
+            self.precision = "float32" if precision != "int8" else "int8 matmuls, float32 elsewhere"
+        else:
+            import openvino as ov
+
+            hint = "bf16" if precision == "bfloat16" else "f32"
+            try:
+                self._compiled = ov.Core().compile_model(str(self.path), "CPU",
+                                                          {"INFERENCE_PRECISION_HINT": hint})
+            except Exception as e:
+                raise ExportError(f"OpenVINO cannot load {self.path}: {e}") from None
+            got = self._compiled.get_property("INFERENCE_PRECISION_HINT")
+            self.precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(str(got.to_dtype()), str(got))
+            self._request = self._compiled.create_infer_request()
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        if self.runtime == "onnx":
+            return self._session.run(None, {self.input: x})[0]
+        return self._request.infer([x])[0].copy()
+
+
+def _parity(sig: nn.Module, tower: str, sample: torch.Tensor, graph: Path, fmt: str,
+            dtype: str) -> TowerCheck:
+    with torch.inference_mode():
+        encode = sig.encode_image if tower == "vision" else sig.encode_text
+        ref = encode(sample, normalize=True).float().numpy()  # (3, D)
+    run = Graph(graph, fmt, dtype)
+    got3 = run(sample.numpy())
+    got1 = run(sample[:1].numpy())
+    if got3.shape != ref.shape or got1.shape != ref[:1].shape:
+        raise ExportError(f"{graph.name} returned shapes {got3.shape} and {got1.shape} for batches of 3 "
+                          f"and 1; expected {ref.shape} and {ref[:1].shape}")
+    got = np.concatenate([got3, got1])
+    want = np.concatenate([ref, ref[:1]])
+    cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
+    return TowerCheck(tower, graph.name, float(np.abs(got - want).max()), float(cos.min()),
+                      float(np.abs(got1[0] - got3[0]).max()), run.precision)
+
+
+def _gate(check: TowerCheck, precision: str) -> None:
+    max_abs, min_cos = MAX_ABS.get(precision), MIN_COSINE[precision]
+    bad = []
+    if not np.isfinite(check.max_abs_diff) or (max_abs is not None and check.max_abs_diff > max_abs):
+        bad.append(f"max |diff| {check.max_abs_diff:.3e} > {max_abs:g}" if max_abs else "non-finite output")
+    if not check.min_cosine >= min_cos:
+        bad.append(f"min cosine {check.min_cosine:.7f} < {min_cos}")
+    if bad:
+        raise ExportError(f"the exported {check.tower} graph {check.graph} does not match the eager model "
+                          f"({precision}): {'; '.join(bad)}. Nothing was written.")
+
+
+def _write_support_files(work: Path, sig: nn.Module, processor, fmt: str, dtype: str, precision: str,
+                         towers: tuple[str, ...], checks: list[TowerCheck]) -> dict:
+    cfg = sig.config
+    (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if "vision" in towers:
+        im = processor.image
+        pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": im.do_resize,
+               "size": {"height": im.height, "width": im.width}, "resample": int(im.resample),
+               "do_rescale": im.do_rescale, "rescale_factor": im.rescale_factor,
+               "do_normalize": im.do_normalize, "image_mean": list(im.image_mean),
+               "image_std": list(im.image_std)}
+        (work / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
+    tokenizer_files = []
+    if "text" in towers and processor.tokenizer is not None:
+        src = Path(processor.tokenizer.path)
+        for f in sorted({src, *(src.parent / n for n in TOKENIZER_FILES)}):
+            if f.is_file():
+                shutil.copyfile(f, work / f.name)
+                tokenizer_files.append(f.name)
+    v, t = cfg.vision_config, cfg.text_config
+    ext = GRAPH_FILES[fmt]
+    graphs = {}
+    if "vision" in towers:
+        graphs["vision"] = {"file": f"vision{ext}", "input": {"name": INPUTS["vision"], "dtype": "float32",
+                            "shape": ["batch", v.num_channels, v.image_size, v.image_size]},
+                            "output": {"name": OUTPUTS["vision"], "dtype": "float32",
+                                       "shape": ["batch", v.hidden_size], "normalized": True}}
+    if "text" in towers:
+        graphs["text"] = {"file": f"text{ext}", "input": {"name": INPUTS["text"], "dtype": "int64",
+                          "shape": ["batch", t.max_position_embeddings]},
+                          "output": {"name": OUTPUTS["text"], "dtype": "float32",
+                                     "shape": ["batch", t.projection_size], "normalized": True}}
+    ckpt = getattr(sig, "checkpoint", None)
+    import onnx
+
+    versions = {"torch": torch.__version__, "onnx": onnx.__version__}
+    if fmt == "onnx":
+        import onnxruntime
+
+        versions["onnxruntime"] = onnxruntime.__version__
+    else:
+        import openvino
+
+        versions["openvino"] = openvino.__version__
+    info = {
+        "format": fmt, "precision": precision, "opset": OPSET,
+        "weights": "float16, cast to float32" if precision == "fp16" else
+                   "int8 matmul weights per output channel" if dtype == "int8" else "float32",
+        "model": ckpt.name if ckpt else None, "revision": ckpt.revision if ckpt else None,
+        "graphs": graphs,
+        "logit_scale": sig.logit_scale.item(), "logit_bias": sig.logit_bias.item(),
+        "tokenizer_files": tokenizer_files,
+        "runtime_config": {"INFERENCE_PRECISION_HINT": "bf16" if dtype == "bfloat16" else "f32"}
+                          if fmt == "openvino" else {"providers": ["CPUExecutionProvider"]},
+        "parity": [asdict(c) for c in checks],
+        "versions": versions,
+    }
+    (work / "export.json").write_text(json.dumps(info, indent=2) + "\n")
+    (work / "README.md").write_text(_readme(info, processor, cfg))
+    return info
+
+
+def _readme(info: dict, processor, cfg) -> str:
+    fmt, runtime = info["format"], "ONNX Runtime" if info["format"] == "onnx" else "OpenVINO"
+    lines = [f"# {info['model'] or 'SigLIP'}: {', '.join(info['graphs'])} tower(s) as {fmt} graphs", "",
+             f"Made by `siglip-so400m export` (siglip_so400m). Precision: {info['precision']} "
+             f"(weights: {info['weights']}). Every graph has a dynamic batch B and returns "
+             "L2-normalized float32 embeddings.", "",
+             "| graph | input | output |", "|---|---|---|"]
+    for g in info["graphs"].values():
+        i, o = g["input"], g["output"]
+        lines.append(f"| `{g['file']}` | `{i['name']}` {i['dtype']} ({', '.join(map(str, i['shape']))}) "
+                     f"| `{o['name']}` {o['dtype']} ({', '.join(map(str, o['shape']))}), normalized |")
+    lines += ["", f"Scores: `logits = exp({info['logit_scale']:.6f}) * image_embeds @ text_embeds.T + "
+              f"({info['logit_bias']:.6f})` (t' and b, also in export.json); `sigmoid(logits)` is the "
+              "probability that an image and a text match, each pair on its own.", ""]
+    if "vision" in info["graphs"]:
+        im = processor.image
+        lines += [f"Pixels (preprocessor_config.json): RGB, resized to {im.height}x{im.width} with PIL "
+                  f"filter {int(im.resample)} (no crop), times {im.rescale_factor:.6g}, minus "
+                  f"{list(im.image_mean)}, divided by {list(im.image_std)}, channels first.", ""]
+    if "text" in info["graphs"]:
+        L = cfg.text_config.max_position_embeddings
+        files = ", ".join(info["tokenizer_files"]) or "none were found: bring the checkpoint's own"
+        lines += [f"Token ids (tokenizer files: {files}): padded to exactly {L} tokens as the "
+                  "checkpoint was trained (the text tower reads the last position); no attention mask"
+                  + ("; texts lowercased first, as in training" if processor.tokenizer is not None
+                     and getattr(processor.tokenizer, "do_lower_case", False) else "") + ".", ""]
+    if fmt == "openvino":
+        hint = info["runtime_config"]["INFERENCE_PRECISION_HINT"]
+        lines += [f"Compile with `{{'INFERENCE_PRECISION_HINT': '{hint}'}}`: on CPUs with bf16 OpenVINO "
+                  "otherwise computes in bf16 by default.", ""]
+    lines += [f"Parity measured at export, {runtime} against the eager float32 model, batches 3 and 1:", ""]
+    lines += [f"- {TowerCheck(**c).line()}" for c in info["parity"]]
+    return "\n".join(lines) + "\n"
+
+
+def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Export the image and text towers as separate "
+                                "ONNX or OpenVINO graphs (dynamic batch, normalized embeddings), checked "
+                                "against the eager model in the target runtime (docs/export.md).")
+    p.add_argument("model", nargs="?", default=DEFAULT_REPO,
+                   help="Hub id, folder, .safetensors or big_vision .npz (default: %(default)s)")
+    p.add_argument("--format", required=True, help="onnx or openvino")
+    p.add_argument("--output", required=True, type=Path, help="a new (or empty) folder")
+    p.add_argument("--dtype", default="float32", choices=("float32", "fp32", "bfloat16", "bf16", "int8"),
+                   help="float32 (exact, default); bf16: OpenVINO's inference precision; int8: ONNX "
+                        "Runtime's dynamic quantization")
+    p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size, "
+                   "not exact); off by default")
+    p.add_argument("--towers", nargs="+", default=["vision", "text"], choices=("vision", "text"))
+    p.add_argument("--revision", help="Hub branch, tag or commit")
+    p.add_argument("--config", type=Path, help="config.json for a bare .safetensors or .npz")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer file for a checkpoint without one beside it")
+    args = p.parse_args(argv)
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+    try:
+        export(args.model, args.output, format=args.format, dtype=dtype, fp16=args.fp16,
+               towers=args.towers, revision=args.revision, config=args.config, tokenizer=args.tokenizer)
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
