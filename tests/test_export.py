@@ -193,15 +193,19 @@ def test_big_vision_npz_exports_and_matches_the_model_it_was_written_from(tokeni
 
 def test_fp16_openvino_weights_are_half_size_and_their_accuracy_is_printed(family, tmp_path, capsys):
     _needs_runtimes()
+    from safetensors import safe_open
+
     folder = family(SIGLIP)
-    exact = siglip_so400m.export(folder, tmp_path / "fp32", format="openvino", towers=("vision",))
     half = siglip_so400m.export(folder, tmp_path / "fp16", format="openvino", towers=("vision",), fp16=True)
-    assert (exact["precision"], half["precision"]) == ("float32", "fp16")
-    size32, size16 = ((tmp_path / d / "vision.bin").stat().st_size for d in ("fp32", "fp16"))
-    assert 0.45 < size16 / size32 < 0.6  # the weights halved (biases and LayerNorms too: all constants)
-    # fp32 exact, fp16 not: the gate measured a real rounding and printed it.
-    assert exact["parity"][0]["max_abs_diff"] < 1e-5 < half["parity"][0]["max_abs_diff"] < 1e-2
-    assert f"{half['parity'][0]['max_abs_diff']:.2e}" in capsys.readouterr().err
+    assert half["precision"] == "fp16"
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("vision_model."))
+    # About 2 bytes a weight, where float32 takes 4 (OpenVINO folds a few constants: 0.975 x 4n here).
+    assert 1.8 * n <= (tmp_path / "fp16" / "vision.bin").stat().st_size < 2.3 * n
+    # Not exact, and the gate measured the rounding and printed it.
+    check = half["parity"][0]
+    assert 1e-5 < check["max_abs_diff"] < 1e-2 and check["min_cosine"] > 0.999
+    assert f"{check['max_abs_diff']:.2e}" in capsys.readouterr().err
 
 
 def test_fp16_onnx_weights_are_half_size_and_int8_reports_its_accuracy(family, tmp_path, capsys):
