@@ -138,11 +138,14 @@ def test_onnx_and_openvino_graphs_match_transformers_in_a_process_without_torch(
     files = {p.name for p in (tmp_path / "onnx").iterdir()}
     tokenizer = {"siglip": {"spiece.model"}, "gemma": {"tokenizer.json"}}[CHECKPOINTS[name].tokenizer]
     assert {"vision.onnx", "vision.onnx.data", "text.onnx", "text.onnx.data", "config.json",
-            "preprocessor_config.json", "tokenizer_config.json", "export.json", "README.md"} | tokenizer <= files
-    assert {"vision.xml", "vision.bin", "text.xml", "text.bin"} <= {p.name for p in (tmp_path / "openvino").iterdir()}
+            "preprocessor_config.json", "tokenizer_config.json", "export.json", "README.md",
+            *tokenizer} <= files
+    ov_files = {p.name for p in (tmp_path / "openvino").iterdir()}
+    assert {"vision.xml", "vision.bin", "text.xml", "text.bin"} <= ov_files
     from transformers import SiglipImageProcessorPil
 
-    assert SiglipImageProcessorPil.from_pretrained(str(tmp_path / "onnx")).resample == CHECKPOINTS[name].resample
+    pre = SiglipImageProcessorPil.from_pretrained(str(tmp_path / "onnx"))
+    assert pre.resample == CHECKPOINTS[name].resample
 
 
 def _ort(path: Path, x: torch.Tensor) -> np.ndarray:
@@ -162,7 +165,7 @@ def test_other_checkpoints_export_through_the_cli_and_match_transformers(name, t
                  "--towers", tower]) == 0
     info = json.loads((tmp_path / "out" / "export.json").read_text())
     assert list(info["graphs"]) == [tower]
-    pixels, ids, out = _hf_reference(folder)
+    _, ids, out = _hf_reference(folder)
     assert info["graphs"]["text"]["input"]["shape"] == ["batch", CHECKPOINTS[name].text_length]
     got = _ort(tmp_path / "out" / "text.onnx", ids)
     np.testing.assert_allclose(got, out.text_embeds.numpy(), atol=1e-4, rtol=0)
@@ -186,7 +189,8 @@ def test_big_vision_npz_exports_and_matches_the_model_it_was_written_from(tokeni
     with torch.inference_mode():
         want = ref.get_image_features(pixel_values=pixels)
         want = torch.nn.functional.normalize(want if torch.is_tensor(want) else want.pooler_output, dim=-1)
-    np.testing.assert_allclose(_ort(tmp_path / "out" / "vision.onnx", pixels), want.numpy(), atol=1e-4, rtol=0)
+    got = _ort(tmp_path / "out" / "vision.onnx", pixels)
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
 # --- the precisions that round: measured and printed at export time ------------------------------
@@ -199,7 +203,8 @@ def test_fp16_openvino_weights_are_half_size_and_their_accuracy_is_printed(famil
     half = siglip_so400m.export(folder, tmp_path / "fp16", format="openvino", towers=("vision",), fp16=True)
     assert half["precision"] == "fp16"
     with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in f.keys() if k.startswith("vision_model."))
+        keys = [k for k in f.keys() if k.startswith("vision_model.")]  # noqa: SIM118 (safe_open has no __iter__)
+        n = sum(int(np.prod(f.get_slice(k).get_shape())) for k in keys)
     # About 2 bytes a weight, where float32 takes 4 (OpenVINO folds a few constants: 0.975 x 4n here).
     assert 1.8 * n <= (tmp_path / "fp16" / "vision.bin").stat().st_size < 2.3 * n
     # Not exact, and the gate measured the rounding and printed it.
@@ -219,7 +224,8 @@ def test_fp16_onnx_weights_are_half_size_and_int8_reports_its_accuracy(family, t
     assert kinds == {onnx.TensorProto.FLOAT16}, kinds
     assert 1e-6 < half["parity"][0]["max_abs_diff"] < 1e-2
     q = siglip_so400m.export(folder, tmp_path / "int8", format="onnx", towers=("vision",), dtype="int8")
-    ops = {n.op_type for n in onnx.load(str(tmp_path / "int8" / "vision.onnx"), load_external_data=False).graph.node}
+    graph = onnx.load(str(tmp_path / "int8" / "vision.onnx"), load_external_data=False).graph
+    ops = {n.op_type for n in graph.node}
     assert {"DynamicQuantizeLinear", "MatMulInteger"} <= ops, ops
     check = q["parity"][0]
     assert check["min_cosine"] >= exporting.MIN_COSINE["int8"] and check["max_abs_diff"] > 1e-5
@@ -265,7 +271,8 @@ def test_output_folder_that_is_not_empty_is_refused(tiny_ckpt, tmp_path):
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
 
-def test_a_graph_the_runtime_cannot_load_fails_the_export_and_writes_nothing(tiny_ckpt, tmp_path, monkeypatch):
+def test_a_graph_the_runtime_cannot_load_fails_the_export_and_writes_nothing(tiny_ckpt, tmp_path,
+                                                                              monkeypatch):
     _needs_runtimes()
 
     def broken(sig, tower, sample, work, fmt, dtype, fp16):
@@ -291,10 +298,11 @@ def test_a_graph_that_computes_something_else_fails_with_the_numbers(tiny_ckpt, 
         nodes = [helper.make_node("Flatten", ["pixel_values"], ["f"], axis=1),
                  helper.make_node("Slice", ["f", "zero", "d", "one"], ["s"]),
                  helper.make_node("LpNormalization", ["s"], ["image_embeds"], axis=-1, p=2)]
-        inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v]) for n, v in (("zero", 0), ("d", D), ("one", 1))]
-        graph = helper.make_graph(nodes, "wrong",
-                                  [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, S, S])],
-                                  [helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["B", D])], inits)
+        inits = [helper.make_tensor(n, TensorProto.INT64, [1], [v])
+                 for n, v in (("zero", 0), ("d", D), ("one", 1))]
+        x = helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["B", 3, S, S])
+        y = helper.make_tensor_value_info("image_embeds", TensorProto.FLOAT, ["B", D])
+        graph = helper.make_graph(nodes, "wrong", [x], [y], inits)
         path = work / "vision.onnx"
         onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
         return path

@@ -139,7 +139,6 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
                               towers=towers, dtype=torch.float32)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
-    cfg = sig.config
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -252,7 +251,8 @@ def _weights_to_fp16(path: Path) -> None:
     casts, keep = [], []
     for init in g.initializer:
         if init.data_type == onnx.TensorProto.FLOAT and len(init.dims) >= 2:
-            half = numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), init.name + ".fp16")
+            weight = numpy_helper.to_array(init).astype(np.float16)
+            half = numpy_helper.from_array(weight, init.name + ".fp16")
             keep.append(half)
             casts.append(helper.make_node("Cast", [half.name], [init.name], to=onnx.TensorProto.FLOAT))
         else:
