@@ -312,3 +312,26 @@ def test_a_graph_that_computes_something_else_fails_with_the_numbers(tiny_ckpt, 
                                           r"\(float32\): max \|diff\| \d\.\d+e[-+]\d+ > 0\.0001"):
         siglip_so400m.export(tiny_ckpt, tmp_path / "o", format="onnx", towers=("vision",))
     assert list(tmp_path.iterdir()) == []
+
+
+# --- full size ------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_full_size_image_tower_in_onnx_runtime_matches_transformers(so400m_ckpt, tmp_path, capsys):
+    _needs_runtimes()
+    from transformers import SiglipModel
+
+    info = siglip_so400m.export(so400m_ckpt, tmp_path / "onnx", format="onnx", towers=("vision",))
+    check = info["parity"][0]
+    print(f"full-size image tower, ONNX Runtime vs eager fp32: {check}", file=sys.stderr)
+    assert check["max_abs_diff"] <= 1e-4
+    g = torch.Generator().manual_seed(3)
+    pixels = torch.rand(2, 3, 384, 384, generator=g) * 2 - 1
+    got = _ort(tmp_path / "onnx" / "vision.onnx", pixels)
+    ref = SiglipModel.from_pretrained(str(so400m_ckpt)).eval()
+    with torch.inference_mode():
+        want = ref.get_image_features(pixel_values=pixels)
+        want = torch.nn.functional.normalize(want if torch.is_tensor(want) else want.pooler_output, dim=-1)
+    diff = float(np.abs(got - want.numpy()).max())
+    print(f"full-size image tower, ONNX Runtime vs transformers fp32: max |diff| {diff:.2e}", file=sys.stderr)
+    assert diff <= 1e-4
