@@ -245,6 +245,15 @@ def test_bf16_openvino_says_what_the_cpu_computed_in(family, tmp_path):
     assert "runtime computed in" in (tmp_path / "bf16" / "README.md").read_text()
 
 
+def test_import_siglip_so400m_imports_no_runtime_until_export_runs():
+    code = ("import sys, siglip_so400m, siglip_so400m.cli, siglip_so400m.exporting; "
+            "assert siglip_so400m.export is siglip_so400m.exporting.export; "
+            "print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
+
+
 # --- bad input: one clear message each ------------------------------------------------------------
 
 def test_unknown_format_is_refused_naming_the_choices(tiny_ckpt, tmp_path, capsys):
