@@ -212,15 +212,19 @@ def _export_tower(sig: nn.Module, tower: str, sample: torch.Tensor, work: Path, 
         if fp16:
             _weights_to_fp16(onnx_path)
         return onnx_path
-    import openvino as ov
-
-    graph = work / f"{tower}.xml"
-    ov_model = ov.convert_model(str(onnx_path))
-    ov.save_model(ov_model, str(graph), compress_to_fp16=fp16)  # fp16=False: the weights stay exact
-    del ov_model
+    graph = onnx_to_openvino(onnx_path, work / f"{tower}.xml", fp16)
     for f in (onnx_path, onnx_path.with_name(onnx_path.name + ".data")):
         f.unlink(missing_ok=True)
     return graph
+
+
+def onnx_to_openvino(onnx_path: Path, xml_path: Path, fp16: bool = False) -> Path:
+    """OpenVINO's IR of an ONNX graph, weights kept in float32 unless fp16 (save_model's default
+    compresses them to fp16)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml_path), compress_to_fp16=fp16)
+    return xml_path
 
 
 @contextlib.contextmanager
