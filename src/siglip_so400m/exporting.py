@@ -321,7 +321,9 @@ class Graph:
             except Exception as e:
                 raise ExportError(f"OpenVINO cannot load {self.path}: {e}") from None
             got = self._compiled.get_property("INFERENCE_PRECISION_HINT")
-            self.precision = {"float32": "float32", "bfloat16": "bfloat16"}.get(str(got.to_dtype()), str(got))
+            # An ov.Type: f32, bf16 or f16 (numpy has no bf16, so no to_dtype()).
+            self.precision = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(
+                got.get_type_name(), got.get_type_name())
             self._request = self._compiled.create_infer_request()
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
