@@ -267,15 +267,15 @@ def test_an_embed_folder_is_read_instead_of_embedding_again(tiny_ckpt, tmp_path)
 def test_the_model_tuned_on_shapes_classifies_held_out_shapes_far_above_chance(capsys, shapes_model,
                                                                                tmp_path):
     # 270 shapes the fine-tuning never saw (another seed), 30 per class; chance is 1/9 = 11.1%.
-    # Measured: acc@1 0.XX, acc@5 0.XX, mean per-class recall 0.XX (fp32, this model, this set).
+    # Measured: acc@1 0.737 (199 of 270), acc@5 1.0, mean per-class recall 0.737 (30 a class, so the
+    # same), fp32, on the 2-core AVX2 EPYC of this session: 6.6x chance.
     folder = image_folder(tmp_path / "held_out", per_class=30, seed=21)
     code, out, err = run(capsys, "zero-shot", folder, "--model", shapes_model, "--dtype", "float32",
                          "--templates-file", write(tmp_path / "t.txt", "{}\n"), "--json")
     assert code == 0, err
     m = json.loads(out)["metrics"]
-    print(m)
-    assert m["acc1"] >= 0.4 and m["mean_per_class_recall"] >= 0.4, m  # chance: 0.111
-    assert m["acc5"] >= 0.8, m  # chance: 5/9 = 0.556
+    assert m["acc1"] >= 0.55 and m["mean_per_class_recall"] >= 0.55, m  # chance: 0.111
+    assert m["acc5"] >= 0.9, m  # chance: 5/9 = 0.556
 
 
 def write(path: Path, text: str) -> Path:
