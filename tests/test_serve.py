@@ -605,7 +605,9 @@ def test_api_key_and_allowed_urls(tiny_ckpt, tmp_path, api, image_files):
     files = http.server.ThreadingHTTPServer(
         ("127.0.0.1", 0), lambda *a: _Files(*a, directory=str(tmp_path / "www")))
     threading.Thread(target=files.serve_forever, daemon=True).start()
-    s = Served(tiny_ckpt, tmp_path / "log.txt", "--allow-urls", env={"SIGLIP_SO400M_API_KEY": KEY})
+    # The file server is on 127.0.0.1, which --allow-urls alone refuses (tests/test_serve_limits.py).
+    s = Served(tiny_ckpt, tmp_path / "log.txt", "--allow-urls", "--allow-private-urls",
+               env={"SIGLIP_SO400M_API_KEY": KEY})
     try:
         url, body = f"{s.url}/v1/embeddings", {"input": "hello"}
         err = error(httpx.post(url, json=body), 401, None, "API key")

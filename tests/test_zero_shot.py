@@ -264,7 +264,13 @@ def test_usage_errors_exit_2(capsys, tiny_ckpt, args, message):
     assert code == 2 and message in err and out == ""
 
 
-def test_duplicate_and_overlong_labels_warn(capsys, tiny_ckpt, tmp_path):
+def test_duplicate_and_overlong_labels_warn(capsys, tiny_ckpt, tmp_path, monkeypatch):
+    import threading
+
+    import siglip_so400m.text
+
+    # The truncation warning is said once per process: as if this were the first.
+    monkeypatch.setattr(siglip_so400m.text, "_truncation_warned", threading.Event())
     labels_file = tmp_path / "labels.txt"
     labels_file.write_text("a cat\n\na dog\n" + "cat " * 80 + "\n")
     code, out, err = run_cli(capsys, photo("chelsea.png"), "--labels", "a cat", "--labels-file", labels_file,

@@ -19,8 +19,17 @@ from PIL import Image, ImageOps
 
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
-# What counts as an image file when a folder is given (CLI, training data).
-IMAGE_SUFFIXES = frozenset(".jpg .jpeg .png .bmp .gif .tif .tiff .webp .ppm .pgm".split())
+# The one list of formats every entry point decodes (the server, embed, zero-shot, fine-tuning data):
+# common photo formats with mature decoders. Pillow would open some 40 others, and one of them, EPS,
+# runs Ghostscript on the file, so Image.open gets this list (`formats=`) and never tries the rest.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+# Accepted too where Pillow can decode them: AVIF (Pillow's own plugin, built with libavif) and
+# HEIF (pillow-heif, once its opener is registered).
+OPTIONAL_FORMATS = ("AVIF", "HEIF")
+
+# What counts as an image file when a folder is given (CLI, embed, training data): the suffixes
+# of the formats above.
+IMAGE_SUFFIXES = frozenset(".jpg .jpeg .png .webp .gif .bmp .tif .tiff .avif .heic .heif".split())
 
 # Keys of preprocessor_config.json that would ask for processing SigLIP never does.
 _UNSUPPORTED_FLAGS = ("do_center_crop", "do_pad")
@@ -28,6 +37,61 @@ _UNSUPPORTED_FLAGS = ("do_center_crop", "do_pad")
 
 class ImageReadError(ValueError):
     """An image file that is missing, unreadable, truncated, too large or not an image."""
+
+
+class ImageFormatError(ImageReadError):
+    """An image in a format outside IMAGE_FORMATS (PCX, EPS, ...): refused before any decoding."""
+
+    def __init__(self, message: str, format: str | None):
+        super().__init__(message)
+        self.format = format
+
+
+def allowed_formats() -> tuple[str, ...]:
+    """IMAGE_FORMATS, plus those of OPTIONAL_FORMATS whose decoder is installed."""
+    from PIL import features
+
+    Image.init()  # registers Pillow's own plugins, AVIF among them
+    extra = [f for f in OPTIONAL_FORMATS if f in Image.OPEN and (f != "AVIF" or features.check("avif"))]
+    return IMAGE_FORMATS + tuple(extra)
+
+
+def sniff_format(prefix: bytes) -> str | None:
+    """The Pillow format whose signature the first bytes match, or None. Only the plugins'
+    signature checks run (a comparison of bytes), never a decoder, so naming an EPS costs nothing."""
+    Image.init()
+    for name in Image.ID:
+        accept = Image.OPEN[name][1]
+        try:
+            if accept is not None and accept(prefix):
+                return name
+        except Exception:  # a signature check given too few bytes
+            continue
+    return None
+
+
+def open_image(fp: str | os.PathLike | io.BytesIO, name: str | None = None) -> Image.Image:
+    """Image.open restricted to allowed_formats(): the lazily opened image (header read, no pixel
+    decoded). A file in another format raises ImageFormatError naming that format; `name` names the
+    image in errors (default: the path)."""
+    formats = allowed_formats()
+    name = name or str(fp)
+    try:
+        return Image.open(fp, formats=formats)
+    except Image.UnidentifiedImageError:
+        if isinstance(fp, (str, os.PathLike)):
+            with open(fp, "rb") as f:
+                prefix = f.read(16)
+        else:
+            fp.seek(0)
+            prefix = fp.read(16)
+        found = sniff_format(prefix)
+        accepted = ", ".join(formats)
+        if found is None:
+            raise ImageFormatError(f"{name}: not an image file in an accepted format ({accepted})",
+                                   None) from None
+        raise ImageFormatError(f"{name}: {found} images are not accepted, only {accepted} (convert "
+                               "it to PNG or JPEG)", found) from None
 
 
 def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Image:
@@ -40,7 +104,7 @@ def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Imag
             # PIL only warns between MAX_IMAGE_PIXELS and twice that; refuse those too, since a
             # decompression bomb costs gigabytes before the resize throws them away.
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path if data is None else io.BytesIO(data)) as img:
+            with open_image(path if data is None else io.BytesIO(data), str(path)) as img:
                 img.load()
                 img = ImageOps.exif_transpose(img)
     except FileNotFoundError:
@@ -49,8 +113,8 @@ def load_image(path: str | os.PathLike, data: bytes | None = None) -> Image.Imag
         raise ImageReadError(f"{path}: is a directory, not an image") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise ImageReadError(f"{path}: refused as a possible decompression bomb ({e})") from None
-    except Image.UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image file PIL can read") from None
+    except ImageFormatError:
+        raise
     except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
         raise ImageReadError(f"{path}: cannot decode image ({e})") from None
     return img

@@ -19,6 +19,8 @@ import hashlib
 import json
 import re
 import string
+import threading
+import warnings
 from pathlib import Path
 
 import sentencepiece as spm
@@ -26,6 +28,44 @@ import torch
 
 SPIECE_UNDERLINE = "\u2581"  # "▁", SentencePiece's word-boundary marker
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+# The longest label, template or request text the jobs accept, in characters. The model reads 64
+# tokens (a few hundred characters); a megabyte of text costs seconds and hundreds of MB to tokenize
+# for the same 64 tokens, so entry points refuse more than this before tokenizing.
+MAX_TEXT_CHARS = 4096
+
+
+class TextTooLongError(ValueError):
+    """A text over MAX_TEXT_CHARS, refused before it is tokenized."""
+
+
+def check_text_length(text: str, what: str) -> None:
+    """Raise TextTooLongError, naming `what` (a label, a template, input[3]), if text is too long."""
+    if len(text) > MAX_TEXT_CHARS:
+        raise TextTooLongError(f"{what} is {len(text)} characters, over the limit of {MAX_TEXT_CHARS}: "
+                               "the model reads only its first 64 tokens (a few hundred characters)")
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """The text's start, for messages: never a whole long label."""
+    return repr(text) if len(text) <= width else f"{text[:width]!r}... ({len(text)} characters)"
+
+
+_truncation_warned = threading.Event()
+
+
+def warn_if_truncated(tokenizer: AnyTokenizer, texts: list[str]) -> None:
+    """Warn, once per process, when a text is longer than the tokenizer's max_length tokens and
+    so loses its end. Once, and shortened: a warning per long label once wrote 205 MB to stderr
+    in eight requests, and every distinct message stays in the warnings registry for good."""
+    if _truncation_warned.is_set():
+        return  # nothing left to say: no text is tokenized twice
+    for text in texts:
+        if tokenizer.is_truncated(text):
+            _truncation_warned.set()
+            warnings.warn(f"{shorten(text)} is over {tokenizer.max_length} tokens and was truncated; "
+                          "so may later texts be (said once per process)", stacklevel=2)
+            return
 
 
 class _Batched:

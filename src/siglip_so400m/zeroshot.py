@@ -26,7 +26,7 @@ from torch import Tensor
 from .api import Processor
 from .image import ImageInput
 from .model import SigLIP
-from .text import Tokenizer
+from .text import Tokenizer, check_text_length, shorten, warn_if_truncated
 from .weights import Checkpoint
 
 DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline default
@@ -48,6 +48,7 @@ def check_labels(labels: Sequence[str]) -> list[str]:
     for label in labels:
         if not isinstance(label, str) or not label.strip():
             raise ValueError(f"labels must be non-empty strings, got {label!r}")
+        check_text_length(label, f"the label {shorten(label)}")
     unique = list(dict.fromkeys(labels))
     if len(unique) < len(labels):
         dupes = sorted({lab for lab in labels if labels.count(lab) > 1})
@@ -59,6 +60,8 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     if isinstance(templates, str) or not templates:
         raise ValueError("templates must be a non-empty list of strings")
     for t in templates:
+        if isinstance(t, str):
+            check_text_length(t, f"the template {shorten(t)}")
         try:
             ok = t.format("x") != t.format("y")
         except (IndexError, KeyError, ValueError):
@@ -136,11 +139,7 @@ def embed_labels(model: SigLIP, tokenizer: Tokenizer, labels: Sequence[str], tem
     """(N, D) float32 label embeddings: each template filled in, encoded, normalized, averaged over
     templates and normalized again (the CLIP/SigLIP prompt-ensembling recipe)."""
     texts = [t.format(label) for label in labels for t in templates]
-    for label in labels:
-        long = [t for t in templates if tokenizer.is_truncated(t.format(label))]
-        if long:
-            warnings.warn(f"label {label!r} is over {tokenizer.max_length} tokens with template "
-                          f"{long[0]!r}; truncated", stacklevel=3)
+    warn_if_truncated(tokenizer, texts)
     device = next(model.parameters()).device
     out = []
     for i in range(0, len(texts), batch_size):

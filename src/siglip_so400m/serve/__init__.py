@@ -22,15 +22,22 @@ TEST_DELAY_ENV = "SIGLIP_SO400M_SERVE_TEST_DELAY_MS"
 DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors on one line (the usage is 20 lines of flags; --help shows it), exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description="Serve SigLIP So400m over HTTP: /v1/embeddings, "
+    p = _Parser(prog=prog, description="Serve SigLIP So400m over HTTP: /v1/embeddings, "
                                 "/v1/classify, /v1/search, /health, /metrics (see docs/serve.md).")
     p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--index", help="a search index folder (siglip-so400m index); enables /v1/search")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this "
                    "machine only; 0.0.0.0 exposes the server to the network)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default: %(default)s)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
@@ -46,6 +53,10 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     g = p.add_argument_group("limits and security")
     g.add_argument("--max-items", type=int, default=64, help="texts and images per request (default: 64)")
     g.add_argument("--max-labels", type=int, default=256, help="labels per classify request (default: 256)")
+    g.add_argument("--max-k", type=int, default=1000, help="hits per /v1/search query (default: 1000)")
+    g.add_argument("--max-concurrent-bodies", type=int, default=4,
+                   help="requests whose body is read and decoded at once; the others wait unread, so "
+                        "memory stays bounded (default: 4)")
     g.add_argument("--max-request-mb", type=float, default=32.0, help="request body size (default: 32)")
     g.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="width x height above which an image is refused unread (default: 40e6)")
@@ -55,22 +66,38 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--allow-urls", action="store_true",
                    help="fetch {\"image_url\": \"http(s)://...\"} images; off by default: the server then "
                         "makes requests to any host a client names")
-    g.add_argument("--url-timeout", type=float, default=10.0, help="seconds per URL fetch (default: 10)")
+    g.add_argument("--allow-private-urls", action="store_true",
+                   help="with --allow-urls, also fetch from loopback, private, link-local and reserved "
+                        "addresses (refused by default: a client could reach internal services)")
+    g.add_argument("--url-timeout", type=float, default=10.0,
+                   help="seconds per URL fetch in all, redirects included (default: 10)")
     g.add_argument("--graceful-timeout", type=float, default=60.0,
                    help="on SIGTERM, seconds to finish open requests before exiting (default: 60)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
 
+def _port(value: str) -> int:
+    try:
+        port = int(value)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:  # 0: any free port, as uvicorn takes it
+        raise argparse.ArgumentTypeError(f"{value!r} is not a TCP port (0-65535)")
+    return port
+
+
 def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = parser(prog)
     args = p.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_items", "max_labels", "decode_threads",
-                 "label_cache_size", "max_image_pixels"):
+                 "label_cache_size", "max_image_pixels", "max_k", "max_concurrent_bodies"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_wait_ms < 0 or args.max_request_mb <= 0:
-        p.error("--max-wait-ms must be >= 0 and --max-request-mb > 0")
+    if args.max_wait_ms < 0 or args.max_request_mb <= 0 or args.url_timeout <= 0:
+        p.error("--max-wait-ms must be >= 0, --max-request-mb and --url-timeout > 0")
+    if args.allow_private_urls and not args.allow_urls:
+        p.error("--allow-private-urls needs --allow-urls")
     try:
         import fastapi  # noqa: F401
         import python_multipart  # noqa: F401  (FastAPI's form parsing)
@@ -116,13 +143,18 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_urls=args.allow_urls,
                                  url_max_bytes=int(args.max_request_mb * (1 << 20)),
-                                 url_timeout_s=args.url_timeout),
+                                 url_timeout_s=args.url_timeout,
+                                 allow_private_urls=args.allow_private_urls),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        label_cache_size=args.label_cache_size, decode_threads=args.decode_threads)
+        label_cache_size=args.label_cache_size, decode_threads=args.decode_threads,
+        max_k=args.max_k, max_bodies=args.max_concurrent_bodies)
     app = create_app(Server(model, processor, settings, batcher, metrics, index))
     # Our own check refuses big images per request; PIL's process-wide warning would only be noise.
+    # PIL's own refusal (at twice its limit) follows ours, so --max-image-pixels above PIL's
+    # default works, and a refusal always quotes --max-image-pixels.
     from PIL import Image
 
+    Image.MAX_IMAGE_PIXELS = args.max_image_pixels
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"warning: serving on {args.host} without --api-key: anyone who can reach it can use it",

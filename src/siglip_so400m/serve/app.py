@@ -11,7 +11,7 @@ import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from time import perf_counter
@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..api import Processor
 from ..model import SigLIP
+from ..text import check_text_length, warn_if_truncated
 from ..zeroshot import ZeroShotClassifier, check_labels, check_templates
 from .batcher import Batcher, Closed, Metrics, QueueFull
 from .inputs import ApiError, ImageLimits, data_uri_bytes, decode_image, fetch_url, is_image_uri
@@ -60,6 +61,8 @@ class Settings:
     label_cache_size: int = 10_000
     decode_threads: int = 4
     retry_after_s: int = 1
+    max_k: int = 1000  # hits per /v1/search query
+    max_bodies: int = 4  # requests whose body is read and decoded at once (--max-concurrent-bodies)
 
 
 class LabelMemory:
@@ -114,6 +117,13 @@ class Server:
         self.labels = LabelMemory(settings.label_cache_size)
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
         self.index_lock = threading.Lock()
+        # Bounds the memory that concurrent requests cost: a request holds its body (up to
+        # --max-request-mb, about twice that once parsed) and its decoded images only inside this
+        # semaphore; the others wait with their bodies unread (uvicorn stops reading a socket
+        # after 64 KiB), and what leaves the semaphore is the items' tensors, which the bounded
+        # queue holds.
+        self.reading = asyncio.Semaphore(settings.max_bodies)
+        self.width = model.config.text_config.projection_size  # the embedding's dimensions
 
     # ---- turning request items into model inputs (in the decode threads) ----
 
@@ -140,6 +150,7 @@ class Server:
     def text_ids(self, text: str) -> tuple[Tensor, int]:
         """A text -> (L,) int64 token ids, and the tokens it used (up to and with the EOS)."""
         tok = self.processor.tokenizer
+        warn_if_truncated(tok, [text])
         ids = tok.encode(text)
         used = ids.index(tok.eos_id) + 1 if tok.eos_id in ids else len(ids)
         return torch.tensor(ids, dtype=torch.long), used
@@ -174,29 +185,45 @@ class Server:
                 raise r
         return results
 
+    def overloaded(self, e: Exception) -> ApiError:
+        s = self.settings.retry_after_s
+        return ApiError(503, f"{e}; retry after {s} s", headers={"Retry-After": str(s)})
+
+    def submit(self, items: list[tuple[str, Tensor]]) -> list[Future]:
+        """Queue items for the batcher (all or none, else 503) -> one future per item."""
+        try:
+            return self.batcher.submit(items)
+        except (QueueFull, Closed) as e:
+            raise self.overloaded(e) from None
+
     async def embed(self, items: list[tuple[str, Tensor]]) -> list[Tensor]:
         """Items through the batcher -> their raw (D,) embeddings in the model's dtype."""
-        try:
-            futures = self.batcher.submit(items)
-        except (QueueFull, Closed) as e:
-            raise ApiError(503, f"{e}; retry after {self.settings.retry_after_s} s",
-                           headers={"Retry-After": str(self.settings.retry_after_s)}) from None
-        return list(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+        return await collect(self.submit(items))
 
     async def classifier(self, labels: list[str], templates: list[str]) -> ZeroShotClassifier:
         """The labels' embeddings from the shared memory, the missing ones computed (by the zero-shot
-        module's own code) on the model thread."""
+        module's own code) on the model thread, if its bounded call queue takes them (else 503)."""
         view = self.labels.view(templates, labels)
         make = lambda: ZeroShotClassifier(self.model, self.processor, labels, templates, cache=view)  # noqa: E731
         known = len(view.get())
-        self.metrics.label_cache(hits=known, misses=len(labels) - known)
         if known == len(labels):
+            self.metrics.label_cache(hits=known, misses=0)
             return make()  # every label known: no model work, so no need to queue behind batches
         try:
             future = self.batcher.call(make)
-        except Closed as e:
-            raise ApiError(503, str(e), headers={"Retry-After": "1"}) from None
+        except (QueueFull, Closed) as e:
+            raise self.overloaded(e) from None
+        self.metrics.label_cache(hits=known, misses=len(labels) - known)
         return await asyncio.wrap_future(future)
+
+
+async def collect(futures: list[Future]) -> list[Tensor]:
+    """The batcher's rows; if this request is cancelled, so are its items still queued."""
+    try:
+        return list(await asyncio.gather(*map(asyncio.wrap_future, futures)))
+    finally:
+        for f in futures:
+            f.cancel()  # no effect on the finished ones
 
 
 # ---- request parsing and validation ----
@@ -229,13 +256,20 @@ async def read_body(request: Request, server: Server, fields: dict[str, str]) ->
     if ctype not in ("", "application/json"):
         raise ApiError(415, f"unsupported content type {ctype!r}: send "
                        "application/json or multipart/form-data")
-    raw = await request.body()
+    # Read here, not with request.body(), which would keep the bytes on the request object until
+    # the response went out; this way they go as soon as they are parsed.
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
     if not raw:
         raise ApiError(422, "empty request body: send a JSON object")
     try:
         body = json.loads(raw) if len(raw) < 1 << 16 else await server.in_pool(json.loads, raw)
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... 100k deep: json's C parser gives up; a bad body, not a bug
+        raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
+    del raw
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object")
     return body
@@ -270,6 +304,14 @@ def require_list(body: dict, name: str, limit: int, limit_flag: str, *, allow_st
     return value
 
 
+def check_text(text: str, param: str) -> None:
+    """A request's text, label or template over MAX_TEXT_CHARS: 422, before any tokenizing."""
+    try:
+        check_text_length(text, param)
+    except ValueError as e:
+        raise ApiError(422, str(e), param) from None
+
+
 def check_image_item(item: Any, param: str) -> None:
     """Shape checks that need no decoding (422); decoding failures are 400 later."""
     if isinstance(item, Upload) or (isinstance(item, str) and item):
@@ -294,10 +336,6 @@ def optional(body: dict, name: str, kind: type | tuple, default: Any) -> Any:
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise ApiError(422, f"{name} has the wrong type ({type(value).__name__})", name)
     return value
-
-
-def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(json.dumps(payload, ensure_ascii=False), status, media_type="application/json")
 
 
 # ---- the ASGI guard: auth, body limit, metrics ----
@@ -445,7 +483,10 @@ def create_app(server: Server) -> Guard:
         # uvicorn calls this after it stopped listening and every open request was answered; the
         # batcher then finishes what is queued (nothing should be) and the worker stops.
         server.batcher.close()
-        server.pool.shutdown(wait=True)
+        # Decode jobs of requests that uvicorn gave up on are dropped, not run: a queue of slow
+        # URL fetches would otherwise hold the exit for minutes. A running job ends within its
+        # bounds (--url-timeout, --max-image-pixels).
+        server.pool.shutdown(wait=True, cancel_futures=True)
         m = server.metrics
         counts = ", ".join(f"{e} {m.answered(e)}" for e in ENDPOINTS[:3] if m.answered(e))
         print(f"siglip-so400m serve: stopped; answered {counts or 'no model requests'}; "
@@ -488,27 +529,8 @@ def create_app(server: Server) -> Guard:
     @app.post("/v1/embeddings", openapi_extra=_body_doc(EMBEDDINGS_SCHEMA))
     async def embeddings(request: Request):
         """OpenAI's embeddings request and response; texts and images in one `input` list."""
-        body = await read_body(request, server, {"input": "list", "model": "str", "normalize": "bool",
-                                                 "encoding_format": "str"})
-        items = require_list(body, "input", s.max_items, "--max-items", allow_str=True)
-        normalize = optional(body, "normalize", bool, True)
-        fmt = optional(body, "encoding_format", str, "float")
-        if fmt not in ("float", "base64"):
-            raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}",
-                           "encoding_format")
-        jobs = []
-        for i, item in enumerate(items):
-            param = f"input[{i}]"
-            if isinstance(item, str) and not is_image_uri(item):
-                if not item.strip():
-                    raise ApiError(422, f"{param} is an empty string", param)
-                jobs.append((_text_job, server, item))
-            elif isinstance(item, list):
-                raise ApiError(422, f"{param}: token ids are not accepted; send the text", param)
-            else:
-                check_image_item(item, param)
-                jobs.append((_image_job, server, item, param))
-        prepared = await server.gather_items(jobs)  # [(kind, tensor, tokens)]
+        async with server.reading:  # the body and its decoding, a bounded number at a time
+            prepared, normalize, fmt = await read_embeddings(request)  # [(kind, tensor, tokens)]
         rows = await server.embed([(kind, x) for kind, x, _ in prepared])
         tokens = sum(t for _, _, t in prepared)
         n_images = sum(kind == "image" for kind, _, _ in prepared)
@@ -527,38 +549,53 @@ def create_app(server: Server) -> Guard:
 
         return Response(await server.in_pool(build), media_type="application/json")
 
+    async def read_embeddings(request: Request) -> tuple[list, bool, str]:
+        body = await read_body(request, server, {"input": "list", "model": "str", "normalize": "bool",
+                                                 "encoding_format": "str", "dimensions": "int"})
+        items = require_list(body, "input", s.max_items, "--max-items", allow_str=True)
+        normalize = optional(body, "normalize", bool, True)
+        fmt = optional(body, "encoding_format", str, "float")
+        if fmt not in ("float", "base64"):
+            raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}",
+                           "encoding_format")
+        dimensions = optional(body, "dimensions", int, None)
+        if dimensions is not None and dimensions != server.width:
+            # OpenAI's text-embedding-3 models were trained so that a prefix of the vector is an
+            # embedding too (Matryoshka); SigLIP was not, and a cut vector would rank at random.
+            raise ApiError(422, f"dimensions={dimensions}: this model's embeddings have {server.width} "
+                           "dimensions, and SigLIP was not trained for truncated embeddings, so "
+                           f"{server.width} (or no dimensions) is the only value accepted", "dimensions")
+        jobs = []
+        for i, item in enumerate(items):
+            param = f"input[{i}]"
+            if isinstance(item, str) and not is_image_uri(item):
+                if not item.strip():
+                    raise ApiError(422, f"{param} is an empty string", param)
+                check_text(item, param)
+                jobs.append((_text_job, server, item))
+            elif isinstance(item, list):
+                raise ApiError(422, f"{param}: token ids are not accepted; send the text", param)
+            else:
+                check_image_item(item, param)
+                jobs.append((_image_job, server, item, param))
+        return await server.gather_items(jobs), normalize, fmt
+
     @app.post("/v1/classify", openapi_extra=_body_doc(CLASSIFY_SCHEMA))
     async def classify(request: Request):
         """Zero-shot classification: per image, the labels best first with score (= sigmoid),
         logit and softmax, as `siglip-so400m zero-shot --json` prints them."""
-        body = await read_body(request, server, {"images": "list", "labels": "list", "template": "str",
-                                                 "templates": "list", "top_k": "int", "threshold": "float"})
-        images = require_list(body, "images", s.max_items, "--max-items")
-        labels = require_list(body, "labels", s.max_labels, "--max-labels")
-        if "templates" in body and body["templates"] is not None:
-            templates = require_list(body, "templates", MAX_TEMPLATES, f"at most {MAX_TEMPLATES}")
-        else:
-            templates = [optional(body, "template", str, DEFAULT_TEMPLATE)]
-        for i, label in enumerate(labels):
-            if not isinstance(label, str) or not label.strip():
-                raise ApiError(422, f"labels[{i}] must be a non-empty string", f"labels[{i}]")
+        async with server.reading:
+            prepared, labels, templates, top_k, threshold = await read_classify(request)
+        # The images take their place in the queue first: if it is full, the answer is 503 before
+        # any model work is spent on new labels.
+        futures = server.submit([(kind, x) for kind, x, _ in prepared])
         try:
-            labels = list(dict.fromkeys(labels))  # duplicates merged, as the CLI does
-            labels, templates = check_labels(labels), check_templates(templates)
-        except (TypeError, ValueError) as e:
-            raise ApiError(422, str(e), "templates") from None
-        top_k = optional(body, "top_k", int, None)
-        if top_k is not None and top_k < 1:
-            raise ApiError(422, "top_k must be at least 1", "top_k")
-        threshold = optional(body, "threshold", (int, float), None)
-        if threshold is not None and not 0 <= threshold <= 1:
-            raise ApiError(422, "threshold is a sigmoid probability, between 0 and 1", "threshold")
-        for i, item in enumerate(images):
-            check_image_item(item, f"images[{i}]")
-        prepared = await server.gather_items([(_image_job, server, item, f"images[{i}]")
-                                              for i, item in enumerate(images)])
-        clf = await server.classifier(labels, templates)
-        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+            clf = await server.classifier(labels, templates)
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        rows = await collect(futures)
 
         def build() -> bytes:
             with torch.inference_mode():
@@ -581,12 +618,60 @@ def create_app(server: Server) -> Guard:
 
         return Response(await server.in_pool(build), media_type="application/json")
 
+    async def read_classify(request: Request) -> tuple[list, list[str], list[str], int | None, float | None]:
+        body = await read_body(request, server, {"images": "list", "labels": "list", "template": "str",
+                                                 "templates": "list", "top_k": "int", "threshold": "float"})
+        images = require_list(body, "images", s.max_items, "--max-items")
+        labels = require_list(body, "labels", s.max_labels, "--max-labels")
+        if "templates" in body and body["templates"] is not None:
+            templates = require_list(body, "templates", MAX_TEMPLATES, f"at most {MAX_TEMPLATES}")
+        else:
+            templates = [optional(body, "template", str, DEFAULT_TEMPLATE)]
+        for i, label in enumerate(labels):
+            if not isinstance(label, str) or not label.strip():
+                raise ApiError(422, f"labels[{i}] must be a non-empty string", f"labels[{i}]")
+            check_text(label, f"labels[{i}]")
+        for i, template in enumerate(templates):
+            if isinstance(template, str):
+                check_text(template, f"templates[{i}]" if "templates" in body else "template")
+        try:
+            labels = list(dict.fromkeys(labels))  # duplicates merged, as the CLI does
+            labels, templates = check_labels(labels), check_templates(templates)
+        except (TypeError, ValueError) as e:
+            raise ApiError(422, str(e), "templates") from None
+        top_k = optional(body, "top_k", int, None)
+        if top_k is not None and top_k < 1:
+            raise ApiError(422, "top_k must be at least 1", "top_k")
+        threshold = optional(body, "threshold", (int, float), None)
+        if threshold is not None and not 0 <= threshold <= 1:
+            raise ApiError(422, "threshold is a sigmoid probability, between 0 and 1", "threshold")
+        for i, item in enumerate(images):
+            check_image_item(item, f"images[{i}]")
+        prepared = await server.gather_items([(_image_job, server, item, f"images[{i}]")
+                                              for i, item in enumerate(images)])
+        return prepared, labels, templates, top_k, threshold
+
     @app.post("/v1/search", openapi_extra=_body_doc(SEARCH_SCHEMA))
     async def search(request: Request):
         """Search the --index: texts scored by SigLIP's sigmoid, images by cosine, as
         `siglip-so400m search` does."""
         if server.index is None:
             raise ApiError(404, "no index: start the server with --index DIR to search")
+        async with server.reading:
+            prepared, texts, n_images, k, threshold = await read_search(request)
+        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
+
+        def build() -> bytes:
+            # Off the event loop: k hits per query are up to --max-k x --max-items dicts to encode.
+            results = server.search(rows, len(texts), k, threshold)
+            queries = [{"text": t} for t in texts] + [{"image": i} for i in range(n_images)]
+            data = [{"query": q, "hits": h} for q, h in zip(queries, results, strict=True)]
+            return json.dumps({"object": "list", "model": s.model_name, "data": data},
+                              ensure_ascii=False, default=str).encode()
+
+        return Response(await server.in_pool(build), media_type="application/json")
+
+    async def read_search(request: Request) -> tuple[list, list[str], int, int, float | None]:
         body = await read_body(request, server, {"texts": "list", "images": "list", "k": "int",
                                                  "threshold": "float"})
         texts = body.get("texts") or []
@@ -603,21 +688,19 @@ def create_app(server: Server) -> Guard:
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ApiError(422, f"texts[{i}] must be a non-empty string", f"texts[{i}]")
+            check_text(t, f"texts[{i}]")
         for i, item in enumerate(images):
             check_image_item(item, f"images[{i}]")
         k = optional(body, "k", int, 10)
         if k < 1:
             raise ApiError(422, "k must be at least 1", "k")
+        if k > s.max_k:
+            raise ApiError(422, f"k={k} is over this server's limit of {s.max_k} hits per query "
+                           "(--max-k)", "k")
         threshold = optional(body, "threshold", (int, float), None)
         jobs = [(_text_job, server, t) for t in texts]
         jobs += [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
-        prepared = await server.gather_items(jobs)
-        rows = await server.embed([(kind, x) for kind, x, _ in prepared])
-        results = await server.in_pool(server.search, rows, len(texts), k, threshold)
-        queries = [{"text": t} for t in texts] + [{"image": i} for i in range(len(images))]
-        data = [{"query": q, "hits": h} for q, h in zip(queries, results, strict=True)]
-        return Response(json.dumps({"object": "list", "model": s.model_name, "data": data},
-                                   ensure_ascii=False, default=str), media_type="application/json")
+        return await server.gather_items(jobs), texts, len(images), k, threshold
 
     return Guard(app, server)
 

@@ -160,12 +160,15 @@ class Batcher:
     """Gathers texts and images from concurrent requests into model batches on one worker thread."""
 
     def __init__(self, model: SigLIP, *, max_batch: int, max_wait_s: float, max_queue: int,
-                 metrics: Metrics, delay_s: float = 0.0):
-        if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
-            raise ValueError("max_batch and max_queue must be at least 1, max_wait_s at least 0")
+                 metrics: Metrics, delay_s: float = 0.0, max_calls: int = 16):
+        if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or max_calls < 1:
+            raise ValueError("max_batch, max_queue and max_calls must be at least 1, max_wait_s at least 0")
         self.model = model
         self.device = next(model.parameters()).device
         self.max_batch, self.max_wait_s, self.max_queue = max_batch, max_wait_s, max_queue
+        # Calls waiting for the worker (each embeds one classify request's new labels: up to
+        # --max-labels x 32 templates texts), bounded like the item queue.
+        self.max_calls = max_calls
         self.metrics = metrics
         # Test hook only (SIGLIP_SO400M_SERVE_TEST_DELAY_MS): a slow model, to fill the queue.
         self.delay_s = delay_s
@@ -198,11 +201,14 @@ class Batcher:
 
     def call(self, fn: Callable[[], object]) -> Future:
         """Run fn on the worker thread, between batches (work that uses the model but is not
-        batched, such as embedding new labels)."""
+        batched, such as embedding new labels). Raises QueueFull when max_calls are waiting."""
         future: Future = Future()
         with self._cond:
             if self._closing:
                 raise Closed("the server is shutting down")
+            if len(self._calls) >= self.max_calls:
+                raise QueueFull(f"the label queue is full ({self.max_calls} classify requests with new "
+                                "labels waiting)")
             self._calls.append((fn, future))
             self._cond.notify()
         return future

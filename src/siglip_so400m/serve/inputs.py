@@ -8,14 +8,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
+import http.client
 import io
+import ipaddress
+import socket
+import ssl
+import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from dataclasses import dataclass
 from typing import ClassVar
 
 from PIL import Image, ImageOps
+
+from ..image import ImageFormatError, open_image
 
 IMAGE_URI_PREFIX = "data:image/"
 
@@ -41,7 +48,8 @@ class ImageLimits:
     max_pixels: int  # width x height before decoding; more is refused as a decompression bomb
     allow_urls: bool = False
     url_max_bytes: int = 32 << 20
-    url_timeout_s: float = 10.0
+    url_timeout_s: float = 10.0  # in all, redirects included
+    allow_private_urls: bool = False  # loopback, private, link-local and reserved addresses too
 
 
 def is_image_uri(s: str) -> bool:
@@ -66,63 +74,176 @@ def data_uri_bytes(uri: str, param: str) -> bytes:
 
 
 def fetch_url(url: str, param: str, limits: ImageLimits) -> bytes:
-    """An http(s) URL's body, at most url_max_bytes, within about url_timeout_s; only with
-    --allow-urls, and never another scheme (no file://, no ftp://, also not through redirects)."""
+    """An http(s) URL's body, at most url_max_bytes, within url_timeout_s in all (redirects, a
+    slow host and a trickling body included); only with --allow-urls, never another scheme, and,
+    unless --allow-private-urls, never a loopback, private, link-local or reserved address."""
     if not limits.allow_urls:
         raise ApiError(400, f"{param}: this server does not fetch URLs (start it with --allow-urls); "
                        "send the image as a base64 data URI or a multipart upload", param)
-    if not url.lower().startswith(("http://", "https://")):
-        raise ApiError(400, f"{param}: only http(s) URLs and data:image/ URIs are accepted", param)
-    opener = urllib.request.OpenerDirector()
-    for handler in (urllib.request.HTTPHandler(), urllib.request.HTTPSHandler(), _HttpOnlyRedirects(),
-                    urllib.request.HTTPErrorProcessor(), urllib.request.HTTPDefaultErrorHandler()):
-        opener.add_handler(handler)
     deadline = time.monotonic() + limits.url_timeout_s
+    for _ in range(MAX_REDIRECTS + 1):
+        status, location, body = _fetch_once(url, param, limits, deadline)
+        if location is None:
+            if status != 200:
+                raise ApiError(400, f"{param}: cannot fetch the URL (HTTP {status})", param)
+            return body
+        url = urllib.parse.urljoin(url, location)  # every hop is checked again, address included
+    raise ApiError(400, f"{param}: cannot fetch the URL (over {MAX_REDIRECTS} redirects)", param)
+
+
+MAX_REDIRECTS = 5
+
+
+def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
+    """Why the server must not connect to this address for a client (None: a public address).
+    A client could otherwise make it read cloud metadata (169.254.169.254) or internal services."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    # Most specific first: 127.0.0.1 and 169.254.169.254 are "private" to Python as well.
+    for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
+        if getattr(ip, f"is_{kind}"):
+            return f"a {kind.replace('_', '-')} address"
+    if not ip.is_global:  # shared (100.64/10), documentation and other special ranges
+        return "not a public address"
+    return None
+
+
+def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
+                ) -> tuple[int, str | None, bytes]:
+    """One request: (status, the redirect's Location or None, the body of a 200)."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ApiError(400, f"{param}: only http(s) URLs and data:image/ URIs are accepted"
+                       + (f" (a redirect led to {scheme}:)" if scheme else ""), param)
     try:
-        with opener.open(url, timeout=limits.url_timeout_s) as r:
-            chunks, size = [], 0
-            while chunk := r.read(1 << 16):
-                size += len(chunk)
-                if size > limits.url_max_bytes:
-                    raise ApiError(400, f"{param}: the image at the URL is over "
-                                   f"{limits.url_max_bytes >> 20} MB", param)
-                if time.monotonic() > deadline:
-                    raise ApiError(400, f"{param}: fetching the URL took over {limits.url_timeout_s} s",
-                                   param)
-                chunks.append(chunk)
+        host, port = parts.hostname, parts.port or (443 if scheme == "https" else 80)
+    except ValueError as e:  # a port that is not a number
+        raise ApiError(400, f"{param}: invalid URL ({e})", param) from None
+    if not host:
+        raise ApiError(400, f"{param}: the URL names no host", param)
+    address = _checked_address(host, port, param, limits)
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise _timeout(param, limits)
+    # Pinned: the connection goes to the address checked above, not to a second lookup that a
+    # DNS server under a client's control could answer differently. TLS is ours too (certificate
+    # and name checked against the URL's host), so that the deadline timer holds the socket
+    # that is read, whichever it is.
+    sockets: list[socket.socket] = []
+
+    def connect(_, *args, **kwargs) -> socket.socket:
+        sock = socket.create_connection((address, port), *args, **kwargs)
+        sockets.append(sock)
+        if scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            sockets.append(sock)
+        return sock
+
+    conn = http.client.HTTPConnection(address, port, timeout=remaining)
+    conn._create_connection = connect
+    # The socket timeout bounds each wait, this timer the whole exchange: a host that trickles a
+    # byte per second never lets a read time out, so at the deadline the socket is shut (the
+    # connection object may have handed it to the response already, hence our own reference).
+    timer = threading.Timer(remaining, _shut, (sockets,))
+    timer.start()
+    try:
+        path = parts.path or "/"
+        default_port = 443 if scheme == "https" else 80
+        netloc = f"[{host}]" if ":" in host else host
+        conn.request("GET", path + (f"?{parts.query}" if parts.query else ""),
+                     headers={"Host": netloc if port == default_port else f"{netloc}:{port}",
+                              "User-Agent": "siglip-so400m-serve", "Accept": "image/*"})
+        r = conn.getresponse()
+        if r.status in (301, 302, 303, 307, 308) and r.getheader("Location"):
+            return r.status, r.getheader("Location"), b""
+        if r.status != 200:
+            return r.status, None, b""
+        declared = r.getheader("Content-Length")
+        if declared and declared.isdigit() and int(declared) > limits.url_max_bytes:
+            raise _too_big(param, limits)
+        chunks, size = [], 0
+        while chunk := r.read1(1 << 16):
+            size += len(chunk)
+            if size > limits.url_max_bytes:
+                raise _too_big(param, limits)
+            chunks.append(chunk)
+        if time.monotonic() > deadline:
+            raise _timeout(param, limits)
+        if r.length:  # the host closed before the Content-Length it announced
+            raise http.client.IncompleteRead(b"".join(chunks), r.length)
+        return 200, None, b"".join(chunks)
     except ApiError:
         raise
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ApiError(400, f"{param}: cannot fetch the URL ({e})", param) from None
-    return b"".join(chunks)
+    except (OSError, http.client.HTTPException, ValueError) as e:
+        if time.monotonic() >= deadline:
+            raise _timeout(param, limits) from None
+        # http.client.HTTPException: the host answered something that is not HTTP.
+        what = "not an HTTP reply" if isinstance(e, http.client.HTTPException) else "connection failed"
+        raise ApiError(400, f"{param}: cannot fetch the URL ({what}: {type(e).__name__}: {e})",
+                       param) from None
+    finally:
+        timer.cancel()
+        conn.close()
 
 
-class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, req, fp, code, msg, headers, newurl):
-        if not newurl.lower().startswith(("http://", "https://")):
-            raise urllib.error.URLError(f"redirect to a non-http(s) URL refused: {newurl}")
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
+def _checked_address(host: str, port: int, param: str, limits: ImageLimits) -> str:
+    """The address to connect to: the first the host resolves to that may be fetched."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (OSError, UnicodeError) as e:
+        raise ApiError(400, f"{param}: cannot fetch the URL (cannot resolve {host}: {e})", param) from None
+    refused = []
+    for *_, sockaddr in infos:
+        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])  # an IPv6 zone (fe80::1%eth0) dropped
+        why = None if limits.allow_private_urls else address_refusal(ip)
+        if why is None:
+            return sockaddr[0]
+        refused.append(f"{ip} is {why}")
+    raise ApiError(400, f"{param}: refused to fetch from {host}: {'; '.join(dict.fromkeys(refused))} "
+                   "(the server fetches public addresses only; --allow-private-urls lifts this)", param)
+
+
+def _shut(sockets: list[socket.socket]) -> None:
+    for sock in sockets:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)  # wakes the read blocked in the fetching thread
+
+
+def _timeout(param: str, limits: ImageLimits) -> ApiError:
+    return ApiError(400, f"{param}: fetching the URL took over {limits.url_timeout_s} s "
+                    "(--url-timeout)", param)
+
+
+def _too_big(param: str, limits: ImageLimits) -> ApiError:
+    return ApiError(400, f"{param}: the image at the URL is over {limits.url_max_bytes >> 20} MB "
+                    "(--max-request-mb)", param)
 
 
 def decode_image(data: bytes, param: str, max_pixels: int) -> Image.Image:
     """Encoded bytes -> a fully decoded PIL image with its EXIF orientation applied (as
-    siglip_so400m.load_image does for files, so a file and its upload give the same pixels)."""
+    siglip_so400m.load_image does for files, so a file and its upload give the same pixels). Only
+    the formats of siglip_so400m.image.IMAGE_FORMATS are opened (the same list as every job's)."""
+    bomb = f"refused as a possible decompression bomb (over {max_pixels} pixels; see --max-image-pixels)"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with open_image(io.BytesIO(data), param) as img:
             # The header gives the size before any pixel is decoded: refuse bombs here, before
             # they cost memory. PIL's own limit is process-wide; this one is the server's.
             w, h = img.size
             if w * h > max_pixels:
-                raise ApiError(400, f"{param}: {w}x{h} image refused as a possible decompression bomb "
-                               f"(over {max_pixels} pixels; see --max-image-pixels)", param)
+                raise ApiError(400, f"{param}: {w}x{h} image {bomb}", param)
             img.load()
             img = ImageOps.exif_transpose(img)
     except ApiError:
         raise
-    except Image.UnidentifiedImageError:
-        raise ApiError(400, f"{param}: not an image file PIL can read", param) from None
-    except Image.DecompressionBombError as e:
-        raise ApiError(400, f"{param}: refused as a possible decompression bomb ({e})", param) from None
+    except ImageFormatError as e:
+        # A format that exists but is not accepted is 415 (unsupported media type); bytes that
+        # are no image at all stay 400.
+        raise ApiError(415 if e.format else 400, str(e), param) from None
+    except Image.DecompressionBombError:
+        # PIL's own check (at twice Image.MAX_IMAGE_PIXELS, which serve sets to ours) fired
+        # before the size could be read: the refusal still quotes the server's limit.
+        raise ApiError(400, f"{param}: image {bomb}", param) from None
     except Exception as e:  # truncated or corrupt data: PIL raises many kinds; none may harm the server
         raise ApiError(400, f"{param}: cannot decode the image, truncated or corrupt "
                        f"({type(e).__name__}: {e})", param) from None
