@@ -72,7 +72,7 @@ class ExportError(RuntimeError):
     """An export that cannot be made or that failed its parity check; the message says why."""
 
 
-def _require(fmt: str, precision: str) -> None:
+def _require(fmt: str) -> None:
     """Import what this export needs, or fail naming the [export] extra."""
     needed = ["onnx", "onnxscript"]  # torch.onnx's exporter writes ONNX through onnxscript
     needed.append("onnxruntime" if fmt == "onnx" else "openvino")
@@ -130,7 +130,7 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"{out} exists and is not an empty folder: export writes a new folder; "
                           "give another --output or remove it")
-    _require(format, dtype)
+    _require(format)
 
     from .api import load
 
