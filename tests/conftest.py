@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from siglip_so400m.testing import save_checkpoint, so400m_hf_config, tiny_hf_config, train_spiece
+from siglip_so400m.testing import (
+    save_checkpoint,
+    save_naflex_checkpoint,
+    so400m_hf_config,
+    tiny_hf_config,
+    train_gemma_spiece,
+    train_spiece,
+)
 
 # A checkpoint folder made beforehand by `python -m siglip_so400m.testing DIR --tiny`, for
 # environments without transformers (scripts/check_dependency_floors.py); tests that compare
@@ -47,6 +54,19 @@ def tiny_ckpt(tmp_path_factory, request, spiece) -> Path:
     if PREBUILT:
         return Path(PREBUILT)
     return save_checkpoint(tmp_path_factory.mktemp("tiny"), request.getfixturevalue("tiny_config"), spiece)
+
+
+@pytest.fixture(scope="session")
+def gemma_spiece(tmp_path_factory) -> Path:
+    """A SentencePiece model shaped like SigLIP 2's Gemma tokenizer."""
+    return train_gemma_spiece(tmp_path_factory.mktemp("gemma") / "tokenizer.model")
+
+
+@pytest.fixture(scope="session")
+def naflex_ckpt(tmp_path_factory, gemma_spiece) -> Path:
+    """A tiny random SigLIP 2 NaFlex (transformers' Siglip2Model) in the Hub layout: sparse config.json
+    with model_type siglip2, preprocessor_config.json with max_num_patches, the Gemma tokenizer."""
+    return save_naflex_checkpoint(tmp_path_factory.mktemp("naflex"), gemma_spiece)
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .config import SiglipConfig
-from .image import ImageInput, ImageProcessor
+from .image import ImageInput, ImageProcessor, NaFlexImageProcessor, NaFlexPixels
 from .int8 import quantize_int8
 from .model import SigLIP
 from .text import AnyTokenizer, load_tokenizer, tokenizer_from_file
@@ -19,7 +19,8 @@ from .weights import DEFAULT_REPO, Checkpoint, CheckpointError, load_weights, re
 class Processor:
     """Images and texts -> the tensors the towers take, with the checkpoint's own settings."""
 
-    def __init__(self, image: ImageProcessor, tokenizer: AnyTokenizer | None, source: str = ""):
+    def __init__(self, image: ImageProcessor | NaFlexImageProcessor, tokenizer: AnyTokenizer | None,
+                 source: str = ""):
         self.image = image
         self.tokenizer = tokenizer
         self._source = source
@@ -32,11 +33,10 @@ class Processor:
         folder = ckpt.folder
         pre = folder / "preprocessor_config.json" if folder else None
         image_cfg = json.loads(pre.read_text()) if pre and pre.is_file() else {}
-        image = ImageProcessor.from_dict(image_cfg, cfg.vision_config.image_size)
-        S = cfg.vision_config.image_size
-        if (image.height, image.width) != (S, S):
-            raise CheckpointError(f"preprocessor_config.json resizes to {image.height}x{image.width} "
-                                  f"but the model takes {S}x{S} images")
+        try:
+            image = _image_processor(cfg, image_cfg)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
         L = cfg.text_config.max_position_embeddings
         try:
             if tokenizer is not None:
@@ -52,15 +52,29 @@ class Processor:
                 "another checkpoint (pass the one the model was trained with)")
         return cls(image, tok, ckpt.name)
 
-    def images(self, images: ImageInput | list[ImageInput],
-               size: int | tuple[int, int] | None = None) -> torch.Tensor:
+    def images(self, images: ImageInput | list[ImageInput], size: int | tuple[int, int] | None = None,
+               max_num_patches: int | None = None) -> torch.Tensor | NaFlexPixels:
         """PIL images, paths or uint8 arrays -> (B, 3, H, W) float32 pixel values, at the
         checkpoint's own size, or at `size` (one side, or (height, width)) for the image tower at
-        another resolution."""
-        return self.at_size(size)(images)
+        another resolution. SigLIP 2 NaFlex: NaFlexPixels (patches, mask, grid sizes), each image
+        at its aspect ratio within `max_num_patches` patches (default: preprocessor_config.json's)."""
+        return self.at_size(size, max_num_patches)(images)
 
-    def at_size(self, size: int | tuple[int, int] | None) -> ImageProcessor:
-        """The image processor resizing to `size` (one side, or (height, width)); None: its own."""
+    def at_size(self, size: int | tuple[int, int] | None,
+                max_num_patches: int | None = None) -> ImageProcessor | NaFlexImageProcessor:
+        """The image processor resizing to `size` (one side, or (height, width)), or for NaFlex
+        within `max_num_patches`; None: its own."""
+        if isinstance(self.image, NaFlexImageProcessor):
+            if size is not None:
+                raise ValueError("a SigLIP 2 NaFlex checkpoint takes each image at its own aspect "
+                                 "ratio, not at one size: pass max_num_patches (--max-num-patches) "
+                                 "instead of size (--image-size)")
+            if max_num_patches is None:
+                return self.image
+            return dataclasses.replace(self.image, max_num_patches=max_num_patches)
+        if max_num_patches is not None:
+            raise ValueError("max_num_patches (--max-num-patches) applies to SigLIP 2 NaFlex "
+                             "checkpoints; this one takes images of one size (pass size / --image-size)")
         if size is None:
             return self.image
         H, W = (size, size) if isinstance(size, int) else size
@@ -75,6 +89,30 @@ class Processor:
                                f"checkpoint {self._source}, so texts cannot be tokenized; load a folder "
                                "or Hub id that has one, or pass load(..., tokenizer=FILE)")
         return self.tokenizer(texts)
+
+
+def _image_processor(cfg: SiglipConfig, d: dict) -> ImageProcessor | NaFlexImageProcessor:
+    """The image processor preprocessor_config.json describes, checked against the model config."""
+    vision = cfg.vision_config
+    if vision.naflex:
+        if "size" in d or d.get("image_processor_type", "Siglip2").startswith("SiglipImage"):
+            raise ValueError("the model is SigLIP 2 NaFlex (config.json model_type 'siglip2') but "
+                             "preprocessor_config.json is a fixed-size SigLIP image processor's; a "
+                             "NaFlex one has max_num_patches")
+        image = NaFlexImageProcessor.from_dict(d, vision.patch_size)
+        if image.patch_size != vision.patch_size:
+            raise ValueError(f"preprocessor_config.json cuts {image.patch_size} px patches, but the "
+                             f"model's are {vision.patch_size} px")
+        return image
+    if "max_num_patches" in d:
+        raise ValueError("preprocessor_config.json is a SigLIP 2 NaFlex image processor's "
+                         "(max_num_patches), but config.json describes a fixed-size model")
+    image = ImageProcessor.from_dict(d, vision.image_size)
+    S = vision.image_size
+    if (image.height, image.width) != (S, S):
+        raise ValueError(f"preprocessor_config.json resizes to {image.height}x{image.width} but the "
+                         f"model takes {S}x{S} images")
+    return image
 
 
 def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None = None,

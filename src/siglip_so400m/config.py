@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,20 +60,39 @@ class VisionConfig:
     num_hidden_layers: int = 12
     num_attention_heads: int = 12
     num_channels: int = 3
-    image_size: int = 224
+    image_size: int | None = 224  # None for NaFlex, which takes each image at its own size
     patch_size: int = 16
     hidden_act: str = GELU_TANH
     layer_norm_eps: float = 1e-6
     attention_dropout: float = 0.0
     vision_use_head: bool = True
+    # SigLIP 2 NaFlex (Siglip2VisionConfig): the rows of the learned position table, a square grid
+    # that is resized to each image's own patch grid. None for the fixed-resolution checkpoints.
+    num_patches: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_channels", "image_size", "patch_size"):
+                     "num_channels", "patch_size"):
             _check_int(f"vision_config.{name}", getattr(self, name))
+        if self.naflex:
+            _check_int("vision_config.num_patches", self.num_patches)
+            if self.image_size is not None:
+                raise ValueError("vision_config sets both num_patches (NaFlex: each image at its own "
+                                 "size) and image_size (one fixed size); a SigLIP 2 NaFlex config has "
+                                 "no image_size")
+            if math.isqrt(self.num_patches) ** 2 != self.num_patches:
+                raise ValueError(f"vision_config.num_patches must be a square (the position table is "
+                                 f"a square grid), got {self.num_patches}")
+        else:
+            _check_int("vision_config.image_size", self.image_size)
         _check_common("vision_config", self)
         if self.vision_use_head is not True:
             raise ValueError("vision_config.vision_use_head must be true: SigLIP pools with the MAP head")
+
+    @property
+    def naflex(self) -> bool:
+        """SigLIP 2 NaFlex: patches of each image at its own aspect ratio, a Linear patch embedding."""
+        return self.num_patches is not None
 
     @property
     def head_dim(self) -> int:
@@ -80,11 +100,15 @@ class VisionConfig:
 
     @property
     def grid_size(self) -> int:
+        """The side of the learned position table, g."""
+        if self.naflex:
+            return math.isqrt(self.num_patches)
         # A "valid" conv: 384 px with 14 px patches gives 27 per side and drops the last 6 pixels.
         return self.image_size // self.patch_size
 
     @property
-    def num_patches(self) -> int:
+    def num_positions(self) -> int:
+        """Rows of the learned position table (g * g)."""
         return self.grid_size**2
 
 
@@ -153,16 +177,35 @@ class SiglipConfig:
     def embed_dim(self) -> int:
         return self.vision_config.hidden_size
 
+    @property
+    def naflex(self) -> bool:
+        return self.vision_config.naflex
+
+    @property
+    def architecture(self) -> str:
+        """The transformers class of config.json's `architectures`: NaFlex is its own model there."""
+        return "Siglip2Model" if self.naflex else "SiglipModel"
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SiglipConfig:
         """Read a Hugging Face style dict (nested vision_config/text_config); unknown keys raise."""
         d = dict(d)
         model_type = d.get("model_type", "siglip")
-        if model_type != "siglip":
-            raise ValueError(f"config model_type is {model_type!r}, expected 'siglip' "
+        if model_type not in _MODEL_TYPES:
+            raise ValueError(f"config model_type is {model_type!r}, expected 'siglip' or 'siglip2' "
                              "(is this a SigLIP checkpoint?)")
-        vision = _sub_config(VisionConfig, d.pop("vision_config", None) or {}, "vision_config")
-        text = _sub_config(TextConfig, d.pop("text_config", None) or {}, "text_config")
+        vision_d = dict(d.pop("vision_config", None) or {})
+        if model_type == "siglip2":
+            # transformers' Siglip2VisionConfig: no image_size, and num_patches defaults to 256.
+            if "image_size" in vision_d:
+                raise ValueError("unknown config keys: vision_config.image_size (a siglip2 config "
+                                 "takes each image at its own size: it has num_patches instead)")
+            vision_d = {"num_patches": 256, **vision_d, "image_size": None}
+        elif "num_patches" in vision_d:
+            raise ValueError("unknown config keys: vision_config.num_patches (that is a siglip2 "
+                             "NaFlex key; its config.json says model_type 'siglip2')")
+        vision = _sub_config(VisionConfig, vision_d, "vision_config", model_type)
+        text = _sub_config(TextConfig, d.pop("text_config", None) or {}, "text_config", model_type)
         top = {f.name for f in dataclasses.fields(cls)} - {"vision_config", "text_config"}
         _reject_unknown(d, top, "")
         return cls(vision_config=vision, text_config=text,
@@ -182,16 +225,30 @@ class SiglipConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field explicit, in the Hugging Face layout (what configs/*.json holds)."""
+        model_type = "siglip2" if self.naflex else "siglip"
+        vision = dataclasses.asdict(self.vision_config)
+        # Each family's keys only: transformers' SiglipVisionConfig has no num_patches, and its
+        # Siglip2VisionConfig no image_size.
+        del vision["image_size" if self.naflex else "num_patches"]
         return {
-            "model_type": "siglip",
+            "model_type": model_type,
             "initializer_factor": self.initializer_factor,
-            "vision_config": {"model_type": "siglip_vision_model", **dataclasses.asdict(self.vision_config)},
-            "text_config": {"model_type": "siglip_text_model", **dataclasses.asdict(self.text_config)},
+            "vision_config": {"model_type": _MODEL_TYPES[model_type]["vision_config"], **vision},
+            "text_config": {"model_type": _MODEL_TYPES[model_type]["text_config"],
+                            **dataclasses.asdict(self.text_config)},
         }
 
 
-def _sub_config(cls: type, d: dict[str, Any], prefix: str) -> Any:
-    expected = {"vision_config": "siglip_vision_model", "text_config": "siglip_text_model"}[prefix]
+# config.json model_type -> its sub-configs' model_type; "siglip2" is SigLIP 2 NaFlex (the
+# fixed-resolution SigLIP 2 checkpoints are "siglip" configs).
+_MODEL_TYPES = {
+    "siglip": {"vision_config": "siglip_vision_model", "text_config": "siglip_text_model"},
+    "siglip2": {"vision_config": "siglip2_vision_model", "text_config": "siglip2_text_model"},
+}
+
+
+def _sub_config(cls: type, d: dict[str, Any], prefix: str, model_type: str = "siglip") -> Any:
+    expected = _MODEL_TYPES[model_type][prefix]
     if d.get("model_type", expected) != expected:
         raise ValueError(f"{prefix}.model_type is {d['model_type']!r}, expected {expected!r}")
     names = {f.name for f in dataclasses.fields(cls)}

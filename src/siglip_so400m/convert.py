@@ -52,7 +52,7 @@ def convert(npz: str | Path, out: str | Path, *, config: str | Path | None = Non
         raise CheckpointError(f"no tokenizer beside {npz} (spiece.model, tokenizer.json or tokenizer.model): "
                               "pass it with --tokenizer FILE")
     out.mkdir(parents=True, exist_ok=True)
-    config_json = {"architectures": ["SiglipModel"], **ckpt.config.to_dict()}
+    config_json = {"architectures": [ckpt.config.architecture], **ckpt.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config_json, indent=2) + "\n")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     save_file(state, out / "model.safetensors", metadata={"format": "pt"})

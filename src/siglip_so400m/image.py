@@ -2,13 +2,19 @@
 
 Bit for bit what transformers' `SiglipImageProcessorPil` computes: the same PIL resize on the
 uint8 image, the rescale in float64 then a cast to float32, and the normalisation in float32.
+
+SigLIP 2 NaFlex (`NaFlexImageProcessor`, as transformers' `Siglip2ImageProcessorPil`) keeps each
+image's aspect ratio instead: it is resized (bilinear) to the largest patch grid h x w with
+h * w <= max_num_patches, cut into h * w patches and padded, giving `NaFlexPixels`.
 """
 
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,17 +174,7 @@ class ImageProcessor:
 
     def prepare(self, image: ImageInput) -> Image.Image:
         """One input (PIL image, path, or HWC uint8 array) -> RGB PIL image at the model's size."""
-        if isinstance(image, (str, os.PathLike)):
-            image = load_image(image)
-        elif isinstance(image, np.ndarray):
-            if image.dtype != np.uint8 or image.ndim not in (2, 3):
-                raise ValueError("numpy images must be uint8 arrays of shape (H, W) or (H, W, C), "
-                                 f"got {image.dtype} {image.shape}")
-            image = Image.fromarray(image)
-        elif not isinstance(image, Image.Image):
-            raise TypeError("expected a PIL image, a path or a uint8 numpy array, got "
-                            f"{type(image).__name__}")
-        image = to_rgb(image)
+        image = open_rgb(image)
         if self.do_resize:
             # A squash to the square, no crop: SigLIP was trained on whole images resized this way.
             image = image.resize((self.width, self.height), resample=self.resample)
@@ -189,22 +185,216 @@ class ImageProcessor:
 
     def to_tensor(self, image: Image.Image) -> torch.Tensor:
         """An RGB image already at the model's size -> (3, H, W) float32."""
-        x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
-        if self.do_rescale:
-            # float64 multiply, then float32: the order transformers uses, so the bits agree.
-            x = (x.double() * self.rescale_factor).float()
-        else:
-            x = x.float()
-        if self.do_normalize:
-            mean = torch.tensor(self.image_mean, dtype=torch.float32).view(3, 1, 1)
-            std = torch.tensor(self.image_std, dtype=torch.float32).view(3, 1, 1)
-            x = (x - mean) / std
-        return x
+        return _rescale_normalize(self, image)
+
+    def collate(self, items: Sequence[torch.Tensor]) -> torch.Tensor:
+        """to_tensor() results -> the batch the model takes, (B, 3, H, W)."""
+        return torch.stack(list(items))
 
     def __call__(self, images: ImageInput | list[ImageInput]) -> torch.Tensor:
         """One image or a list -> (B, 3, H, W) float32."""
-        if not isinstance(images, (list, tuple)):
-            images = [images]
-        if not images:
+        return self.collate([self.to_tensor(self.prepare(im)) for im in _as_list(images)])
+
+
+def _as_list(images: ImageInput | list[ImageInput]) -> list[ImageInput]:
+    if not isinstance(images, (list, tuple)):
+        images = [images]
+    if not images:
+        raise ValueError("no images given")
+    return list(images)
+
+
+def open_rgb(image: ImageInput) -> Image.Image:
+    """One input (PIL image, path, or HWC uint8 array) -> an RGB PIL image."""
+    if isinstance(image, (str, os.PathLike)):
+        image = load_image(image)
+    elif isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3):
+            raise ValueError("numpy images must be uint8 arrays of shape (H, W) or (H, W, C), "
+                             f"got {image.dtype} {image.shape}")
+        image = Image.fromarray(image)
+    elif not isinstance(image, Image.Image):
+        raise TypeError("expected a PIL image, a path or a uint8 numpy array, got "
+                        f"{type(image).__name__}")
+    return to_rgb(image)
+
+
+def _rescale_normalize(proc: ImageProcessor | NaFlexImageProcessor, image: Image.Image) -> torch.Tensor:
+    """An RGB image -> (3, H, W) float32, rescaled and normalized as `proc` says."""
+    x = torch.from_numpy(np.array(image)).permute(2, 0, 1)  # (3, H, W) uint8
+    if proc.do_rescale:
+        # float64 multiply, then float32: the order transformers uses, so the bits agree.
+        x = (x.double() * proc.rescale_factor).float()
+    else:
+        x = x.float()
+    if proc.do_normalize:
+        mean = torch.tensor(proc.image_mean, dtype=torch.float32).view(3, 1, 1)
+        std = torch.tensor(proc.image_std, dtype=torch.float32).view(3, 1, 1)
+        x = (x - mean) / std
+    return x
+
+
+@dataclass(frozen=True)
+class NaFlexPixels:
+    """A batch of SigLIP 2 NaFlex inputs: each image's patches at its own aspect ratio, padded.
+
+    Letters: B images, N patch slots (an image's own h * w first, then padding), P patch size.
+    `patches` (B, N, P * P * 3) float32: row-major patches, each flattened channel-last (as
+    transformers' Siglip2ImageProcessor), zeros past an image's own; `mask` (B, N) bool, True on an
+    image's own h * w patches; `spatial_shapes` (B, 2) int64, each image's grid (h, w). The model
+    never attends to, pools or returns the padding, so how far a batch is padded changes nothing."""
+
+    patches: torch.Tensor
+    mask: torch.Tensor
+    spatial_shapes: torch.Tensor
+
+    def __post_init__(self) -> None:
+        B = self.patches.shape[0] if self.patches.ndim == 3 else -1
+        if B < 0 or self.mask.shape != self.patches.shape[:2] or self.spatial_shapes.shape != (B, 2):
+            raise ValueError(f"NaFlexPixels need patches (B, N, P*P*C), mask (B, N) and spatial_shapes "
+                             f"(B, 2); got {tuple(self.patches.shape)}, {tuple(self.mask.shape)} and "
+                             f"{tuple(self.spatial_shapes.shape)}")
+
+    def __len__(self) -> int:
+        return self.patches.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.patches.device
+
+    def to(self, device: torch.device | str | torch.dtype | None = None,
+           dtype: torch.dtype | None = None) -> NaFlexPixels:
+        """On `device`, the patches in `dtype` (the mask and grid sizes keep theirs)."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
+        return NaFlexPixels(self.patches.to(device=device, dtype=dtype), self.mask.to(device),
+                            self.spatial_shapes.to(device))
+
+    def __getitem__(self, index: int | slice) -> NaFlexPixels:
+        """Images `index` (an int keeps the batch dimension: one image is a batch of one)."""
+        if isinstance(index, int):
+            index = slice(index, index + 1 if index != -1 else None)
+        return NaFlexPixels(self.patches[index], self.mask[index], self.spatial_shapes[index])
+
+    def lengths(self) -> list[int]:
+        """Each image's own number of patches, h * w."""
+        return [h * w for h, w in self.spatial_shapes.tolist()]
+
+    def unpadded(self) -> list[NaFlexPixels]:
+        """Each image alone as a batch of one, without padding."""
+        return [NaFlexPixels(self.patches[i : i + 1, :n], self.mask[i : i + 1, :n],
+                             self.spatial_shapes[i : i + 1]) for i, n in enumerate(self.lengths())]
+
+    @classmethod
+    def cat(cls, batches: Sequence[NaFlexPixels], length: int | None = None) -> NaFlexPixels:
+        """Batches of any lengths -> one batch padded to `length` (default: the longest image)."""
+        if not batches:
             raise ValueError("no images given")
-        return torch.stack([self.to_tensor(self.prepare(im)) for im in images])
+        need = max(max(b.lengths(), default=0) for b in batches)
+        N = need if length is None else length
+        if need > N:
+            raise ValueError(f"cannot pad to {N} patches: an image has {need}")
+        pad = torch.nn.functional.pad
+        cut = [(b.patches[:, :N], b.mask[:, :N]) for b in batches]
+        patches = torch.cat([pad(x, (0, 0, 0, N - x.shape[1])) for x, _ in cut])  # (B, N, P*P*C)
+        mask = torch.cat([pad(m, (0, N - m.shape[1])) for _, m in cut])  # (B, N)
+        return cls(patches, mask, torch.cat([b.spatial_shapes for b in batches]))
+
+
+@dataclass(frozen=True)
+class NaFlexImageProcessor:
+    """SigLIP 2 NaFlex preprocessing: each image at its aspect ratio, as patches within a budget."""
+
+    patch_size: int = 16
+    max_num_patches: int = 256
+    resample: int = Image.Resampling.BILINEAR
+    do_resize: bool = True
+    do_rescale: bool = True
+    rescale_factor: float = 1 / 255
+    do_normalize: bool = True
+    image_mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], patch_size: int) -> NaFlexImageProcessor:
+        """Read a Siglip2ImageProcessor preprocessor_config.json dict (patch size from the model
+        config where the file has none; max_num_patches 256, transformers' default)."""
+        for flag in _UNSUPPORTED_FLAGS:
+            if d.get(flag):
+                raise ValueError(f"preprocessor_config.json sets {flag}, which SigLIP 2 NaFlex "
+                                 "preprocessing does not do")
+        kw = {k: d[k] for k in ("max_num_patches", "resample", "do_resize", "do_rescale",
+                                "rescale_factor", "do_normalize") if k in d}
+        for k in ("image_mean", "image_std"):
+            if k in d:
+                v = d[k]
+                kw[k] = tuple(float(x) for x in (v if isinstance(v, (list, tuple)) else [v] * 3))
+        return cls(patch_size=int(d.get("patch_size", patch_size)), **kw)
+
+    def __post_init__(self) -> None:
+        Image.Resampling(self.resample)  # raises ValueError for an unknown filter code
+        for name in ("patch_size", "max_num_patches"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{name} must be a positive integer (a number of patches of the "
+                                 f"image's own grid, e.g. 256), got {v!r}")
+        if len(self.image_mean) != 3 or len(self.image_std) != 3:
+            raise ValueError("image_mean and image_std need one value per RGB channel")
+
+    def target_size(self, height: int, width: int) -> tuple[int, int]:
+        """The size (in pixels, multiples of the patch size) an image of height x width is resized
+        to: the largest scale whose grid ceil(h s / P) x ceil(w s / P), each side at least one patch,
+        holds at most max_num_patches, found by bisection on s in [1e-6, 100] to 1e-5, as
+        transformers' get_image_size_for_max_num_patches finds it (the same float steps, so the
+        same sizes). An image is enlarged at most 100x."""
+        P = self.patch_size
+
+        def side(scale: float, n: int) -> int:
+            return max(P, math.ceil(n * scale / P) * P)
+
+        lo, hi = 1e-6, 100.0
+        while hi - lo >= 1e-5:
+            mid = (lo + hi) / 2
+            if (side(mid, height) / P) * (side(mid, width) / P) <= self.max_num_patches:
+                lo = mid
+            else:
+                hi = mid
+        H, W = side(lo, height), side(lo, width)
+        if self.max_num_patches < (H // P) * (W // P):
+            raise ValueError(f"an image of {width}x{height} pixels cannot fit in max_num_patches="
+                             f"{self.max_num_patches} patches of {P} px even at the smallest scale; "
+                             "raise max_num_patches or crop the image")
+        return H, W
+
+    def prepare(self, image: ImageInput) -> Image.Image:
+        """One input (PIL image, path, or HWC uint8 array) -> RGB PIL image at its patch grid's size."""
+        image = open_rgb(image)
+        if self.do_resize:
+            H, W = self.target_size(image.height, image.width)
+            image = image.resize((W, H), resample=self.resample)
+        else:
+            P = self.patch_size
+            n = (image.height // P) * (image.width // P)
+            if image.height % P or image.width % P or not 1 <= n <= self.max_num_patches:
+                raise ValueError(f"do_resize is off but the image is {image.width}x{image.height}, "
+                                 f"not a whole grid of {P} px patches within max_num_patches="
+                                 f"{self.max_num_patches}")
+        return image
+
+    def to_tensor(self, image: Image.Image) -> NaFlexPixels:
+        """An RGB image at its grid's size (from prepare) -> NaFlexPixels of one image, unpadded."""
+        P = self.patch_size
+        x = _rescale_normalize(self, image)  # (3, H, W) float32
+        C, H, W = x.shape
+        h, w = H // P, W // P
+        patches = x.reshape(C, h, P, w, P).permute(1, 3, 2, 4, 0).reshape(1, h * w, P * P * C)
+        return NaFlexPixels(patches, torch.ones(1, h * w, dtype=torch.bool), torch.tensor([[h, w]]))
+
+    def collate(self, items: Sequence[NaFlexPixels]) -> NaFlexPixels:
+        """to_tensor() results -> one batch, padded to the longest image in it."""
+        return NaFlexPixels.cat(items)
+
+    def __call__(self, images: ImageInput | list[ImageInput]) -> NaFlexPixels:
+        """One image or a list -> NaFlexPixels padded to max_num_patches, as transformers pads."""
+        items = [self.to_tensor(self.prepare(im)) for im in _as_list(images)]
+        return NaFlexPixels.cat(items, length=self.max_num_patches)

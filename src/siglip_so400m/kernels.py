@@ -92,8 +92,9 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
-    """softmax(q k^T / sqrt(Dh)) v for (B, H, N, Dh) tensors; q may have fewer positions than k.
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tensor | None = None) -> Tensor:
+    """softmax(q k^T / sqrt(Dh)) v for (B, H, N, Dh) tensors; q may have fewer positions than k;
+    `mask` (B, 1, 1, N) bool keeps the keys where it is True (padded NaFlex batches, to sdpa).
 
     bf16 CPU inference over long sequences (the image tower's 729 patches) on CPUs without AMX
     computes each head with two oneDNN matmuls around a float32 softmax: 13 ms a layer where sdpa's
@@ -104,9 +105,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0) -> Tensor:
     both far below what moves a normalized embedding (tests/test_fast_paths.py). Everything else,
     fp32 included (where parity with transformers matters), goes to sdpa."""
     B, H, Nq, Dh = q.shape
-    if not (_cpu_inference(q) and q.dtype == torch.bfloat16 and Nq >= 256 and dropout == 0.0
-            and not _cpu_has_amx() and _onednn(torch.bfloat16)):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+    if not (mask is None and _cpu_inference(q) and q.dtype == torch.bfloat16 and Nq >= 256
+            and dropout == 0.0 and not _cpu_has_amx() and _onednn(torch.bfloat16)):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
     mm = torch.ops.mkldnn._linear_pointwise  # mm(a, b) = a @ b^T
     q = (q * Dh**-0.5).contiguous()
     k = k.contiguous()

@@ -9,6 +9,12 @@ Letters: B batch, N tokens, D width, H heads, Dh head dim, L text length, P patc
         -> last token -> Linear -> (B,1152)
     logits = exp(t') * cos(image, text) + b
 
+SigLIP 2 NaFlex (google/siglip2-so400m-patch16-naflex) differs in the image embeddings only:
+
+    patches (B,N,768) of each image at its own aspect ratio (h x w <= max_num_patches, padded to N)
+        -> Linear(768 -> 1152) + the 16x16 position table resized to (h, w) (bilinear, antialias)
+        -> the same encoder and MAP head, the padding masked out as keys everywhere
+
 Differences from CLIP worth knowing: no class token (MAP pooling instead), no causal mask in the
 text tower and no attention mask at all (texts are padded to 64 with the EOS id and the model was
 trained that way), the text tower pools the *last* position (always padding/EOS), and the logits
@@ -30,6 +36,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .image import NaFlexPixels
 from .kernels import attention, linear
 
 
@@ -45,15 +52,16 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
-        """Attention over all of x; with last_only, for the last position's query alone."""
+    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | None = None) -> Tensor:
+        """Attention over all of x (over the keys where `mask`, (B, 1, 1, N) bool, is True); with
+        last_only, for the last position's query alone."""
         B, N, D = x.shape
         H = self.num_heads
         xq = x[:, -1:] if last_only else x
         q = linear(xq, self.q_proj).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, Nq, Dh)
         k = linear(x, self.k_proj).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, Dh)
         v = linear(x, self.v_proj).view(B, N, H, D // H).transpose(1, 2)
-        y = attention(q, k, v, self.dropout if self.training else 0.0)  # (B, H, Nq, Dh)
+        y = attention(q, k, v, self.dropout if self.training else 0.0, mask)  # (B, H, Nq, Dh)
         return linear(y.transpose(1, 2).reshape(B, -1, D), self.out_proj)
 
 
@@ -79,8 +87,8 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
-        x = (x[:, -1:] if last_only else x) + self.self_attn(self.layer_norm1(x), last_only)
+    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | None = None) -> Tensor:
+        x = (x[:, -1:] if last_only else x) + self.self_attn(self.layer_norm1(x), last_only, mask)
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -96,17 +104,18 @@ class Encoder(nn.Module):
             for _ in range(cfg.num_hidden_layers if num_layers is None else num_layers)
         )
 
-    def blocks(self, x: Tensor, depth: int | None = None, last_only: bool = False) -> Iterator[Tensor]:
+    def blocks(self, x: Tensor, depth: int | None = None, last_only: bool = False,
+               mask: Tensor | None = None) -> Iterator[Tensor]:
         """Yields the output of each of the first `depth` blocks (all by default), (B, N, D) each;
         with last_only the final one computes the last position alone (B, 1, D), all the text
-        tower pools."""
+        tower pools. `mask` (B, 1, 1, N) bool hides padding keys (NaFlex batches)."""
         layers = self.layers[:depth]
         for i, layer in enumerate(layers):
             last = last_only and i == len(layers) - 1
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(layer, x, last, use_reentrant=False)
+                x = torch.utils.checkpoint.checkpoint(layer, x, last, mask, use_reentrant=False)
             else:
-                x = layer(x, last)
+                x = layer(x, last, mask)
             yield x
 
     def forward(self, x: Tensor, last_only: bool = False) -> Tensor:
@@ -116,15 +125,28 @@ class Encoder(nn.Module):
 
 
 class VisionEmbeddings(nn.Module):
-    """Non-overlapping patches through a conv, plus a learned position per patch (no class token)."""
+    """Non-overlapping patches through a conv, plus a learned position per patch (no class token).
+    NaFlex: patches already cut by the processor, through a Linear (the same map as the conv)."""
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
-        P = cfg.patch_size
+        P, C = cfg.patch_size, cfg.num_channels
         self.grid = cfg.grid_size  # the learned table's side, g
-        self.patch_embedding = nn.Conv2d(cfg.num_channels, cfg.hidden_size, kernel_size=P, stride=P)
-        self.position_embedding = _embedding(cfg.num_patches, cfg.hidden_size)
+        self.naflex = cfg.naflex
+        if cfg.naflex:
+            self.patch_embedding = nn.Linear(C * P * P, cfg.hidden_size)
+        else:
+            self.patch_embedding = nn.Conv2d(C, cfg.hidden_size, kernel_size=P, stride=P)
+        self.position_embedding = _embedding(cfg.num_positions, cfg.hidden_size)
         self._resized: dict = {}  # (h, w, dtype, device) -> (source table, its stamp, resized table)
+
+    def patches(self, patches: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
+        """NaFlex: (B, N, P*P*C) patches, each image's grid (h, w) -> (B, N, D) embeddings. An
+        image's own h * w positions get its resized table; padding gets zeros (masked anyway)."""
+        x = linear(patches, self.patch_embedding)  # (B, N, D)
+        N = x.shape[1]
+        pos = torch.stack([F.pad(self.positions(h, w), (0, 0, 0, N - h * w)) for h, w in shapes])
+        return x + pos  # (B, N, D)
 
     def forward(self, pixel_values: Tensor) -> Tensor:
         x = self.patch_embedding(pixel_values)  # (B, D, h, w), h = floor(H / P), w = floor(W / P)
@@ -142,14 +164,15 @@ class VisionEmbeddings(nn.Module):
         table = self.position_embedding.weight  # (g * g, D)
         if (h, w) == (self.grid, self.grid):
             return table
+        resize = _resize_positions_naflex if self.naflex else _resize_positions
         if torch.is_grad_enabled():
-            return _resize_positions(table, self.grid, h, w)  # being trained: the resize is in the graph
+            return resize(table, self.grid, h, w)  # being trained: the resize is in the graph
         # Inference resizes once per size. An entry holds its source table, storage and version, so
         # loading, casting or updating the weights (an optimizer step is in place) computes anew.
         stamp = (table.data_ptr(), table._version)
         hit = self._resized.get((h, w, table.dtype, table.device))
         if hit is None or hit[0] is not table or hit[1] != stamp:
-            hit = (table, stamp, _resize_positions(table.detach(), self.grid, h, w))
+            hit = (table, stamp, resize(table.detach(), self.grid, h, w))
             self._resized[(h, w, table.dtype, table.device)] = hit
         return hit[2]
 
@@ -161,6 +184,16 @@ def _resize_positions(table: Tensor, g: int, h: int, w: int) -> Tensor:
     grid = table.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
     grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)  # (1, D, h, w)
     return grid.permute(0, 2, 3, 1).reshape(h * w, D)
+
+
+def _resize_positions_naflex(table: Tensor, g: int, h: int, w: int) -> Tensor:
+    """(g * g, D) -> (h * w, D) as SigLIP 2 NaFlex resizes its table to an image's grid: bilinear,
+    antialiased when shrinking, align_corners=False, in float32 whatever the weights' dtype, then
+    cast back (transformers' Siglip2VisionEmbeddings; big_vision trained with this resize)."""
+    D = table.shape[-1]
+    grid = table.float().reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(h * w, D).to(table.dtype)  # (h * w, D)
 
 
 class MAPHead(nn.Module):
@@ -195,15 +228,19 @@ class MAPHead(nn.Module):
         k, v = F.linear(x, w_kv, b_kv).view(B, N, 2, H, D // H).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
         return q.expand(B, -1, -1, -1), k, v
 
-    def attention_weights(self, x: Tensor) -> Tensor:
+    def attention_weights(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         """(B, N, D) tokens -> (B, H, N): the probe's attention over the tokens, per head (each row
-        sums to 1), what forward() averages the values with."""
+        sums to 1), what forward() averages the values with; zero where `mask` (B, 1, 1, N) is False."""
         q, k, _ = self._qkv(x)
-        return torch.softmax(q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5, dim=-1)[:, :, 0]
+        scores = q @ k.transpose(-1, -2) * q.shape[-1] ** -0.5  # (B, H, 1, N)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        return torch.softmax(scores, dim=-1)[:, :, 0]
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         B, _, D = x.shape
-        y = F.scaled_dot_product_attention(*self._qkv(x))  # (B, H, 1, Dh)
+        # NaFlex batches: the probe must not pool the padding (transformers #36382).
+        y = F.scaled_dot_product_attention(*self._qkv(x), attn_mask=mask)  # (B, H, 1, Dh)
         y = linear(y.transpose(1, 2).reshape(B, 1, D), self.attention.out_proj)
         # No residual around the attention (the probe is not a token); the MLP has one.
         y = y + self.mlp(self.layernorm(y))
@@ -232,8 +269,8 @@ class VisionTower(nn.Module):
         self.head = MAPHead(cfg) if full else None  # attention pooling, not a projection
         init_weights(self)
 
-    def forward(self, pixel_values: Tensor) -> Tensor:
-        """(B, C, H, W) pixels -> (B, D) pooled embeddings."""
+    def forward(self, pixel_values: Tensor | NaFlexPixels) -> Tensor:
+        """(B, C, H, W) pixels (NaFlex: NaFlexPixels) -> (B, D) pooled embeddings."""
         if self.head is None:
             raise RuntimeError(
                 f"this image tower was loaded with vision_layers={len(self.encoder.layers)} of "
@@ -243,40 +280,107 @@ class VisionTower(nn.Module):
         if self._one_at_a_time(pixel_values):
             # The head too: an image's embedding is then the same bits whatever batch it came in
             # (oneDNN picks other kernels for other batch sizes), which embed's resumable output needs.
-            return torch.cat([self(image[None]) for image in pixel_values])
-        (x,) = self.features(pixel_values)  # (B, N, D) after post_layernorm
-        return self.head(x)
+            return torch.cat([self(image) for image in self._images(pixel_values)])
+        (x,), mask = self._tokens(pixel_values, [len(self.encoder.layers)], norm=True)  # (B, N, D)
+        return self.head(x, mask)
 
-    def _one_at_a_time(self, pixel_values: Tensor) -> bool:
-        return (pixel_values.ndim == 4 and pixel_values.shape[0] > 1 and self.per_image_on_cpu
-                and pixel_values.device.type == "cpu" and not torch.is_grad_enabled()
-                and not torch.is_autocast_enabled("cpu"))
+    def _one_at_a_time(self, pixel_values: Tensor | NaFlexPixels) -> bool:
+        if not (self.per_image_on_cpu and pixel_values.device.type == "cpu"
+                and not torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")):
+            return False
+        if isinstance(pixel_values, NaFlexPixels):
+            # Each image at its own length: no attention, MLP or pooling over padding at all.
+            return len(pixel_values) > 1 or not bool(pixel_values.mask.all())
+        return pixel_values.ndim == 4 and pixel_values.shape[0] > 1
 
-    def features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
-                 grid: bool = False) -> tuple[Tensor, ...]:
-        """Patch tokens of the requested layers, see SigLIP.image_features."""
-        depths = self._depths(layers)
+    @staticmethod
+    def _images(pixel_values: Tensor | NaFlexPixels) -> list:
+        """The images of a batch, each a batch of one (NaFlex: without its padding)."""
+        if isinstance(pixel_values, NaFlexPixels):
+            return pixel_values.unpadded()
+        return [image[None] for image in pixel_values]
+
+    def _tokens(self, pixel_values: Tensor | NaFlexPixels, depths: list[int],
+                norm: bool) -> tuple[list[Tensor], Tensor | None]:
+        """The (B, N, D) tokens after each block count in `depths`, and the (B, 1, 1, N) key mask
+        of a padded NaFlex batch (None when nothing is padding)."""
+        weight = self.embeddings.patch_embedding.weight
+        mask = None
+        if isinstance(pixel_values, NaFlexPixels):
+            if not self.config.naflex:
+                raise TypeError("these are SigLIP 2 NaFlex patches (NaFlexPixels), but this model takes "
+                                "(B, 3, H, W) pixel values of one fixed size: make them with this "
+                                "checkpoint's own processor (load() returns it)")
+            shapes = self._check_naflex(pixel_values)
+            x = self.embeddings.patches(pixel_values.patches.to(weight.device, weight.dtype), shapes)
+            if not bool(pixel_values.mask.all()):
+                mask = pixel_values.mask.to(weight.device)[:, None, None, :]  # (B, 1, 1, N)
+        else:
+            self._check_pixels(pixel_values)
+            x = self.embeddings(pixel_values.to(weight.dtype))  # (B, N, D)
+        kept = {0: x}
+        # Blocks past the deepest requested layer are never run.
+        for k, y in enumerate(self.encoder.blocks(x, depth=max(depths), mask=mask), start=1):
+            if k in depths:
+                kept[k] = y
+        return [self.post_layernorm(kept[k]) if norm else kept[k] for k in depths], mask
+
+    def _check_pixels(self, pixel_values: Tensor) -> None:
         P, C = self.config.patch_size, self.config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != C:
-            raise ValueError(f"pixel_values must have shape (B, {C}, H, W), got "
-                             f"{tuple(pixel_values.shape)}; make them with processor.images()")
-        B, _, H, W = pixel_values.shape
+        shape = tuple(getattr(pixel_values, "shape", ()))
+        if self.config.naflex:
+            raise TypeError(f"this SigLIP 2 NaFlex model takes NaFlexPixels (patches, mask and grid "
+                            f"sizes) from its processor.images(), got a {type(pixel_values).__name__} "
+                            f"of shape {shape}: make the inputs with this checkpoint's own processor "
+                            "(load() returns it)")
+        if not isinstance(pixel_values, Tensor) or pixel_values.ndim != 4 or pixel_values.shape[1] != C:
+            raise ValueError(f"pixel_values must have shape (B, {C}, H, W), got {shape}; make them "
+                             "with processor.images()")
+        H, W = pixel_values.shape[2:]
         if H < P or W < P:
             raise ValueError(f"an image of {H}x{W} pixels is smaller than one {P}x{P} patch; "
                              f"images need at least {P} pixels a side")
+
+    def _check_naflex(self, px: NaFlexPixels) -> list[tuple[int, int]]:
+        P, C = self.config.patch_size, self.config.num_channels
+        if px.patches.shape[2] != P * P * C:
+            raise ValueError(f"NaFlex patches of {px.patches.shape[2]} values, but this model's patches "
+                             f"are {P}x{P}x{C} = {P * P * C}: make them with this checkpoint's processor")
+        shapes = [(h, w) for h, w in px.spatial_shapes.tolist()]
+        lengths = px.mask.sum(1).tolist()
+        for i, ((h, w), n) in enumerate(zip(shapes, lengths, strict=True)):
+            if h < 1 or w < 1 or h * w != n or h * w > px.patches.shape[1] or not bool(px.mask[i, :n].all()):
+                raise ValueError(f"NaFlex image {i}: grid {h}x{w} does not match its mask of {n} patches "
+                                 f"(an image's own h * w patches come first, then padding)")
+        return shapes
+
+    def features(self, pixel_values: Tensor | NaFlexPixels, layers: Sequence[int] = (-1,),
+                 norm: bool = True, grid: bool = False) -> tuple[Tensor | list[Tensor], ...]:
+        """Patch tokens of the requested layers, see SigLIP.image_features."""
+        depths = self._depths(layers)
+        naflex = isinstance(pixel_values, NaFlexPixels)
+        if naflex and self.config.naflex:
+            shapes = self._check_naflex(pixel_values)
+            if self._one_at_a_time(pixel_values):
+                per_image = [self._tokens(image, depths, norm)[0] for image in pixel_values.unpadded()]
+                out = [[image[k][0] for image in per_image] for k in range(len(depths))]  # (n_i, D)
+            else:
+                batch, _ = self._tokens(pixel_values, depths, norm)
+                out = [[x[i, : h * w] for i, (h, w) in enumerate(shapes)] for x in batch]
+            if grid:  # (n_i, D) -> (D, h_i, w_i)
+                out = [[x.t().reshape(-1, h, w) for x, (h, w) in zip(same_layer, shapes, strict=True)]
+                       for same_layer in out]
+            return tuple(out)
+        if not naflex:
+            self._check_pixels(pixel_values)
         if self._one_at_a_time(pixel_values):
             per_image = [self.features(image[None], layers, norm, grid) for image in pixel_values]
             return tuple(torch.cat(same_layer) for same_layer in zip(*per_image, strict=True))
-        x = self.embeddings(pixel_values.to(self.embeddings.patch_embedding.weight.dtype))  # (B, N, D)
-        kept = {0: x}
-        # Blocks past the deepest requested layer are never run.
-        for k, y in enumerate(self.encoder.blocks(x, depth=max(depths)), start=1):
-            if k in depths:
-                kept[k] = y
-        out = [self.post_layernorm(kept[k]) if norm else kept[k] for k in depths]
+        out, _ = self._tokens(pixel_values, depths, norm)
         if grid:
-            h, w = H // P, W // P
-            out = [x.transpose(1, 2).reshape(B, -1, h, w) for x in out]  # (B, D, h, w)
+            B, _, H, W = pixel_values.shape
+            P = self.config.patch_size
+            out = [x.transpose(1, 2).reshape(B, -1, H // P, W // P) for x in out]  # (B, D, h, w)
         return tuple(out)
 
     def _depths(self, layers: Sequence[int]) -> list[int]:
@@ -294,6 +398,9 @@ class VisionTower(nn.Module):
     def set_image_size(self, image_size: int) -> None:
         """Make `image_size` the native size, to fine-tune at another resolution: the position table
         is resized once, as at inference, into a new parameter of the new grid."""
+        if self.config.naflex:
+            raise ValueError("a SigLIP 2 NaFlex model has no one image size: it takes each image at "
+                             "its own; choose the sequence length with max_num_patches instead")
         cfg = dataclasses.replace(self.config, image_size=image_size)
         if cfg.grid_size < 1:
             raise ValueError(f"image_size {image_size} is smaller than one {cfg.patch_size} px patch")
@@ -381,16 +488,17 @@ class SigLIP(nn.Module):
                                f"towers=('vision', 'text') to use it")
         return tower
 
-    def encode_image(self, pixel_values: Tensor, normalize: bool = False) -> Tensor:
+    def encode_image(self, pixel_values: Tensor | NaFlexPixels, normalize: bool = False) -> Tensor:
         """(B, 3, H, W) pixels from processor.images() -> (B, D) embeddings, on the model's device
         (the pixels are moved there; the tower casts them to its dtype). Any H and W of at least one
-        patch: the grid is floor(H / P) x floor(W / P) and the position table is resized."""
+        patch: the grid is floor(H / P) x floor(W / P) and the position table is resized.
+        SigLIP 2 NaFlex takes the NaFlexPixels its processor.images() makes instead."""
         tower = self._tower("vision")
         x = tower(pixel_values.to(tower.post_layernorm.weight.device))
         return F.normalize(x, dim=-1) if normalize else x
 
-    def image_features(self, pixel_values: Tensor, layers: Sequence[int] = (-1,), norm: bool = True,
-                       grid: bool = False) -> tuple[Tensor, ...]:
+    def image_features(self, pixel_values: Tensor | NaFlexPixels, layers: Sequence[int] = (-1,),
+                       norm: bool = True, grid: bool = False) -> tuple[Tensor | list[Tensor], ...]:
         """The image tower as a backbone: (B, 3, H, W) pixels -> one (B, N, D) tensor of patch
         tokens per requested layer, in the order asked (N = h * w, h = floor(H / P), w = floor(W / P)).
 
@@ -398,7 +506,8 @@ class SigLIP(nn.Module):
         output of block k, negative k counted from the end (-1 the last block, -2 the one before).
         norm=True applies the final LayerNorm to each (so layers=(-1,) is `last_hidden_state`);
         grid=True returns (B, D, h, w) instead. Blocks past the deepest layer asked for are not run.
-        See docs/backbone.md."""
+        SigLIP 2 NaFlex (NaFlexPixels in): each layer is a list of B tensors, image i's own tokens
+        (h_i * w_i, D) without padding, or (D, h_i, w_i) with grid=True. See docs/backbone.md."""
         tower = self._tower("vision")
         return tower.features(pixel_values.to(tower.post_layernorm.weight.device), layers, norm, grid)
 
@@ -421,7 +530,7 @@ class SigLIP(nn.Module):
         cos = image_emb.float() @ text_emb.float().t()
         return cos * self.logit_scale.float().exp() + self.logit_bias.float()
 
-    def forward(self, pixel_values: Tensor, input_ids: Tensor) -> Tensor:
+    def forward(self, pixel_values: Tensor | NaFlexPixels, input_ids: Tensor) -> Tensor:
         """Logits per image, (B_img, B_txt); a sigmoid of them gives SigLIP's match probabilities."""
         img = self.encode_image(pixel_values, normalize=True)
         txt = self.encode_text(input_ids, normalize=True)

@@ -8,6 +8,8 @@ SigLIP 2, like Gemma's (BPE with byte fallback, pad 0, EOS 1, BOS 2, unk 3, mask
 tokenizer.json by transformers' own GemmaConverter. `CHECKPOINTS` lists every SoViT-400m checkpoint
 with what differs between them; `save_family_checkpoint` writes one (tiny or full size) with a
 config.json as sparse as the Hub's, and `write_big_vision_npz` writes its weights as big_vision does.
+`save_naflex_checkpoint` writes SigLIP 2 NaFlex (`transformers.Siglip2Model`) the same way, with a
+position table that has structure, so that a wrong resize of it shows.
 
     python -m siglip_so400m.testing OUT_DIR [--tiny] [--checkpoint google/siglip2-so400m-patch16-384]
 """
@@ -354,15 +356,97 @@ def write_big_vision_npz(path: Path, state: dict[str, torch.Tensor], config, *, 
     return path
 
 
+NAFLEX = "google/siglip2-so400m-patch16-naflex"
+# The tiny NaFlex shape: 8 px patches and an 8 x 8 position table (the real one: 16 px, 16 x 16).
+TINY_NAFLEX_VISION = {**TINY_VISION, "patch_size": 8, "num_patches": 64}
+del TINY_NAFLEX_VISION["image_size"]
+
+
+def naflex_hf_config(tokenizer_model: Path, tiny: bool = True):
+    import sentencepiece as spm
+    from transformers import Siglip2Config
+
+    if tiny:
+        vocab = spm.SentencePieceProcessor(model_file=str(tokenizer_model)).get_piece_size()
+        vision, text = TINY_NAFLEX_VISION, {**TINY_TEXT, "vocab_size": vocab}
+    else:
+        vision, text = {**_SO400M, "patch_size": 16, "num_patches": 256}, {**_SO400M, "vocab_size": 256000}
+    return Siglip2Config(text_config={**text, "max_position_embeddings": 64}, vision_config=vision)
+
+
+def naflex_sparse_config(config) -> dict:
+    """A Siglip2Model config.json as the Hub has it: only what differs from Siglip2Config's defaults."""
+    from transformers import Siglip2TextConfig, Siglip2VisionConfig
+
+    skip = {"transformers_version", "architectures", "dtype", "_name_or_path", "id2label", "label2id"}
+
+    def diff(sub, default) -> dict:
+        d, base = sub.to_dict(), default.to_dict()
+        out = {k: v for k, v in d.items() if k not in skip and base.get(k) != v}
+        if out.get("projection_size") == d["hidden_size"]:
+            del out["projection_size"]
+        return {**out, "model_type": d["model_type"]}
+
+    return {"architectures": ["Siglip2Model"], "initializer_factor": 1.0, "model_type": "siglip2",
+            "text_config": diff(config.text_config, Siglip2TextConfig()),
+            "torch_dtype": "float32", "transformers_version": "4.49.0.dev0",
+            "vision_config": diff(config.vision_config, Siglip2VisionConfig())}
+
+
+def structured_positions(g: int, D: int) -> torch.Tensor:
+    """A (g * g, D) position table with structure: smooth waves of several frequencies along rows
+    and columns plus a checkerboard, so that bilinear against bicubic, antialias or not, and rows
+    swapped with columns all give visibly different resized tables (random noise would not tell
+    them apart as sharply)."""
+    r = torch.arange(g, dtype=torch.float64)[:, None, None]
+    c = torch.arange(g, dtype=torch.float64)[None, :, None]
+    d = torch.arange(D, dtype=torch.float64)[None, None, :]
+    f = 0.3 + (d % 7) * 0.25  # a different frequency per channel
+    waves = torch.sin(f * r + d) + 0.7 * torch.cos(0.5 * f * c - d) + 0.05 * r * (d % 3 - 1)
+    checker = ((r + c) % 2 * 2 - 1) * (d % 5 == 0)
+    return (0.3 * (waves + checker)).reshape(g * g, D).float()
+
+
+def save_naflex_checkpoint(folder: Path, tokenizer_model: Path, *, tiny: bool = True, seed: int = 0,
+                           max_num_patches: int = 256) -> Path:
+    """SigLIP 2 NaFlex with random weights (a structured position table) in the Hub layout: sparse
+    config.json (model_type siglip2), model.safetensors, preprocessor_config.json of transformers'
+    Siglip2ImageProcessor (max_num_patches, patch_size, bilinear) and the Gemma tokenizer files."""
+    from transformers import Siglip2ImageProcessorPil, Siglip2Model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = naflex_hf_config(tokenizer_model, tiny)
+    torch.manual_seed(seed)
+    model = Siglip2Model(config)
+    randomize(model, seed)
+    v = config.vision_config
+    with torch.no_grad():
+        model.vision_model.embeddings.position_embedding.weight.copy_(
+            structured_positions(int(v.num_patches**0.5), v.hidden_size))
+    model.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(naflex_sparse_config(config), indent=2) + "\n")
+    Siglip2ImageProcessorPil(patch_size=v.patch_size, max_num_patches=max_num_patches).save_pretrained(folder)
+    # The Hub's file was saved through Siglip2Processor, which records itself there.
+    pre = folder / "preprocessor_config.json"
+    pre.write_text(json.dumps({**json.loads(pre.read_text()), "processor_class": "Siglip2Processor"},
+                              indent=2, sort_keys=True) + "\n")
+    save_tokenizer(folder, "gemma", tokenizer_model, 64)
+    return folder
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write a random SigLIP checkpoint in the Hub layout.")
     ap.add_argument("out", type=Path)
     ap.add_argument("--tiny", action="store_true", help="a tiny config instead of the full so400m (3.5 GB)")
-    ap.add_argument("--checkpoint", choices=sorted(CHECKPOINTS), help="the layout of this released "
-                    "checkpoint (tokenizer, sizes, text length) instead of siglip-so400m-patch14-384")
+    ap.add_argument("--checkpoint", choices=sorted([*CHECKPOINTS, NAFLEX]),
+                    help="the layout of this released checkpoint (tokenizer, sizes, text length) "
+                    "instead of siglip-so400m-patch14-384")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.checkpoint:
+    if args.checkpoint == NAFLEX:
+        save_naflex_checkpoint(args.out, train_tokenizer("gemma", args.out), tiny=args.tiny)
+    elif args.checkpoint:
         tok = train_tokenizer(CHECKPOINTS[args.checkpoint].tokenizer, args.out)
         save_family_checkpoint(args.out, args.checkpoint, tok, tiny=args.tiny)
     else:

@@ -1,0 +1,239 @@
+"""SigLIP 2 NaFlex (google/siglip2-so400m-patch16-naflex) against transformers' Siglip2Model and its PIL
+Siglip2ImageProcessor, computed in this run from a tiny random checkpoint in the Hub layout (see
+siglip_so400m.testing.save_naflex_checkpoint; its position table has structure, not noise)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import siglip_so400m
+from siglip_so400m import model as model_module
+from siglip_so400m.config import SiglipConfig
+from siglip_so400m.image import NaFlexImageProcessor, NaFlexPixels
+from siglip_so400m.testing import NAFLEX, hub_cache
+from siglip_so400m.weights import CheckpointError
+
+# (height, width): aspect ratios 1:8 to 8:1, smaller than one patch, and far larger than any budget.
+SIZES = [(40, 320), (320, 40), (50, 200), (200, 50), (90, 180), (180, 90), (128, 128), (333, 97),
+         (3, 5), (1, 1), (7, 60), (2000, 1500), (700, 5600)]
+
+
+def _image(h: int, w: int, seed: int) -> Image.Image:
+    """A smooth gradient with noise on it: the resize filter shows in every pixel."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([x * 255 / max(w - 1, 1), y * 255 / max(h - 1, 1), (x + y) % 256], -1)
+    noise = rng.integers(-40, 40, (h, w, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+IMAGES = [_image(h, w, i) for i, (h, w) in enumerate(SIZES)]
+
+
+def _hf_inputs(folder, images, **kw) -> dict[str, torch.Tensor]:
+    from transformers import Siglip2ImageProcessorPil
+
+    out = Siglip2ImageProcessorPil.from_pretrained(str(folder), **kw)(images=images, return_tensors="pt")
+    return {k: out[k] for k in ("pixel_values", "pixel_attention_mask", "spatial_shapes")}
+
+
+@pytest.mark.parametrize("max_num_patches", [64, 256, 1024])
+def test_patches_mask_and_grid_sizes_match_transformers_pil_processor_bit_for_bit(max_num_patches):
+    from transformers import Siglip2ImageProcessorPil
+
+    ref = Siglip2ImageProcessorPil(patch_size=16, max_num_patches=max_num_patches)
+    ours = NaFlexImageProcessor(patch_size=16, max_num_patches=max_num_patches)
+    want = ref(images=IMAGES, return_tensors="pt")
+    got = ours(IMAGES)
+    assert got.patches.dtype == want["pixel_values"].dtype == torch.float32
+    assert torch.equal(got.patches, want["pixel_values"])
+    assert torch.equal(got.mask, want["pixel_attention_mask"].bool())
+    assert torch.equal(got.spatial_shapes, want["spatial_shapes"])
+    # The budget is used: no grid could take another row or column of patches.
+    for h, w in got.spatial_shapes.tolist():
+        assert h * w <= max_num_patches and min(h, w) >= 1
+
+
+def test_load_reads_the_naflex_hub_layout_as_transformers_does(naflex_ckpt):
+    from transformers import Siglip2Config
+
+    cfg = SiglipConfig.from_json(naflex_ckpt / "config.json")
+    hf = Siglip2Config.from_pretrained(str(naflex_ckpt))
+    assert json.loads((naflex_ckpt / "config.json").read_text())["model_type"] == "siglip2"
+    v = cfg.vision_config
+    assert (v.num_patches, v.patch_size, v.hidden_size, v.num_hidden_layers) == (
+        hf.vision_config.num_patches, hf.vision_config.patch_size, hf.vision_config.hidden_size,
+        hf.vision_config.num_hidden_layers)
+    assert cfg.naflex and v.image_size is None and v.grid_size == 8
+    model, proc = siglip_so400m.load(naflex_ckpt)
+    assert isinstance(model.vision_model.embeddings.patch_embedding, torch.nn.Linear)
+    assert (proc.image.max_num_patches, proc.image.patch_size, proc.image.resample) == (256, 8, 2)
+    # The config we write back is read by transformers to the same shape.
+    assert Siglip2Config.from_dict(cfg.to_dict()).vision_config.num_patches == 64
+
+
+def test_naflex_loads_by_hub_id_offline_from_the_hub_cache(naflex_ckpt, tmp_path):
+    hub_cache(tmp_path / "cache", NAFLEX, naflex_ckpt)
+    code = ("import siglip_so400m\n"
+            f"m, p = siglip_so400m.load({NAFLEX!r})\n"
+            "x = p.images([__import__('PIL.Image').Image.new('RGB', (300, 40))])\n"
+            "print(type(x).__name__, x.spatial_shapes.tolist(), p.texts(['a cat']).shape[1])\n")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    h, w = _hf_inputs(naflex_ckpt, [Image.new("RGB", (300, 40))])["spatial_shapes"][0].tolist()
+    assert r.stdout.split() == ["NaFlexPixels", f"[[{h},", f"{w}]]", "64"]
+
+
+def _reference(folder, images, ids, **kw):
+    from transformers import Siglip2Model
+
+    ref = Siglip2Model.from_pretrained(str(folder)).eval()
+    inputs = _hf_inputs(folder, images, **kw)
+    with torch.inference_mode():
+        out = ref(input_ids=ids, **inputs)
+    return ref, inputs, out
+
+
+@pytest.mark.parametrize("max_num_patches", [64, 256])
+def test_embeddings_and_logits_match_transformers_alone_and_batched(naflex_ckpt, max_num_patches):
+    model, proc = siglip_so400m.load(naflex_ckpt)
+    texts = ["a photo of 2 cats", "東京タワー", "a receipt", "a panorama"]
+    ids = proc.texts(texts)
+    _, inputs, out = _reference(naflex_ckpt, IMAGES, ids, max_num_patches=max_num_patches)
+    pixels = proc.images(IMAGES, max_num_patches=max_num_patches)
+    assert torch.equal(pixels.patches, inputs["pixel_values"])
+    with torch.inference_mode():
+        batched = model.encode_image(pixels, normalize=True)  # on CPU: each image at its own length
+        logits = model(pixels, ids)
+        alone = torch.cat([model.encode_image(pixels[i], normalize=True) for i in range(len(pixels))])
+        model.vision_model.per_image_on_cpu = False  # one padded batch, the padding masked out
+        try:
+            masked = model.encode_image(pixels, normalize=True)
+            # Padded further than the processor pads: the padding changes nothing.
+            longer = model.encode_image(NaFlexPixels.cat([pixels], length=max_num_patches + 37),
+                                        normalize=True)
+        finally:
+            model.vision_model.per_image_on_cpu = True
+    torch.testing.assert_close(batched, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(masked, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(longer, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(alone, batched, atol=1e-6, rtol=0)
+    torch.testing.assert_close(logits, out.logits_per_image, atol=1e-3, rtol=0)
+
+
+def test_hidden_states_of_every_layer_match_transformers_without_padding(naflex_ckpt):
+    model, proc = siglip_so400m.load(naflex_ckpt, towers=("vision",))
+    from transformers import Siglip2VisionModel
+
+    ref = Siglip2VisionModel.from_pretrained(str(naflex_ckpt)).eval()
+    inputs = _hf_inputs(naflex_ckpt, IMAGES, max_num_patches=64)
+    with torch.inference_mode():
+        out = ref(**inputs, output_hidden_states=True)
+        pixels = proc.images(IMAGES, max_num_patches=64)
+        L = len(out.hidden_states)
+        raw = model.image_features(pixels, layers=tuple(range(L)), norm=False)
+        last = model.image_features(pixels, layers=(-1,), norm=True)[0]
+        grids = model.image_features(pixels, layers=(-1,), grid=True)[0]
+    for k in range(L):
+        assert len(raw[k]) == len(IMAGES)
+        for i, (h, w) in enumerate(inputs["spatial_shapes"].tolist()):
+            want = out.hidden_states[k][i, : h * w]
+            assert raw[k][i].shape == want.shape  # the image's own tokens, no padding
+            torch.testing.assert_close(raw[k][i], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for i, (h, w) in enumerate(inputs["spatial_shapes"].tolist()):
+        torch.testing.assert_close(last[i], out.last_hidden_state[i, : h * w], rtol=1e-5, atol=1e-5)
+        assert grids[i].shape == (64, h, w)
+        torch.testing.assert_close(grids[i].flatten(1).t(), last[i], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,antialias", [("bicubic", True), ("bilinear", False), ("nearest", False)])
+def test_a_wrong_position_resize_is_caught_by_the_structured_table(naflex_ckpt, monkeypatch, mode, antialias):
+    """The parity above would pass with any resize if the table were flat; with this structured one a
+    different filter, or bilinear without antialias, moves the embeddings far past the tolerance."""
+    ids = torch.zeros(1, 64, dtype=torch.long)
+    images = [IMAGES[0], IMAGES[1], IMAGES[6]]  # 1:8, 8:1 and square: the table shrinks from 8x8
+    _, _, out = _reference(naflex_ckpt, images, ids, max_num_patches=16)
+    model, proc = siglip_so400m.load(naflex_ckpt, towers=("vision",))
+
+    def wrong(table, g, h, w):
+        D = table.shape[-1]
+        grid = table.float().reshape(1, g, g, D).permute(0, 3, 1, 2)
+        kw = {"align_corners": False} if mode != "nearest" else {}
+        grid = torch.nn.functional.interpolate(grid, size=(h, w), mode=mode, antialias=antialias, **kw)
+        return grid.permute(0, 2, 3, 1).reshape(h * w, D)
+
+    pixels = proc.images(images, max_num_patches=16)
+    with torch.inference_mode():
+        right = model.encode_image(pixels, normalize=True)
+        monkeypatch.setattr(model_module, "_resize_positions_naflex", wrong)
+        model.vision_model.embeddings._resized.clear()
+        bad = model.encode_image(pixels, normalize=True)
+    torch.testing.assert_close(right, out.image_embeds, atol=1e-5, rtol=0)
+    assert (bad - out.image_embeds).abs().max() > 1e-3
+
+
+def test_bad_inputs_get_one_clear_message(naflex_ckpt, tiny_ckpt):
+    naflex, nproc = siglip_so400m.load(naflex_ckpt, towers=("vision",))
+    fixed, fproc = siglip_so400m.load(tiny_ckpt, towers=("vision",))
+    with pytest.raises(ValueError, match="max_num_patches must be a positive integer"):
+        nproc.images(IMAGES[:1], max_num_patches=0)
+    with pytest.raises(ValueError, match="max_num_patches must be a positive integer"):
+        NaFlexImageProcessor(max_num_patches=-3)
+    with pytest.raises(TypeError, match="NaFlex patches .* this model takes \\(B, 3, H, W\\)"):
+        fixed.encode_image(nproc.images(IMAGES[:2]))
+    with pytest.raises(TypeError, match="NaFlex model takes NaFlexPixels"):
+        naflex.encode_image(fproc.images(IMAGES[:2]))
+    with pytest.raises(TypeError, match="NaFlex model takes NaFlexPixels"):
+        naflex.image_features(torch.zeros(1, 3, 32, 32))
+    with pytest.raises(ValueError, match="pass max_num_patches"):
+        nproc.images(IMAGES[:1], size=64)
+    with pytest.raises(ValueError, match="applies to SigLIP 2 NaFlex"):
+        fproc.images(IMAGES[:1], max_num_patches=64)
+    with pytest.raises(ValueError, match="num_patches must be a square"):
+        SiglipConfig.from_dict({"model_type": "siglip2", "vision_config": {"num_patches": 60}})
+    with pytest.raises(ValueError, match="vision_config.image_size"):
+        SiglipConfig.from_dict({"model_type": "siglip2", "vision_config": {"image_size": 224}})
+    px = nproc.images([IMAGES[0], IMAGES[6]])  # grids of different sizes
+    lying = NaFlexPixels(px.patches, px.mask, px.spatial_shapes.flip(0))
+    with pytest.raises(ValueError, match="NaFlex image 0: grid .* does not match its mask"):
+        naflex.encode_image(lying)
+    with pytest.raises(ValueError, match="set_image_size|max_num_patches instead"):
+        naflex.set_image_size(64)
+
+
+def test_an_image_that_cannot_fit_is_refused_by_name():
+    # 2e7 px long: even at the smallest scale the search tries, the long side spans 2 patches.
+    proc = NaFlexImageProcessor(patch_size=16, max_num_patches=1)
+    with pytest.raises(ValueError, match="cannot fit in max_num_patches=1"):
+        proc.target_size(20_000_000, 1)
+    assert proc.target_size(1000, 3) == (16, 16)
+
+
+def test_naflex_preprocessor_with_a_fixed_size_config_is_refused(naflex_ckpt, tmp_path):
+    import shutil
+
+    folder = shutil.copytree(naflex_ckpt, tmp_path / "ckpt")
+    (folder / "preprocessor_config.json").write_text(json.dumps(
+        {"image_processor_type": "SiglipImageProcessor", "size": {"height": 64, "width": 64}}))
+    with pytest.raises(CheckpointError, match="fixed-size SigLIP image processor"):
+        siglip_so400m.load(folder)
+
+
+def test_text_ids_match_transformers_gemma_tokenizer(naflex_ckpt):
+    from transformers import AutoTokenizer
+
+    _, proc = siglip_so400m.load(naflex_ckpt, towers=("text",))
+    texts = ["A Photo of 2 CATS", "東京タワー", "", "a receipt " * 20]
+    tok = AutoTokenizer.from_pretrained(str(naflex_ckpt))
+    want = tok([t.lower() for t in texts], padding="max_length", truncation=True, max_length=64,
+               return_tensors="pt")["input_ids"]
+    assert torch.equal(proc.texts(texts), want)
