@@ -237,3 +237,44 @@ def test_text_ids_match_transformers_gemma_tokenizer(naflex_ckpt):
     want = tok([t.lower() for t in texts], padding="max_length", truncation=True, max_length=64,
                return_tensors="pt")["input_ids"]
     assert torch.equal(proc.texts(texts), want)
+
+
+def test_attention_map_is_on_each_images_own_grid_and_equals_transformers_head_weights(naflex_ckpt):
+    from transformers import Siglip2VisionModel
+
+    ref = Siglip2VisionModel.from_pretrained(str(naflex_ckpt)).eval()
+    model, proc = siglip_so400m.load(naflex_ckpt, towers=("vision",))
+    images = [IMAGES[0], IMAGES[1], IMAGES[7], IMAGES[8]]
+    inputs = _hf_inputs(naflex_ckpt, images, max_num_patches=64)
+    with torch.no_grad():
+        last = ref(**inputs).last_hidden_state  # (B, N, D), padding included
+        head = ref.head
+        B, N = inputs["pixel_attention_mask"].shape
+        # The key mask as transformers' pooling head builds it: a float mask per (image, head).
+        hide = torch.zeros(B, 1, N).masked_fill(inputs["pixel_attention_mask"][:, None] == 0, float("-inf"))
+        hide = hide.repeat_interleave(head.num_heads, 0)
+        _, want = head.attention(head.probe.repeat(B, 1, 1), last, last, attn_mask=hide,
+                                 need_weights=True, average_attn_weights=False)  # (B, heads, 1, N)
+    maps = siglip_so400m.attention_map(model, proc.images(images, max_num_patches=64))
+    assert len(maps) == len(images)
+    for i, (h, w) in enumerate(inputs["spatial_shapes"].tolist()):
+        assert maps[i].shape == (4, h, w)
+        torch.testing.assert_close(maps[i].sum((-2, -1)), torch.ones(4), atol=1e-6, rtol=0)
+        torch.testing.assert_close(maps[i].flatten(1), want[i, :, 0, : h * w], atol=1e-6, rtol=1e-5)
+        assert want[i, :, 0, h * w :].abs().max() == 0  # the reference gives the padding nothing too
+
+
+def test_attention_map_cli_runs_naflex_at_a_chosen_budget(naflex_ckpt, tmp_path, capsys):
+    from siglip_so400m.cli import main
+
+    IMAGES[0].save(tmp_path / "wide.png")
+    out = tmp_path / "maps"
+    code = main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out), "--model", str(naflex_ckpt),
+                 "--max-num-patches", "32"])
+    assert code == 0, capsys.readouterr().err
+    overlay = Image.open(out / "wide.attention.png")
+    assert overlay.format == "PNG" and overlay.width > 6 * overlay.height  # the 1:8 image, plus a colour bar
+    with pytest.raises(SystemExit):
+        main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out), "--model", str(naflex_ckpt),
+              "--image-size", "64"])
+    assert "pass max_num_patches" in capsys.readouterr().err

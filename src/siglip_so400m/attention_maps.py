@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .image import NaFlexPixels
 from .model import SigLIP
 
 # Anchors of a perceptually ordered dark-to-bright scale (matplotlib's "inferno" at 0, 1/6, ..., 1),
@@ -28,8 +29,10 @@ _BAR = 16  # colour bar width in pixels
 _THUMB = 192  # longest side of a per-head tile
 
 
-def attention_map(model: SigLIP, pixel_values: Tensor) -> Tensor:
+def attention_map(model: SigLIP, pixel_values: Tensor | NaFlexPixels) -> Tensor | list[Tensor]:
     """(B, 3, H, W) pixels -> (B, heads, h, w) float32: the MAP head's attention to each patch.
+    SigLIP 2 NaFlex (NaFlexPixels in): a list of B maps, (heads, h_i, w_i) each on image i's own
+    grid, the padding left out (it gets no attention).
 
     Each head's map sums to 1 over the h x w patches (h = floor(H / P), w = floor(W / P)); they are
     the weights transformers' pooling head returns (`nn.MultiheadAttention` with need_weights=True,
@@ -39,6 +42,12 @@ def attention_map(model: SigLIP, pixel_values: Tensor) -> Tensor:
     if tower.head is None:
         raise RuntimeError("this model was loaded with vision_layers=... and has no MAP head, so it has "
                            "no attention map; load the full image tower")
+    if isinstance(pixel_values, NaFlexPixels):
+        with torch.no_grad():
+            (tokens,) = tower.features(pixel_values, layers=(-1,), norm=True)  # (h_i * w_i, D) each
+            maps = [tower.head.attention_weights(x[None])[0] for x in tokens]  # (heads, h_i * w_i)
+        shapes = pixel_values.spatial_shapes.tolist()
+        return [m.float().unflatten(-1, (h, w)) for m, (h, w) in zip(maps, shapes, strict=True)]
     with torch.no_grad():
         (x,) = tower.features(pixel_values, layers=(-1,), norm=True)  # (B, N, D), what the head pools
         weights = tower.head.attention_weights(x)  # (B, heads, N)
@@ -112,6 +121,8 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
     p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--image-size", type=int, metavar="N",
                    help="run the model at NxN pixels (default: the checkpoint's own size)")
+    p.add_argument("--max-num-patches", type=int, metavar="N",
+                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     args = p.parse_args(argv)
@@ -119,7 +130,7 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
         p.error("--image-size must be a positive number of pixels")
 
     from .api import load
-    from .image import ImageReadError, load_image, to_rgb
+    from .image import ImageReadError, NaFlexImageProcessor, load_image, to_rgb
     from .weights import DEFAULT_REPO, CheckpointError
 
     try:
@@ -128,9 +139,16 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    image_proc = processor.at_size(args.image_size)
+    try:
+        image_proc = processor.at_size(args.image_size, args.max_num_patches)
+    except ValueError as e:
+        p.error(str(e))
     P = model.vision_model.config.patch_size
-    cover = ((image_proc.width // P) * P / image_proc.width, (image_proc.height // P) * P / image_proc.height)
+    if isinstance(image_proc, NaFlexImageProcessor):
+        cover = (1.0, 1.0)  # NaFlex resizes each image to whole patches: the grid covers it all
+    else:
+        cover = ((image_proc.width // P) * P / image_proc.width,
+                 (image_proc.height // P) * P / image_proc.height)
     args.output.mkdir(parents=True, exist_ok=True)
     failed, used = 0, set()
     for path, error in expand_images(args.images):
@@ -138,12 +156,12 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
             if error is not None:
                 raise ImageReadError(f"{path}: {error}")
             original = to_rgb(load_image(path))  # the overlay goes on the image as it is
-            pixels = image_proc.to_tensor(image_proc.prepare(original))[None].to(args.device)
+            pixels = image_proc.collate([image_proc.to_tensor(image_proc.prepare(original))]).to(args.device)
         except ImageReadError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        weights = attention_map(model, pixels)[0].cpu().numpy()  # (heads, h, w)
+        weights = attention_map(model, pixels)[0].cpu().numpy()  # (heads, h, w), NaFlex too
         stem = Path(path).stem
         name = stem if stem not in used else f"{stem}_{len(used)}"
         used.add(name)
