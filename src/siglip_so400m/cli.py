@@ -55,9 +55,17 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--image-size", type=int, metavar="N", help="run the image tower at NxN pixels "
                    "(position embeddings resized as transformers does; default: the checkpoint's size)")
+    add_max_num_patches_argument(p)
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, help="label-embedding cache (default: ~/.cache/siglip_so400m)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the label cache")
+
+
+def add_max_num_patches_argument(p: argparse.ArgumentParser) -> None:
+    """--max-num-patches, for every command that reads images."""
+    p.add_argument("--max-num-patches", type=int, metavar="N",
+                   help="SigLIP 2 NaFlex: resize each image, at its own aspect ratio, to at most N "
+                        "patches (default: the checkpoint's preprocessor_config.json, 256)")
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -122,6 +130,8 @@ def parse_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise UsageError("--batch-size must be at least 1")
     if args.image_size is not None and args.image_size < 1:
         raise UsageError("--image-size must be a positive number of pixels")
+    if args.max_num_patches is not None and args.max_num_patches < 1:
+        raise UsageError("--max-num-patches must be a positive number of patches")
     return labels, templates
 
 
@@ -178,7 +188,10 @@ def run_zero_shot(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     classifier = ZeroShotClassifier(model, processor, labels, templates, cache=cache)
-    image_proc = processor.at_size(args.image_size)
+    try:
+        image_proc = processor.at_size(args.image_size, args.max_num_patches)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
 
     meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": precision, "templates": templates}
     specs = list(expand_images(args.images))
@@ -194,7 +207,8 @@ def run_zero_shot(args: argparse.Namespace) -> int:
                 except ImageReadError as e:
                     error = str(e)
             batch.append((path, error))
-        scores = iter(classifier.scores(classifier.logits(torch.stack(pixels)))) if pixels else iter(())
+        logits = classifier.logits(image_proc.collate(pixels)) if pixels else None
+        scores = iter(classifier.scores(logits)) if pixels else iter(())
         for path, error in batch:
             if error is not None:
                 failed += 1
@@ -273,6 +287,7 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
     p.add_argument("--image-size", type=int, metavar="N", help="train at NxN pixels: the position "
                    "embeddings are resized once at load and the saved config says N")
+    add_max_num_patches_argument(p)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)

@@ -11,6 +11,7 @@ import csv
 import json
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -95,10 +96,11 @@ class ImageTextDataset(Dataset):
             return pixels, torch.tensor(self.processor.tokenizer.encode(caption)), bad
         raise DataError("not one image of the dataset could be read: " + "; ".join(bad[:3]))
 
-
-def collate(items: list[tuple[torch.Tensor, torch.Tensor, list[str]]]):
-    pixels, ids, bad = zip(*items, strict=True)
-    return torch.stack(pixels), torch.stack(ids), [b for group in bad for b in group]
+    def collate(self, items: list[tuple[Any, torch.Tensor, list[str]]]):
+        """Items -> (pixels as the model takes them, (B, L) ids, the replaced paths); the image
+        processor batches its own output (a stack, or padded NaFlex patches)."""
+        pixels, ids, bad = zip(*items, strict=True)
+        return self.processor.image.collate(pixels), torch.stack(ids), [b for group in bad for b in group]
 
 
 def rank_share(batch_size: int, rank: int, world: int) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import load, pick_device, pick_dtype
-from .data import GlobalBatches, ImageTextDataset, collate, read_pairs
+from .data import GlobalBatches, ImageTextDataset, read_pairs
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
 from .weights import TOKENIZER_FILES, CheckpointError, resolve
@@ -57,6 +57,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 autocast where the device computes bf16 natively
     grad_checkpointing: bool = False
     image_size: int | None = None  # train at this size: position embeddings resized once at load
+    max_num_patches: int | None = None  # SigLIP 2 NaFlex: each image within this many patches
     save_every: int = 500  # 0: only at the end
     log_every: int = 10
     seed: int = 0
@@ -69,6 +70,9 @@ class TrainConfig:
             raise ValueError("steps and batch_size must be at least 1")
         if self.image_size is not None and self.image_size < 1:
             raise ValueError(f"image_size must be a positive number of pixels, got {self.image_size}")
+        if self.max_num_patches is not None and self.max_num_patches < 1:
+            raise ValueError(f"max_num_patches must be a positive number of patches, got "
+                             f"{self.max_num_patches}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be auto, fp32 or bf16, got {self.precision!r}")
 
@@ -138,8 +142,16 @@ def train(cfg: TrainConfig) -> Path:
     ckpt = resolve(cfg.model, revision=cfg.revision)
     model, processor = load(ckpt, dtype=torch.float32, device=device)
     if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
+        if model.config.naflex:
+            raise CheckpointError("a SigLIP 2 NaFlex checkpoint trains at each image's own size: pass "
+                                  "max_num_patches (--max-num-patches) instead of image_size")
         model.set_image_size(cfg.image_size)  # a new position parameter at the new grid, trained from here
         processor.image = processor.at_size(cfg.image_size)
+    if cfg.max_num_patches is not None:
+        try:
+            processor.image = processor.at_size(None, cfg.max_num_patches)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
     model.train()
     if cfg.grad_checkpointing:
         for tower in (model.vision_model, model.text_model):
@@ -164,7 +176,8 @@ def train(cfg: TrainConfig) -> Path:
     pairs = read_pairs(cfg.data)
     sampler = GlobalBatches(len(pairs), cfg.batch_size, cfg.steps, start_step=start, rank=rank,
                             world=world, seed=cfg.seed)
-    loader = DataLoader(ImageTextDataset(pairs, processor), batch_sampler=sampler, collate_fn=collate,
+    dataset = ImageTextDataset(pairs, processor)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
                         num_workers=cfg.num_workers)
     net = _Embedder(model, lock_image, lock_text)
     if world > 1:
@@ -219,7 +232,7 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
     """config.json + model.safetensors in the Hub layout, with the source checkpoint's tokenizer and
     preprocessor files copied beside them."""
     out.mkdir(parents=True, exist_ok=True)
-    config = {"architectures": ["SiglipModel"], **model.config.to_dict()}
+    config = {"architectures": [model.config.architecture], **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     _atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
@@ -228,6 +241,8 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
             shutil.copyfile(source / name, out / name)
     pre = out / "preprocessor_config.json"
     S = model.config.vision_config.image_size
+    if S is None:  # NaFlex: the source's processor (its max_num_patches) stays as it was
+        return
     if pre.is_file() and json.loads(pre.read_text()).get("size") != {"height": S, "width": S}:
         # Trained at another size (--image-size): processors must resize to it.
         pre.write_text(json.dumps({**json.loads(pre.read_text()), "size": {"height": S, "width": S}},
