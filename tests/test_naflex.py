@@ -269,12 +269,139 @@ def test_attention_map_cli_runs_naflex_at_a_chosen_budget(naflex_ckpt, tmp_path,
 
     IMAGES[0].save(tmp_path / "wide.png")
     out = tmp_path / "maps"
-    code = main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out), "--model", str(naflex_ckpt),
-                 "--max-num-patches", "32"])
+    code = main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out),
+                 "--model", str(naflex_ckpt), "--max-num-patches", "32"])
     assert code == 0, capsys.readouterr().err
     overlay = Image.open(out / "wide.attention.png")
     assert overlay.format == "PNG" and overlay.width > 6 * overlay.height  # the 1:8 image, plus a colour bar
     with pytest.raises(SystemExit):
-        main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out), "--model", str(naflex_ckpt),
-              "--image-size", "64"])
+        main(["attention-map", str(tmp_path / "wide.png"), "--output", str(out),
+              "--model", str(naflex_ckpt), "--image-size", "64"])
     assert "pass max_num_patches" in capsys.readouterr().err
+
+
+# ---- the jobs: the variant enters through the processor and the model, the jobs take what they give ----
+
+@pytest.fixture(scope="module")
+def mixed_folder(tmp_path_factory):
+    """Seven images from 1:8 to 8:1 and one smaller than a patch, as files."""
+    folder = tmp_path_factory.mktemp("mixed")
+    for i in (0, 1, 2, 3, 6, 7, 8, 10):
+        IMAGES[i].save(folder / f"img_{i:02d}.png")
+    return folder
+
+
+def _hf_embeddings(folder, images, max_num_patches, texts_ids=None):
+    from transformers import Siglip2Model
+
+    ref = Siglip2Model.from_pretrained(str(folder)).eval()
+    inputs = _hf_inputs(folder, images, max_num_patches=max_num_patches)
+    with torch.inference_mode():
+        img = ref.get_image_features(**inputs).pooler_output
+        img = torch.nn.functional.normalize(img, dim=-1)
+        if texts_ids is None:
+            return img
+        txt = ref.get_text_features(input_ids=texts_ids).pooler_output
+        txt = torch.nn.functional.normalize(txt, dim=-1)
+        return img, img @ txt.t() * ref.logit_scale.exp() + ref.logit_bias
+
+
+def test_zero_shot_cli_scores_mixed_shapes_in_one_batch_as_transformers(naflex_ckpt, mixed_folder, capsys):
+    from siglip_so400m.cli import main
+
+    labels = ["a receipt", "a panorama", "a cat"]
+    _, proc = siglip_so400m.load(naflex_ckpt, towers=("text",))
+    ids = proc.texts([f"This is a photo of {x}." for x in labels])
+    paths = sorted(mixed_folder.iterdir())
+    images = [Image.open(p) for p in paths]
+    _, want = _hf_embeddings(naflex_ckpt, images, 32, ids)
+    code = main(["zero-shot", *map(str, paths), "--labels", *labels, "--model", str(naflex_ckpt),
+                 "--dtype", "float32", "--batch-size", "8", "--max-num-patches", "32", "--json",
+                 "--no-cache"])
+    assert code == 0
+    results = json.loads(capsys.readouterr().out)
+    for row, record in zip(want.tolist(), results, strict=True):
+        got = {p["label"]: p["logit"] for p in record["predictions"]}
+        for label, logit in zip(labels, row, strict=True):
+            assert abs(got[label] - logit) < 1e-3
+    with pytest.raises(SystemExit):
+        main(["zero-shot", str(paths[0]), "--labels", "x", "--model", str(naflex_ckpt),
+              "--max-num-patches", "0"])
+
+
+def test_embed_search_and_resume_bits_on_naflex(naflex_ckpt, mixed_folder, tmp_path):
+    pytest.importorskip("pyarrow")
+    paths = sorted(mixed_folder.iterdir())
+    want = _hf_embeddings(naflex_ckpt, [Image.open(p) for p in paths], 48)
+    runs = {}
+    for batch_size in (1, 3):
+        out = tmp_path / f"b{batch_size}"
+        manifest = siglip_so400m.embed(mixed_folder, out, model=str(naflex_ckpt), dtype="float32",
+                                       batch_size=batch_size, part_size=5, workers=0, max_num_patches=48)
+        assert manifest["max_num_patches"] == 48 and manifest["counts"]["images"] == len(paths)
+        runs[batch_size] = [(out / "img_emb" / f"img_emb_{i}.npy").read_bytes()
+                            for i in range(manifest["parts"])]
+    # Each image's embedding is the same bits whatever batch of mixed shapes it came in, which the
+    # byte-identical resume of embed rests on.
+    assert runs[1] == runs[3]
+    emb = np.concatenate([np.load(tmp_path / "b3" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
+    np.testing.assert_allclose(emb.astype(np.float32), want.numpy(), atol=2**-10, rtol=0)
+    index = siglip_so400m.Index.load(tmp_path / "b3")
+    hits = index.search(images=[str(paths[0]), str(paths[3])], k=1)
+    assert [h[0]["path"] for h in hits] == [str(paths[0]), str(paths[3])]
+    # Another budget for the queries than the collection's is a different embedding.
+    index.max_num_patches = 8
+    assert not np.allclose(index.embed_images([str(paths[0])]), emb[:1], atol=1e-3)
+
+
+def test_server_batches_requests_of_different_shapes_together(naflex_ckpt, mixed_folder, tmp_path):
+    pytest.importorskip("fastapi")
+    import base64
+
+    import httpx
+    from test_serve import Served, metrics
+
+    paths = sorted(mixed_folder.iterdir())
+    want = _hf_embeddings(naflex_ckpt, [Image.open(p) for p in paths], 40)
+    body = {"input": [f"data:image/png;base64,{base64.b64encode(p.read_bytes()).decode()}" for p in paths]}
+    s = Served(naflex_ckpt, tmp_path / "log.txt", "--max-num-patches", "40", "--max-wait-ms", "300")
+    try:
+        r = httpx.post(f"{s.url}/v1/embeddings", json=body, timeout=120)
+        assert r.status_code == 200, r.text
+        got = torch.tensor([d["embedding"] for d in r.json()["data"]])
+        m = metrics(s.url)
+    finally:
+        assert s.stop() == 0, s.log()
+    torch.testing.assert_close(torch.nn.functional.normalize(got, dim=-1), want, atol=1e-5, rtol=0)
+    batches = m['siglip_batch_size_count{kind="image"}']
+    assert batches < len(paths)  # images of eight shapes went through fewer forward passes
+
+
+def test_finetune_on_naflex_trains_mixed_shapes_and_saves_what_transformers_loads(naflex_ckpt, mixed_folder,
+                                                                                  tmp_path):
+    from transformers import Siglip2Model
+
+    from siglip_so400m.train import TrainConfig, train
+
+    files = sorted(mixed_folder.iterdir())
+    rows = [{"image": p.name, "caption": f"shape {i % 3}"} for i, p in enumerate(files)]
+    data = mixed_folder / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = {k: v.clone() for k, v in siglip_so400m.load(naflex_ckpt)[0].state_dict().items()}
+    out = train(TrainConfig(model=str(naflex_ckpt), data=str(data), output_dir=str(tmp_path / "run"),
+                            steps=3, batch_size=8, lr=1e-3, precision="fp32", num_workers=0, log_every=1,
+                            save_every=0, max_num_patches=24))
+    data.unlink()
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["Siglip2Model"] and config["model_type"] == "siglip2"
+    model, proc = siglip_so400m.load(out)
+    after = model.state_dict()
+    for key in ("vision_model.embeddings.patch_embedding.weight", "vision_model.head.probe",
+                "vision_model.embeddings.position_embedding.weight", "text_model.head.weight"):
+        assert not torch.equal(before[key], after[key]), f"{key} did not train"
+    ref = Siglip2Model.from_pretrained(str(out)).eval()
+    inputs = _hf_inputs(out, IMAGES[:3])
+    with torch.inference_mode():
+        want = torch.nn.functional.normalize(ref.get_image_features(**inputs).pooler_output, dim=-1)
+        got = model.encode_image(proc.images(IMAGES[:3]), normalize=True)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)

@@ -64,7 +64,7 @@ FORMAT = "siglip_so400m.embed/1"
 # 10**6 parts: ten billion images at the default part size (a billion need 10**5); more parts widen it.
 PART_DIGITS = 6
 IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "image_size", "embedding_dim",
-                 "part_size", "captions", "batch_size", "inputs_sha256", "parts")
+                 "part_size", "captions", "batch_size", "inputs_sha256", "parts", "max_num_patches")
 
 
 class EmbedError(RuntimeError):
@@ -258,7 +258,7 @@ class _Decode(torch.utils.data.Dataset):
             else:
                 img = load_image(item.path)
             w, h = img.size
-            pixels = self.proc.to_tensor(self.proc.prepare(img))  # (3, S, S) float32
+            pixels = self.proc.to_tensor(self.proc.prepare(img))  # (3, S, S) float32, or NaFlexPixels
             return part, pos, pixels, w, h, caption
         except ImageReadError as e:
             return part, pos, str(e), 0, 0, caption
@@ -372,13 +372,14 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
           model: str = DEFAULT_REPO, revision: str | None = None, dtype: str | torch.dtype | None = None,
           device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
           workers: int = 2, part_size: int = 10_000, recursive: bool = False, captions: bool = False,
-          progress: bool | None = None) -> dict:
+          progress: bool | None = None, max_num_patches: int | None = None) -> dict:
     """Embed every image of `inputs` into `output` (clip-retrieval's layout); returns the manifest.
 
     inputs: folders, image files, glob patterns, .txt/.csv/.parquet lists of paths (with an
         optional caption column) and webdataset .tar shards. dtype: "float32", "bfloat16",
         "float16", "int8" or None for the fast default of the device. workers: decoding processes
-        (0: decode in this process). Under torchrun every rank calls this with the same arguments
+        (0: decode in this process). max_num_patches: SigLIP 2 NaFlex's patch budget per image
+        (None: the checkpoint's). Under torchrun every rank calls this with the same arguments
         and takes its share of the parts. A rerun after an interruption continues; a second run on
         `output` while one is active raises EmbedError.
     """
@@ -431,6 +432,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         # Batches are cut at fixed positions, so another batch size may round a GPU result
         # differently; on CPU images run one by one anyway, but we keep the promise simple.
         "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
+        "max_num_patches": max_num_patches,  # NaFlex only; None: the checkpoint's own
     }
     digits = part_digits(len(parts))
 
@@ -464,6 +466,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                               quantize=quantize)
         if captions and processor.tokenizer is None:
             raise EmbedError(f"{ckpt.name} has no spiece.model to tokenize captions with")
+        if max_num_patches is not None:
+            try:
+                processor.image = processor.at_size(None, max_num_patches)
+            except ValueError as e:
+                raise EmbedError(str(e)) from None
         mine = [p for p in parts if p.index % world == rank
                 and not part_done(out, p.index, captions, digits)]
         for p in mine:
@@ -547,7 +554,7 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: in
 
     def encode(pixels: list[torch.Tensor]) -> np.ndarray:
         with torch.inference_mode():
-            x = net.encode_image(torch.stack(pixels).to(dev)).float()
+            x = net.encode_image(processor.image.collate(pixels).to(dev)).float()
             return F.normalize(x, dim=-1).cpu().numpy().astype(np.float16)  # (B, D)
 
     def encode_text(texts: list[str]) -> np.ndarray:
@@ -653,6 +660,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--part-size", type=int, default=10_000, help="images per part file (default: 10000; "
                    "each .tar shard is one part)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders of folder inputs")
+    p.add_argument("--max-num-patches", type=int, metavar="N",
+                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     p.add_argument("--captions", action="store_true", help="also embed the captions into text_emb/")
     args = p.parse_args(argv)
     from .weights import CheckpointError
@@ -662,7 +671,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               dtype=None if args.dtype == "auto" else args.dtype,
               device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
               threads=args.threads, workers=args.workers, part_size=args.part_size,
-              recursive=args.recursive, captions=args.captions)
+              recursive=args.recursive, captions=args.captions, max_num_patches=args.max_num_patches)
     except (EmbedError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

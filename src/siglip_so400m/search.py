@@ -165,6 +165,7 @@ class Index:
         self.manifest = self.collection.manifest
         self._model_name = model or self.manifest["model"]
         self._device, self._dtype = device, dtype
+        self.max_num_patches: int | None = None  # NaFlex image queries; None: the manifest's
         self._model = self._processor = None
         self._logit = (float(self.manifest["logit_scale"]), float(self.manifest["logit_bias"]))
         self.info: dict | None = None
@@ -231,7 +232,10 @@ class Index:
         images = [load_image("<image bytes>", data=bytes(im)) if isinstance(im, (bytes, bytearray)) else im
                   for im in images]
         with torch.inference_mode():
-            x = model.encode_image(proc.images(list(images)).to(model.logit_scale.device)).float()
+            # NaFlex: queries within the patch budget the collection was embedded with.
+            budget = self.max_num_patches or self.manifest.get("max_num_patches")
+            pixels = proc.images(list(images), max_num_patches=budget)
+            x = model.encode_image(pixels.to(model.logit_scale.device)).float()
             return F.normalize(x, dim=-1).cpu().numpy()
 
     def topk(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,18 +513,20 @@ def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--model", help="the checkpoint for queries (default: the one in manifest.json)")
     p.add_argument("--dtype", help="as in embed (default: the manifest's)")
     p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
+    p.add_argument("--max-num-patches", type=int, metavar="N", help="SigLIP 2 NaFlex image queries "
+                   "within N patches (default: what the collection was embedded with)")
     a = p.parse_args(argv)
     if not a.texts and not a.image:
         p.error("give a TEXT query or --image FILE")
     if a.top_k < 1:
         p.error("--top-k must be at least 1")
     from .image import ImageReadError
-    from .weights import CheckpointError
 
     try:
         index = Index.load(a.folder, model=a.model, device=a.device, dtype=a.dtype)
+        index.max_num_patches = a.max_num_patches
         results = index.search(texts=a.texts, images=a.image, k=a.top_k, threshold=a.threshold)
-    except (SearchError, CheckpointError, ImageReadError) as e:
+    except (SearchError, ValueError, ImageReadError) as e:  # CheckpointError is a ValueError
         print(f"error: {e}", file=sys.stderr)
         return 1
     queries = [{"text": t} for t in a.texts] + [{"image": i} for i in a.image]

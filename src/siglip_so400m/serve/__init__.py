@@ -42,6 +42,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-num-patches", type=int, metavar="N",
+                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="items per forward pass (default: 16)")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
@@ -128,6 +130,8 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                 quantize=quantize)
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
+        if args.max_num_patches is not None:
+            processor.image = processor.at_size(None, args.max_num_patches)
         index = _load_index(args.index, model.checkpoint) if args.index else None
     except (CheckpointError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -135,7 +139,7 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     ckpt = model.checkpoint
     metrics = Metrics()
     batcher = Batcher(model, max_batch=args.max_batch, max_wait_s=args.max_wait_ms / 1000,
-                      max_queue=args.max_queue, metrics=metrics,
+                      max_queue=args.max_queue, metrics=metrics, collate_images=processor.image.collate,
                       delay_s=float(os.environ.get(TEST_DELAY_ENV, 0)) / 1000)
     settings = Settings(
         model_name=ckpt.name, revision=ckpt.revision, precision=model.precision,

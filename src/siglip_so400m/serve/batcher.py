@@ -16,6 +16,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -160,7 +161,8 @@ class Batcher:
     """Gathers texts and images from concurrent requests into model batches on one worker thread."""
 
     def __init__(self, model: SigLIP, *, max_batch: int, max_wait_s: float, max_queue: int,
-                 metrics: Metrics, delay_s: float = 0.0, max_calls: int = 16):
+                 metrics: Metrics, delay_s: float = 0.0, max_calls: int = 16,
+                 collate_images: Callable[[list], Any] = torch.stack):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0 or max_calls < 1:
             raise ValueError("max_batch, max_queue and max_calls must be at least 1, max_wait_s at least 0")
         self.model = model
@@ -170,6 +172,9 @@ class Batcher:
         # --max-labels x 32 templates texts), bounded like the item queue.
         self.max_calls = max_calls
         self.metrics = metrics
+        # The image processor's own batching: a stack, or SigLIP 2 NaFlex images of different shapes
+        # padded into one batch (the model masks the padding, or on CPU packs the images' own tokens).
+        self.collate_images = collate_images
         # Test hook only (SIGLIP_SO400M_SERVE_TEST_DELAY_MS): a slow model, to fill the queue.
         self.delay_s = delay_s
         self._queues: dict[str, deque[_Item]] = {k: deque() for k in KINDS}
@@ -268,7 +273,8 @@ class Batcher:
                 time.sleep(self.delay_s)
             start = time.perf_counter()
             try:
-                x = torch.stack([item.x for item in work]).to(self.device)  # (B, L) or (B, 3, S, S)
+                collate = self.collate_images if kind == "image" else torch.stack
+                x = collate([item.x for item in work]).to(self.device)  # (B, L), (B, 3, S, S), NaFlex
                 with torch.inference_mode():
                     emb = self.model.encode_text(x) if kind == "text" else self.model.encode_image(x)
                 emb = emb.cpu()  # (B, D), the model's dtype
