@@ -4,6 +4,7 @@ siglip_so400m.testing.save_naflex_checkpoint; its position table has structure, 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -111,10 +112,16 @@ def test_embeddings_and_logits_match_transformers_alone_and_batched(naflex_ckpt,
     _, inputs, out = _reference(naflex_ckpt, IMAGES, ids, max_num_patches=max_num_patches)
     pixels = proc.images(IMAGES, max_num_patches=max_num_patches)
     assert torch.equal(pixels.patches, inputs["pixel_values"])
+    tower = model.vision_model
     with torch.inference_mode():
-        batched = model.encode_image(pixels, normalize=True)  # on CPU: each image at its own length
+        batched = model.encode_image(pixels, normalize=True)  # on CPU: the images' own tokens packed
         logits = model(pixels, ids)
         alone = torch.cat([model.encode_image(pixels[i], normalize=True) for i in range(len(pixels))])
+        tower.pack_naflex_on_cpu = False  # each image alone at its own length
+        try:
+            one_by_one = model.encode_image(pixels, normalize=True)
+        finally:
+            tower.pack_naflex_on_cpu = True
         model.vision_model.per_image_on_cpu = False  # one padded batch, the padding masked out
         try:
             masked = model.encode_image(pixels, normalize=True)
@@ -126,6 +133,7 @@ def test_embeddings_and_logits_match_transformers_alone_and_batched(naflex_ckpt,
     torch.testing.assert_close(batched, out.image_embeds, atol=1e-5, rtol=0)
     torch.testing.assert_close(masked, out.image_embeds, atol=1e-5, rtol=0)
     torch.testing.assert_close(longer, out.image_embeds, atol=1e-5, rtol=0)
+    torch.testing.assert_close(one_by_one, out.image_embeds, atol=1e-5, rtol=0)
     torch.testing.assert_close(alone, batched, atol=1e-6, rtol=0)
     torch.testing.assert_close(logits, out.logits_per_image, atol=1e-3, rtol=0)
 
@@ -334,19 +342,22 @@ def test_embed_search_and_resume_bits_on_naflex(naflex_ckpt, mixed_folder, tmp_p
     paths = sorted(mixed_folder.iterdir())
     want = _hf_embeddings(naflex_ckpt, [Image.open(p) for p in paths], 48)
     runs = {}
-    for batch_size in (1, 3):
-        out = tmp_path / f"b{batch_size}"
+    for run, batch_size in (("1", 1), ("3", 3), ("3 again", 3)):
+        out = tmp_path / run.replace(" ", "_")
         manifest = siglip_so400m.embed(mixed_folder, out, model=str(naflex_ckpt), dtype="float32",
                                        batch_size=batch_size, part_size=5, workers=0, max_num_patches=48)
         assert manifest["max_num_patches"] == 48 and manifest["counts"]["images"] == len(paths)
-        runs[batch_size] = [(out / "img_emb" / f"img_emb_{i}.npy").read_bytes()
+        runs[run] = [(out / "img_emb" / f"img_emb_{i}.npy").read_bytes()
                             for i in range(manifest["parts"])]
-    # Each image's embedding is the same bits whatever batch of mixed shapes it came in, which the
-    # byte-identical resume of embed rests on.
-    assert runs[1] == runs[3]
-    emb = np.concatenate([np.load(tmp_path / "b3" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
+    # The same batches give the same bits, which the byte-identical resume of embed rests on; other
+    # batches of mixed shapes give the same embeddings to float rounding.
+    assert runs["3"] == runs["3 again"]
+    for one, three in zip(runs["1"], runs["3"], strict=True):
+        np.testing.assert_allclose(np.load(io.BytesIO(one)).astype(np.float32),
+                                   np.load(io.BytesIO(three)).astype(np.float32), atol=2**-11, rtol=0)
+    emb = np.concatenate([np.load(tmp_path / "3" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
     np.testing.assert_allclose(emb.astype(np.float32), want.numpy(), atol=2**-10, rtol=0)
-    index = siglip_so400m.Index.load(tmp_path / "b3")
+    index = siglip_so400m.Index.load(tmp_path / "3")
     hits = index.search(images=[str(paths[0]), str(paths[3])], k=1)
     assert [h[0]["path"] for h in hits] == [str(paths[0]), str(paths[3])]
     # Another budget for the queries than the collection's is a different embedding.
