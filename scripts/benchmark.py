@@ -58,7 +58,7 @@ def dims_of(cfg) -> dict:
     return {
         "image_size": v.image_size,
         "patch_size": v.patch_size,
-        "num_patches": v.num_patches,
+        "num_patches": v.num_positions,
         "D": v.hidden_size,
         "F": v.intermediate_size,
         "layers": v.num_hidden_layers,

@@ -416,3 +416,38 @@ def test_finetune_on_naflex_trains_mixed_shapes_and_saves_what_transformers_load
         want = torch.nn.functional.normalize(ref.get_image_features(**inputs).pooler_output, dim=-1)
         got = model.encode_image(proc.images(IMAGES[:3]), normalize=True)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+# ---- full size (the So400m NaFlex shape, about 4.5 GB; CI and the lead run it) ----
+
+@pytest.mark.slow
+def test_full_size_naflex_embeddings_logits_and_hidden_states_match_transformers(gemma_spiece, tmp_path):
+    from transformers import Siglip2Model
+
+    from siglip_so400m.testing import save_naflex_checkpoint
+
+    folder = save_naflex_checkpoint(tmp_path / "naflex", gemma_spiece, tiny=False)
+    images = [IMAGES[0], IMAGES[1], IMAGES[7], IMAGES[8]]  # 1:8, 8:1, about 7:2, smaller than a patch
+    _, proc = siglip_so400m.load(folder, towers=("text",))
+    ids = proc.texts(["a photo of 2 cats", "a receipt"])
+    inputs = _hf_inputs(folder, images)  # max_num_patches 256 from the folder
+    ref = Siglip2Model.from_pretrained(str(folder)).eval()
+    with torch.inference_mode():
+        out = ref(input_ids=ids, **inputs, output_hidden_states=True)
+        hidden = [out.vision_model_output.hidden_states[k] for k in (0, 13, 27)]
+    del ref  # one full-size model at a time
+    model, proc = siglip_so400m.load(folder)
+    pixels = proc.images(images)
+    assert torch.equal(pixels.patches, inputs["pixel_values"])
+    assert torch.equal(pixels.spatial_shapes, inputs["spatial_shapes"])
+    with torch.inference_mode():
+        img = model.encode_image(pixels, normalize=True)
+        alone = torch.cat([model.encode_image(pixels[i], normalize=True) for i in range(len(images))])
+        torch.testing.assert_close(img, out.image_embeds, atol=1e-5, rtol=0)
+        torch.testing.assert_close(alone, out.image_embeds, atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(pixels, ids), out.logits_per_image, atol=1e-3, rtol=0)
+        feats = model.image_features(pixels, layers=(0, 13, 27), norm=False)
+    for want, got in zip(hidden, feats, strict=True):
+        for i, n in enumerate(pixels.lengths()):
+            scale = want[i, :n].abs().max().item()
+            torch.testing.assert_close(got[i], want[i, :n], rtol=1e-5, atol=1e-5 * scale)
