@@ -88,7 +88,7 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | list[int] | None = None) -> Tensor:
         x = (x[:, -1:] if last_only else x) + self.self_attn(self.layer_norm1(x), last_only, mask)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -106,10 +106,11 @@ class Encoder(nn.Module):
         )
 
     def blocks(self, x: Tensor, depth: int | None = None, last_only: bool = False,
-               mask: Tensor | None = None) -> Iterator[Tensor]:
+               mask: Tensor | list[int] | None = None) -> Iterator[Tensor]:
         """Yields the output of each of the first `depth` blocks (all by default), (B, N, D) each;
         with last_only the final one computes the last position alone (B, 1, D), all the text
-        tower pools. `mask` (B, 1, 1, N) bool hides padding keys (NaFlex batches)."""
+        tower pools. `mask` (B, 1, 1, N) bool hides padding keys (NaFlex batches); a list of lengths
+        says x is (1, T, D), that many images packed (see Attention)."""
         layers = self.layers[:depth]
         for i, layer in enumerate(layers):
             last = last_only and i == len(layers) - 1
@@ -193,7 +194,7 @@ def _resize_positions(table: Tensor, g: int, h: int, w: int) -> Tensor:
 def _resize_positions_naflex(table: Tensor, g: int, h: int, w: int) -> Tensor:
     """(g * g, D) -> (h * w, D) as SigLIP 2 NaFlex resizes its table to an image's grid: bilinear,
     antialiased when shrinking, align_corners=False, in float32 whatever the weights' dtype, then
-    cast back (transformers' Siglip2VisionEmbeddings; big_vision trained with this resize)."""
+    cast back, as transformers' Siglip2VisionEmbeddings computes it."""
     D = table.shape[-1]
     grid = table.float().reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
     grid = F.interpolate(grid, size=(h, w), mode="bilinear", align_corners=False, antialias=True)
