@@ -74,7 +74,7 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
 
     def flush() -> None:
         with torch.inference_mode():
-            x = net.encode_image(torch.stack(pending).to(device))
+            x = net.encode_image(processor.image.collate(pending).to(device))  # a stack, or NaFlex padding
             out.append(F.normalize(x.float(), dim=-1))  # (B, D)
         pending.clear()
 
