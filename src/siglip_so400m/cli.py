@@ -356,7 +356,11 @@ def main(argv: list[str] | None = None) -> int:
         from .embedding import main as embed_main
 
         return embed_main(rest, prog=prog)
-    from . import search  # index, search, dedup
+    if args.command == "index":
+        from .index_tuning import index_main
 
-    return {"index": search.index_main, "search": search.search_main,
+        return index_main(rest, prog=prog)
+    from . import search  # search, dedup
+
+    return {"search": search.search_main,
             "dedup": search.dedup_main}[args.command](rest, prog=prog)

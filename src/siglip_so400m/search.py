@@ -19,19 +19,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
-import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 INDEX_DIR = "index"
 INDEX_FILE = "knn.index"
 INDEX_INFO = "index.json"
-KINDS = ("auto", "flat", "hnsw", "ivfpq")
 
 
 class SearchError(RuntimeError):
@@ -55,35 +54,81 @@ def _pq():
     return pq
 
 
-class Collection:
-    """embed's output read back: the parts' embeddings (memory-mapped float16) in part order."""
+def part_files(folder: Path, kind: str = "img_emb") -> list[Path]:
+    """`folder/kind/kind_*.npy` in file-name order, the order embedding-reader and autofaiss read
+    them in (and so the order of our row ids): zero-padded names sort as their numbers do;
+    unpadded ones (older embed runs, clip-retrieval below 10 parts) sort 0, 1, 10, 11, ..., 2."""
+    return sorted((folder / kind).glob(f"{kind}_*.npy"), key=lambda p: p.name)
 
-    def __init__(self, folder: str | os.PathLike):
+
+def _name_order_is_part_order(files: list[Path]) -> bool:
+    numbers = [p.stem.rpartition("_")[2] for p in files]
+    return all(n.isdigit() for n in numbers) and [int(n) for n in numbers] == sorted(int(n) for n in numbers)
+
+
+class Collection:
+    """embed's output, or clip-retrieval's (no manifest.json), read back: the parts' embeddings
+    (memory-mapped float16 or float32) in file-name order, and their row-aligned metadata.
+
+    Metadata rows are read from the parquet parts through Arrow, one row group at a time, and kept
+    in an LRU cache of Arrow tables bounded by `metadata_cache_bytes`: a server answering hits from
+    every part holds at most that much, never whole parts as Python dicts."""
+
+    def __init__(self, folder: str | os.PathLike, metadata_cache_bytes: int = 64 * 2**20):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
-        if not path.is_file():
-            raise SearchError(f"{self.folder} has no manifest.json: is it the --output of "
-                              "`siglip-so400m embed`?")
-        self.manifest = json.loads(path.read_text())
-        if not self.manifest.get("complete"):
-            raise SearchError(f"{self.folder}: the embed run is not complete; run the same embed "
-                              "command again to finish it")
-        # Part numbers are padded to part_digits (name order = part order, as embedding-reader
-        # reads); folders written before the padding have none.
-        self.digits = int(self.manifest.get("part_digits", 0))
-        self.parts = [np.load(self.part_file("img_emb", i), mmap_mode="r")
-                      for i in range(self.manifest["parts"])]
+        files = part_files(self.folder)
+        if path.is_file():
+            self.manifest = json.loads(path.read_text())
+            if not self.manifest.get("complete"):
+                raise SearchError(f"{self.folder}: the embed run is not complete; run the same embed "
+                                  "command again to finish it")
+            if len(files) != self.manifest["parts"]:
+                raise SearchError(f"{self.folder}: manifest.json lists {self.manifest['parts']} parts but "
+                                  f"img_emb/ holds {len(files)} img_emb_*.npy files")
+        elif files:
+            self.manifest = None  # clip-retrieval's layout: filled in below from what the files say
+        else:
+            raise SearchError(f"{self.folder} has neither manifest.json nor img_emb/img_emb_*.npy: is it "
+                              "the --output of `siglip-so400m embed` (or of clip-retrieval inference)?")
+        self.files = files
+        self.parts = [np.load(p, mmap_mode="r") for p in files]
+        for p, a in zip(files, self.parts, strict=True):
+            if a.ndim != 2 or a.dtype not in (np.float16, np.float32):
+                raise SearchError(f"{p}: expected a 2-d float16 or float32 array, found {a.dtype} {a.shape}")
+        dims = {a.shape[1] for a in self.parts}
+        if len(dims) > 1:
+            raise SearchError(f"{self.folder}/img_emb: parts of different widths {sorted(dims)}")
+        self.meta_files = [self.folder / "metadata" / f"metadata_{p.stem.removeprefix('img_emb_')}.parquet"
+                           for p in files]
+        missing = [m for m in self.meta_files if not m.is_file()]
+        if missing:
+            raise SearchError(f"{missing[0]} is missing: every img_emb_X.npy needs its row-aligned "
+                              "metadata_X.parquet")
         self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # global row -> part
-        self.dim = int(self.manifest["embedding_dim"])
-        self._meta: dict[int, list[dict]] = {}
+        self.dim = int(dims.pop()) if dims else int((self.manifest or {}).get("embedding_dim", 0))
+        self.name_order_is_part_order = _name_order_is_part_order(files)
+        if self.manifest is None:
+            # What is known of a folder someone else embedded: the model stays unknown (text and
+            # image queries need --model), and so do t' and b until that model is loaded.
+            self.manifest = {"format": "clip-retrieval", "model": None, "revision": None,
+                             "dtype": None, "storage_dtype": str(self.parts[0].dtype),
+                             "embedding_dim": self.dim,
+                             "parts": len(files), "logit_scale": None, "logit_bias": None,
+                             "complete": True, "counts": {"images": len(self), "errors": None}}
+        self.metadata_cache_bytes = metadata_cache_bytes
+        self._meta: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (part, row group) -> Arrow table
+        self._meta_bytes = 0
+        self._row_groups: dict[int, np.ndarray] = {}  # part -> first row of each row group
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
 
     def part_file(self, kind: str, i: int) -> Path:
-        """Part i's file of `kind` (img_emb, metadata, text_emb, errors)."""
+        """Part i's file of `kind` (img_emb, metadata, text_emb, errors), named as its img_emb file is
+        (padded or not)."""
         ext = "npy" if kind.endswith("_emb") else "parquet"
-        return self.folder / kind / f"{kind}_{str(i).zfill(self.digits)}.{ext}"
+        return self.folder / kind / f"{kind}_{self.files[i].stem.removeprefix('img_emb_')}.{ext}"
 
     def blocks(self, rows: int = 65536):
         """(first row, float32 block) over all embeddings, a bounded block at a time."""
@@ -93,17 +138,43 @@ class Collection:
 
     def vectors(self, ids: np.ndarray) -> np.ndarray:
         """(len(ids), D) float32 rows by global id."""
+        ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.dim), np.float32)
         where = np.searchsorted(self.offsets, ids, side="right") - 1
-        for n, (i, part) in enumerate(zip(ids, where, strict=True)):
-            out[n] = self.parts[part][i - self.offsets[part]]
+        for part in np.unique(where):
+            sel = where == part
+            out[sel] = self.parts[part][ids[sel] - self.offsets[part]]
         return out
 
     def metadata(self, i: int) -> dict:
+        """Row i's metadata as a dict, read through the bounded cache of row groups."""
         part = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        if part not in self._meta:
-            self._meta[part] = _pq().read_table(self.part_file("metadata", part)).to_pylist()
-        return self._meta[part][i - int(self.offsets[part])]
+        row = i - int(self.offsets[part])
+        if part not in self._row_groups:
+            md = _pq().ParquetFile(self.meta_files[part]).metadata
+            self._row_groups[part] = np.cumsum([0] + [md.row_group(g).num_rows
+                                                      for g in range(md.num_row_groups)])
+        starts = self._row_groups[part]
+        group = int(np.searchsorted(starts, row, side="right") - 1)
+        key = (part, group)
+        table = self._meta.get(key)
+        if table is None:
+            table = _pq().ParquetFile(self.meta_files[part]).read_row_group(group)
+            self._meta[key] = table
+            self._meta_bytes += table.nbytes
+            # Evict least recently used groups, but keep the one just read even if it alone is larger.
+            while self._meta_bytes > self.metadata_cache_bytes and len(self._meta) > 1:
+                _, old = self._meta.popitem(last=False)
+                self._meta_bytes -= old.nbytes
+        else:
+            self._meta.move_to_end(key)
+        rec = table.slice(row - int(starts[group]), 1).to_pylist()[0]
+        return {k: v for k, v in rec.items() if not k.startswith("__index_level_")}  # pandas' index
+
+    def metadata_cache(self) -> dict:
+        """What the metadata cache holds now: {"groups", "rows", "bytes"}."""
+        return {"groups": len(self._meta), "rows": sum(t.num_rows for t in self._meta.values()),
+                "bytes": self._meta_bytes}
 
 
 def exact_topk(coll: Collection, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -129,9 +200,12 @@ def exact_topk(coll: Collection, queries: np.ndarray, k: int) -> tuple[np.ndarra
 def _rerank(coll: Collection, queries: np.ndarray, cand: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosines of an index's candidates (-1 = none), the k best kept: (Q, k) each."""
     scores = np.full(cand.shape, -np.inf, np.float32)
-    for q in range(len(queries)):
-        valid = cand[q] >= 0
-        scores[q, valid] = coll.vectors(cand[q, valid]) @ queries[q]
+    for s in range(0, len(queries), 64):  # (64, C, D) rows at a time at most
+        c = cand[s : s + 64]
+        valid = c >= 0
+        rows = np.zeros((*c.shape, coll.dim), np.float32)  # (q, C, D)
+        rows[valid] = coll.vectors(c[valid])
+        scores[s : s + 64] = np.where(valid, np.matmul(rows, queries[s : s + 64, :, None])[..., 0], -np.inf)
     order = np.lexsort((cand, -scores), axis=1)[:, :k]
     return np.take_along_axis(scores, order, 1), np.take_along_axis(cand, order, 1)
 
@@ -167,7 +241,9 @@ class Index:
         self._device, self._dtype = device, dtype
         self.max_num_patches: int | None = None  # NaFlex image queries; None: the manifest's
         self._model = self._processor = None
-        self._logit = (float(self.manifest["logit_scale"]), float(self.manifest["logit_bias"]))
+        # t' and b: from the manifest, or (clip-retrieval's layout) from the model once loaded.
+        self._logit = None if self.manifest["logit_scale"] is None else (
+            float(self.manifest["logit_scale"]), float(self.manifest["logit_bias"]))
         self.info: dict | None = None
         self.faiss_index = None
         info = self.folder / INDEX_DIR / INDEX_INFO
@@ -176,6 +252,11 @@ class Index:
             if self.info["n"] != len(self.collection):
                 raise SearchError(f"{info} covers {self.info['n']} embeddings but the folder holds "
                                   f"{len(self.collection)}: run `siglip-so400m index {self.folder}` again")
+            if self.info.get("row_order") != "name" and not self.collection.name_order_is_part_order:
+                # Built when ids followed part numbers, which unpadded names sort apart from.
+                raise SearchError(f"{info} was built with row ids in part-number order, which the "
+                                  "file names here do not sort in: run `siglip-so400m index "
+                                  f"{self.folder}` again")
             self.faiss_index = _faiss().read_index(str(self.folder / INDEX_DIR / INDEX_FILE))
             _set_search_params(self.faiss_index, self.info)
 
@@ -198,6 +279,10 @@ class Index:
 
         if self._model is not None and tower in self._model.towers:
             return self._model, self._processor
+        if self._model_name is None:
+            raise SearchError(f"{self.folder} has no manifest.json naming its model (clip-retrieval's "
+                              "layout): give the checkpoint that embedded it for text and image queries "
+                              "(--model, or Index.load(..., model=...))")
         revision = self.manifest.get("revision") if self._model_name == self.manifest["model"] else None
         ckpt = resolve(self._model_name, revision=revision)
         precision = self._dtype or self.manifest.get("dtype") or "float32"
@@ -266,7 +351,8 @@ class Index:
         if len(vecs):
             groups.append(("vector", vecs / np.linalg.norm(vecs, axis=1, keepdims=True)))
         results = []
-        scale, bias = (np.float32(v) for v in self._logit)
+        # Set by the manifest, or by loading the model for a text query (clip-retrieval's layout).
+        scale, bias = (np.float32(v) for v in self._logit or (0.0, 0.0))
         for kind, q in groups:
             cos, ids = self.topk(q, k)
             for row_c, row_i in zip(cos, ids, strict=True):
@@ -294,20 +380,7 @@ def _path(meta: dict) -> str:
     return meta["image_path"] if meta.get("image_path") else f"{meta.get('shard')}/{meta.get('key')}"
 
 
-# --- building the index ---------------------------------------------------------------------
-
-def _parse_bytes(text: str | int | float) -> int:
-    if isinstance(text, (int, float)):
-        return int(text)
-    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
-             "T": 2**40, "TB": 2**40}
-    s = text.strip().upper().replace("IB", "B")
-    num = s.rstrip("KMGTB")
-    try:
-        return int(float(num) * units[s[len(num):]])
-    except (ValueError, KeyError):
-        raise SearchError(f"--max-memory {text!r}: give a size such as 8GB or 512MB") from None
-
+# --- the index built by `siglip-so400m index` (index_tuning.py) --------------------------------
 
 def _set_search_params(index, info: dict) -> None:
     faiss = _faiss()
@@ -315,121 +388,6 @@ def _set_search_params(index, info: dict) -> None:
         faiss.extract_index_ivf(index).nprobe = info["nprobe"]
     elif info["kind"] == "hnsw":
         faiss.downcast_index(index).hnsw.efSearch = info["ef_search"]
-
-
-def _memory_needed(kind: str, n: int, d: int, hnsw_m: int, pq_m: int, nlist: int) -> int:
-    if kind == "flat":
-        return n * d * 4
-    if kind == "hnsw":  # 8-bit scalar-quantized vectors plus the graph (2M links at layer 0)
-        return n * (d + hnsw_m * 2 * 4) + n * 8
-    return n * (pq_m + 8) + nlist * d * 4  # codes, ids, centroids
-
-
-def _pq_m(d: int, budget_per_vector: float) -> int:
-    """The most PQ sub-quantizers (bytes per vector) that divide d and fit, between 4 and d // 8
-    (8-d sub-spaces: 144 bytes for so400m's 1152, where recall@10 after re-scoring is near exact;
-    finer ones cost training time for little)."""
-    options = [m for m in range(4, max(4, d // 8) + 1) if d % m == 0 and m <= budget_per_vector]
-    return max(options) if options else 4
-
-
-def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min_recall: float = 0.9,
-                kind: str = "auto", queries: int = 1000, hnsw_m: int = 32, ef_search: int = 128,
-                nlist: int | None = None, nprobe: int = 32, pq_m: int | None = None, rerank: int = 4,
-                seed: int = 0, log=print) -> dict:
-    """Build a faiss inner-product index over the folder's embeddings and save it in folder/index/.
-
-    kind "auto": exact (flat) when its n·D·4 bytes fit in max_memory, else HNSW over 8-bit vectors
-    when that fits, else IVF-PQ sized to fit. An approximate index's recall@10 is measured against
-    exact search on `queries` held-out embeddings (left out of the training sample; each query's
-    own row left out of both answers), through the search path (candidates re-scored exactly), and
-    an index below min_recall is not saved. Returns what index.json records."""
-    faiss = _faiss()
-    coll = Collection(folder)
-    n, d = len(coll), coll.dim
-    if n == 0:
-        raise SearchError(f"{coll.folder} holds no embeddings")
-    if kind not in KINDS:
-        raise SearchError(f"kind must be one of {', '.join(KINDS)}")
-    budget = _parse_bytes(max_memory)
-    nlist = nlist or max(1, min(int(4 * math.sqrt(n)), n // 39))
-    pq_m = pq_m or _pq_m(d, max(4, budget / n - 8))
-    if kind == "auto":
-        kind = next((k for k in ("flat", "hnsw") if _memory_needed(k, n, d, hnsw_m, pq_m, nlist) <= budget),
-                    "ivfpq")
-    need = _memory_needed(kind, n, d, hnsw_m, pq_m, nlist)
-    if need > budget:
-        log(f"warning: the {kind} index needs about {need / 2**30:.2f} GiB, over --max-memory")
-    rng = np.random.default_rng(seed)
-    held = np.sort(rng.choice(n, size=min(queries, max(1, n // 10)), replace=False))
-    t0 = time.perf_counter()
-    if kind == "flat":
-        index = faiss.IndexFlatIP(d)
-    elif kind == "hnsw":
-        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, hnsw_m, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = max(40, 2 * hnsw_m)
-    else:
-        quantizer = faiss.IndexFlatIP(d)
-        # 8 bits per code (256 centroids per sub-space) need 256 training vectors; tiny
-        # collections get fewer bits.
-        pq_bits = max(1, min(8, int(math.log2(max(2, n - len(held))))))
-        index = faiss.IndexIVFPQ(quantizer, d, min(nlist, n - len(held)), pq_m, pq_bits,
-                                 faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        # Train on a sample that leaves out the held-out queries, so recall is measured on vectors
-        # the quantizers never saw (as real queries are).
-        pool = np.setdiff1d(np.arange(n), held)
-        size = min(len(pool), max(256 * 39 if kind == "ivfpq" else 1, nlist * 39, 50_000))
-        sample = np.sort(rng.choice(pool, size=size, replace=False))
-        index.train(coll.vectors(sample))
-    for _, block in coll.blocks():
-        index.add(block)
-    build_s = time.perf_counter() - t0
-    info = {"kind": kind, "n": n, "dim": d, "rerank": rerank, "build_seconds": round(build_s, 3),
-            "memory_bytes": need}
-    if kind == "hnsw":
-        info |= {"hnsw_m": hnsw_m, "ef_search": ef_search}
-    if kind == "ivfpq":
-        info |= {"nlist": index.nlist, "nprobe": min(nprobe, index.nlist), "pq_m": pq_m,
-                 "pq_bits": pq_bits}
-    _set_search_params(index, info)
-    recall = 1.0
-    if kind != "flat":
-        recall = measure_recall(coll, index, info, held)
-        log(f"recall@10 of the {kind} index on {len(held)} held-out queries: {recall:.4f}")
-        if recall < min_recall:
-            if kind == "hnsw":
-                hint = f"raise --ef-search (now {ef_search}) or --hnsw-m (now {hnsw_m})"
-            else:
-                hint = (f"raise --nprobe (now {info['nprobe']}), --pq-m (now {pq_m}) or --rerank "
-                        f"(now {rerank})")
-            raise SearchError(
-                f"recall@10 of the {kind} index is {recall:.3f}, below --min-recall {min_recall}; not "
-                f"saved. To fix: {hint}, or give --max-memory {math.ceil(n * d * 4 / 2**30 * 10) / 10}GB "
-                "for exact search, or lower --min-recall")
-    info["recall_at_10"] = round(recall, 4)
-    out = coll.folder / INDEX_DIR
-    out.mkdir(exist_ok=True)
-    tmp = out / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out / INDEX_FILE)
-    (out / f".{INDEX_INFO}.tmp").write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(out / f".{INDEX_INFO}.tmp", out / INDEX_INFO)
-    return info
-
-
-def measure_recall(coll: Collection, index, info: dict, held: np.ndarray, k: int = 10) -> float:
-    """Mean |approx top-k ∩ exact top-k| / k, each query's own row excluded from both."""
-    q = coll.vectors(held)
-    _, exact = exact_topk(coll, q, k + 1)
-    _, cand = index.search(q, min(len(coll), (k + 1) * info["rerank"]))
-    _, approx = _rerank(coll, q, cand, k + 1)
-    hits = 0
-    for own, e, a in zip(held, exact, approx, strict=True):
-        e_set = [i for i in e if i != own][:k]
-        a_set = [i for i in a if i != own][:k]
-        hits += len(set(e_set) & set(a_set))
-    return hits / (k * len(held))
 
 
 # --- dedup ----------------------------------------------------------------------------------
@@ -469,35 +427,6 @@ def dedup(index: Index, threshold: float, neighbours: int = 16) -> list[list[dic
 
 
 # --- command line ---------------------------------------------------------------------------
-
-def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    p = argparse.ArgumentParser(prog=prog, description="Build a faiss index over an embedded folder: "
-                                "exact below --max-memory, else approximate with its recall@10 measured.")
-    p.add_argument("folder", metavar="DIR", help="the --output of `siglip-so400m embed`")
-    p.add_argument("--max-memory", default="4GB", help="memory the index may take (default: 4GB)")
-    p.add_argument("--min-recall", type=float, default=0.9, help="refuse an approximate index whose "
-                   "recall@10 is lower (default: 0.9)")
-    p.add_argument("--kind", choices=KINDS, default="auto", help="force an index type (default: auto)")
-    p.add_argument("--queries", type=int, default=1000, help="held-out queries for recall (default: 1000)")
-    p.add_argument("--hnsw-m", type=int, default=32, help="HNSW links per node (default: 32)")
-    p.add_argument("--ef-search", type=int, default=128, help="HNSW search breadth (default: 128)")
-    p.add_argument("--nlist", type=int, help="IVF cells (default: about 4·sqrt(n))")
-    p.add_argument("--nprobe", type=int, default=32, help="IVF cells visited per query (default: 32)")
-    p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: the most that fit)")
-    p.add_argument("--rerank", type=int, default=4, help="candidates per result re-scored exactly "
-                   "(default: 4)")
-    a = p.parse_args(argv)
-    try:
-        info = build_index(a.folder, max_memory=a.max_memory, min_recall=a.min_recall, kind=a.kind,
-                           queries=a.queries, hnsw_m=a.hnsw_m, ef_search=a.ef_search, nlist=a.nlist,
-                           nprobe=a.nprobe, pq_m=a.pq_m, rerank=a.rerank,
-                           log=lambda m: print(m, file=sys.stderr))
-    except SearchError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(json.dumps(info))
-    return 0
-
 
 def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description="Search an embedded folder by text (scored with "

@@ -1,0 +1,491 @@
+"""Building the index of an embedded collection: the index type and its parameters chosen for a
+memory budget and a target recall, on queries of the kind that will come, as autofaiss does.
+
+    siglip-so400m index emb/                                  # tuned for recall@10 >= 0.95 in 4GB
+    siglip-so400m index emb/ --max-memory 200MB --tune-queries texts.npy
+    siglip-so400m index clip_retrieval_out/ --model google/siglip-so400m-patch14-384
+
+The queries tuned for, in this order: `--tune-queries FILE.npy` (vectors); the caption embeddings
+in text_emb/ (`embed --captions`); the metadata's captions embedded by `--model`; else, and only
+then, stored image embeddings held out of the training sample (said so: text queries sit in another
+cone than images, the modality gap, and may get less recall than image ones). Half of them tune,
+the other half is held out and gives the recall reported.
+
+The choice: every index type whose memory fits `--max-memory` (exact `IndexFlatIP`; HNSW over
+8-bit vectors; IVF-PQ with as many PQ bytes as fit) is built once; for each, the smallest search
+breadth (efSearch, nprobe) reaching `--min-recall` is found for each exact re-rank depth (candidates
+re-scored against the stored vectors), and the fastest of those (median latency of one query,
+measured through the search path) wins. Nothing within the budget reaching the target is an error
+that gives the best recall found and the memory that exact search would need. The chosen search
+parameters are saved in index/index.json, where `search`, `Index` and the server read them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .search import (
+    INDEX_DIR,
+    INDEX_FILE,
+    INDEX_INFO,
+    Collection,
+    SearchError,
+    _faiss,
+    _pq,
+    _rerank,
+    _set_search_params,
+    exact_topk,
+    part_files,
+)
+
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+HNSW_EF = (16, 32, 64, 128, 256, 512, 1024, 2048)
+HNSW_RERANK = (1, 2, 4)
+IVF_RERANK = (1, 2, 4, 8, 16)
+LATENCY_QUERIES = 50  # single queries timed per configuration compared
+
+
+def parse_bytes(text: str | int | float) -> int:
+    if isinstance(text, (int, float)):
+        return int(text)
+    units = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30,
+             "T": 2**40, "TB": 2**40}
+    s = text.strip().upper().replace("IB", "B")
+    num = s.rstrip("KMGTB")
+    try:
+        return int(float(num) * units[s[len(num):]])
+    except (ValueError, KeyError):
+        raise SearchError(f"--max-memory {text!r}: give a size such as 8GB or 512MB") from None
+
+
+def _size_arg(b: int) -> str:
+    """A --max-memory value of at least b bytes, rounded up: 4.7GB, 1.3MB."""
+    unit, name = (2**30, "GB") if b >= 2**30 else (2**20, "MB")
+    return f"{math.ceil(b / unit * 10) / 10}{name}"
+
+
+def _gb(b: float) -> str:
+    return (f"{b / 2**30:.2f} GiB" if b >= 2**30 else f"{b / 2**20:.1f} MiB" if b >= 2**20
+            else f"{b / 2**10:.1f} KiB")
+
+
+# --- the index types and their memory ---------------------------------------------------------
+
+def memory_needed(kind: str, n: int, d: int, *, hnsw_m: int = 32, pq_m: int = 0, nlist: int = 0) -> int:
+    """Bytes the faiss index holds in memory (the stored float16 vectors used to re-rank are
+    memory-mapped: they cost disk and page cache, not this)."""
+    if kind == "flat":
+        return n * d * 4
+    if kind == "hnsw":  # 8-bit scalar-quantized vectors, 2M links of 4 bytes at layer 0, ids/levels
+        return n * (d + hnsw_m * 2 * 4 + 8)
+    # codes, 8-byte ids, the coarse centroids, the PQ codebooks (256 centroids per sub-space)
+    return n * (pq_m + 8) + nlist * d * 4 + 256 * d * 4
+
+
+def default_nlist(n: int) -> int:
+    """About 2·sqrt(n) cells, with at least 39 training vectors each: half of autofaiss' 4·sqrt(n),
+    as k-means over nlist·39 vectors costs nlist² and on 2 cores dominates the build; the cells
+    are twice as full, which the tuned nprobe makes up for."""
+    return max(1, min(int(2 * math.sqrt(n)), n // 39))
+
+
+def pq_bytes_options(d: int) -> list[int]:
+    """PQ bytes per vector that divide d, from d/8 (8-d sub-spaces: 144 for so400m's 1152, near exact
+    after re-ranking; finer ones cost training time for little) down to 4."""
+    return sorted((m for m in range(4, max(4, d // 8) + 1) if d % m == 0), reverse=True)
+
+
+def candidates(n: int, d: int, budget: int, kind: str = "auto", *, hnsw_m: int | None = None,
+               nlist: int | None = None, pq_m: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(index specs within the budget, those over it), each {"kind", build params, "memory_bytes"}."""
+    specs = []
+    if kind in ("auto", "flat"):
+        specs.append({"kind": "flat"})
+    if kind in ("auto", "hnsw"):
+        specs.append({"kind": "hnsw", "hnsw_m": hnsw_m or 32})
+    if kind in ("auto", "ivfpq"):
+        cells = nlist or default_nlist(n)
+        options = [pq_m] if pq_m else pq_bytes_options(d)
+        fit = [m for m in options if memory_needed("ivfpq", n, d, pq_m=m, nlist=cells) <= budget]
+        specs.append({"kind": "ivfpq", "nlist": cells, "pq_m": fit[0] if fit else options[-1]})
+    for s in specs:
+        s["memory_bytes"] = memory_needed(s["kind"], n, d, hnsw_m=s.get("hnsw_m", 32), pq_m=s.get("pq_m", 0),
+                                          nlist=s.get("nlist", 0))
+    return [s for s in specs if s["memory_bytes"] <= budget], [s for s in specs if s["memory_bytes"] > budget]
+
+
+def build(coll: Collection, spec: dict, train_ids: np.ndarray, log=print):
+    """The faiss index of `spec` over the whole collection, trained on the rows train_ids."""
+    faiss = _faiss()
+    d = coll.dim
+    if spec["kind"] == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif spec["kind"] == "hnsw":
+        index = faiss.IndexHNSWSQ(d, faiss.ScalarQuantizer.QT_8bit, spec["hnsw_m"],
+                                  faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = max(40, 2 * spec["hnsw_m"])
+    else:
+        # 8 bits per code (256 centroids per sub-space) need 256 training vectors; tiny collections
+        # get fewer bits.
+        spec["pq_bits"] = max(1, min(8, int(math.log2(max(2, len(train_ids))))))
+        spec["nlist"] = min(spec["nlist"], len(train_ids))
+        index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, spec["nlist"], spec["pq_m"], spec["pq_bits"],
+                                 faiss.METRIC_INNER_PRODUCT)
+        index.pq.cp.niter = 10  # not 25: the codes only pick candidates, which are re-ranked exactly
+    if not index.is_trained:
+        log(f"training the {spec['kind']} index on {len(train_ids)} vectors")
+        index.train(coll.vectors(train_ids))
+    for _, block in coll.blocks():
+        index.add(block)
+    return index
+
+
+def train_sample(n: int, spec_nlist: int, exclude: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Rows to train on, leaving out the rows used as queries (so that recall is measured on vectors
+    the quantizers never saw, as real queries are): 39 per cell and at least 256·39 for the PQ
+    codebooks, no more (k-means on 2 cores is the bulk of the build time)."""
+    pool = np.setdiff1d(np.arange(n), exclude)
+    size = min(len(pool), max(256 * 39, spec_nlist * 39))
+    return np.sort(rng.choice(pool, size=size, replace=False))
+
+
+# --- the queries tuned for --------------------------------------------------------------------
+
+def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, model: str | None = None,
+                   count: int = 600, rng: np.random.Generator, log=print
+                   ) -> tuple[np.ndarray, np.ndarray, str]:
+    """(queries (Q, D) float32 unit rows, own (Q,) the collection row each query is (-1: none),
+    what they are). See the module docstring for the order of the sources."""
+    n, d = len(coll), coll.dim
+    if file is not None:
+        q = np.load(file, mmap_mode="r")
+        if q.ndim != 2 or q.shape[1] != d:
+            raise SearchError(f"--tune-queries {file}: expected (Q, {d}) vectors, found shape {q.shape}")
+        pick = np.sort(rng.choice(len(q), size=min(count, len(q)), replace=False))
+        return _unit(np.asarray(q[pick], np.float32)), np.full(len(pick), -1), f"vectors from {file}"
+    text_files = part_files(coll.folder, "text_emb")
+    if text_files:
+        parts = [np.load(p, mmap_mode="r") for p in text_files]
+        sizes = np.cumsum([0] + [len(p) for p in parts])
+        ids = rng.choice(sizes[-1], size=min(4 * count, sizes[-1]), replace=False)
+        rows = np.stack([parts[j][i - sizes[j]] for i in ids
+                         for j in [int(np.searchsorted(sizes, i, side="right") - 1)]]) if len(ids) else None
+        if rows is not None:
+            # Items without a caption all got the embedding of "": one such query is enough.
+            rows = np.unique(rows, axis=0)
+            rows = rows[rng.permutation(len(rows))[:count]]
+            return _unit(rows.astype(np.float32)), np.full(len(rows), -1), "caption embeddings from text_emb/"
+    if model is not None:
+        captions = _captions(coll, 20 * count, rng)
+        if captions:
+            captions = captions[:count]
+            log(f"embedding {len(captions)} captions from the metadata with {model} to tune for text queries")
+            return (_embed_texts(model, captions), np.full(len(captions), -1),
+                    f"{len(captions)} captions embedded by {model}")
+    own = np.sort(rng.choice(n, size=min(count, max(1, n // 10)), replace=False))
+    log("tuning on held-out image embeddings (no --tune-queries, no text_emb/, no --model with captions "
+        "in the metadata): text queries sit apart from images (the modality gap) and may get less "
+        "recall than reported")
+    return coll.vectors(own), own, "held-out image embeddings"
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _captions(coll: Collection, at_most: int, rng: np.random.Generator) -> list[str]:
+    """Distinct non-empty captions from the metadata: only the caption column is read."""
+    pq = _pq()
+    seen: set[str] = set()
+    for i in rng.permutation(len(coll.meta_files)):
+        f = pq.ParquetFile(coll.meta_files[i])
+        if "caption" not in f.schema_arrow.names:
+            return []
+        seen.update(c for c in f.read(columns=["caption"]).column(0).to_pylist() if c)
+        if len(seen) >= at_most:
+            break
+    out = sorted(seen)
+    return [out[i] for i in rng.permutation(len(out))]
+
+
+def _embed_texts(model: str, texts: list[str], batch: int = 32) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    from .api import load
+
+    net, proc = load(model, towers=("text",))
+    with torch.inference_mode():
+        out = [F.normalize(net.encode_text(proc.texts(texts[s : s + batch])).float(), dim=-1).numpy()
+               for s in range(0, len(texts), batch)]
+    return np.concatenate(out)
+
+
+# --- measuring a configuration ----------------------------------------------------------------
+
+def truth(coll: Collection, q: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k ids (Q, k), each query's own row (if it is one) left out."""
+    _, ids = exact_topk(coll, q, min(len(coll), k + 1))
+    return _drop_own(ids, own, k)
+
+
+def _drop_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    out = np.full((len(ids), k), -1, np.int64)
+    for r, (row, o) in enumerate(zip(ids, own, strict=True)):
+        keep = row[row != o][:k]
+        out[r, : len(keep)] = keep
+    return out
+
+
+def approx(coll: Collection, index, params: dict, q: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """The search path's top-k ids (Q, k): the index's k·rerank candidates re-scored exactly."""
+    kk = min(len(coll), k + 1)
+    _, cand = index.search(q, min(len(coll), kk * params["rerank"]))
+    _, ids = _rerank(coll, q, cand, kk)
+    return _drop_own(ids, own, k)
+
+
+def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
+    k = exact.shape[1]
+    return np.array([len(set(f[f >= 0]) & set(e[e >= 0])) / k for f, e in zip(found, exact, strict=True)])
+
+
+def latency(coll: Collection, index, params: dict, q: np.ndarray, k: int, batch: int = 1,
+            rounds: int | None = None) -> np.ndarray:
+    """Seconds per call of the search path on `batch` queries at a time."""
+    times = []
+    steps = range(0, len(q) - batch + 1, batch) if rounds is None else [
+        (r * batch) % max(1, len(q) - batch + 1) for r in range(rounds)]
+    for s in steps:
+        t = time.perf_counter()
+        _, cand = index.search(q[s : s + batch], min(len(coll), k * params["rerank"]))
+        _rerank(coll, q[s : s + batch], cand, k)
+        times.append(time.perf_counter() - t)
+    return np.array(times)
+
+
+def _breadth(spec: dict) -> tuple[str | None, tuple[int, ...]]:
+    if spec["kind"] == "hnsw":
+        return "ef_search", HNSW_EF
+    if spec["kind"] == "ivfpq":
+        grid = tuple(2**i for i in range(13) if 2**i < spec["nlist"])
+        return "nprobe", (*grid, spec["nlist"])
+    return None, (0,)
+
+
+def tune_search(coll: Collection, index, spec: dict, q: np.ndarray, own: np.ndarray, exact: np.ndarray,
+                k: int, target: float, fixed: dict, log=print) -> tuple[dict | None, list[dict]]:
+    """The fastest search parameters of one built index that reach `target` on the tuning queries
+    (a lower confidence bound on them: mean - 2 standard errors, so that the held-out queries reach
+    it too), and every trial made."""
+    name, grid = _breadth(spec)
+    reranks = [fixed["rerank"]] if fixed.get("rerank") else (
+        [1] if spec["kind"] == "flat" else HNSW_RERANK if spec["kind"] == "hnsw" else IVF_RERANK)
+    if name and fixed.get(name):
+        grid = (fixed[name],)
+    trials: list[dict] = []
+
+    def trial(rerank: int, breadth: int) -> dict:
+        params = {"rerank": rerank} | ({name: breadth} if name else {})
+        _set_search_params(index, {"kind": spec["kind"], **params})
+        r = recall_per_query(approx(coll, index, params, q, own, k), exact)
+        t = {**params, "recall": float(r.mean()), "bound": float(r.mean() - 2 * r.std() / math.sqrt(len(r)))}
+        trials.append(t)
+        return t
+
+    done: dict[tuple[int, int], dict] = {}
+
+    def passes(rerank: int, at: int) -> bool:
+        if (rerank, at) not in done:
+            done[rerank, at] = trial(rerank, grid[at])
+        return done[rerank, at]["bound"] >= target
+
+    # Recall grows with the breadth and with the re-rank depth, so: the deepest re-rank first, a
+    # binary search for the smallest breadth reaching the target, then each shallower depth searched
+    # only from there up (it needs at least as much breadth); one that fails at full breadth ends it.
+    reached, lo = [], 0
+    for rerank in sorted(reranks, reverse=True):
+        if not passes(rerank, len(grid) - 1):
+            break
+        hi = len(grid) - 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if passes(rerank, mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        reached.append(done[rerank, lo])
+    for t in reached:
+        _set_search_params(index, {"kind": spec["kind"], **t})
+        rounds = LATENCY_QUERIES if spec["kind"] != "flat" else 10
+        t["p50_ms"] = 1e3 * float(np.median(latency(coll, index, t, q, k, rounds=rounds)))
+    best = min(reached, key=lambda t: t["p50_ms"]) if reached else None
+    if best:
+        log(f"{spec['kind']}: fastest reaching recall@{k} {target}: "
+            + ", ".join(f"{a} {best[a]}" for a in ("ef_search", "nprobe", "rerank") if a in best)
+            + f" (recall {best['recall']:.4f}, {best['p50_ms']:.2f} ms a query)")
+    else:
+        top = max(trials, key=lambda t: t["recall"])
+        log(f"{spec['kind']}: best recall@{k} {top['recall']:.4f} is below {target}")
+    return best, trials
+
+
+# --- the whole build --------------------------------------------------------------------------
+
+def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min_recall: float = 0.95,
+                kind: str = "auto", k: int = 10, queries: int = 600, tune_queries: str | None = None,
+                model: str | None = None, hnsw_m: int | None = None, ef_search: int | None = None,
+                nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None,
+                rerank: int | None = None, seed: int = 0, log=print) -> dict:
+    """Build the fastest index within `max_memory` whose recall@k reaches `min_recall` on held-out
+    queries of the kind that will come, and save it with its search parameters in folder/index/.
+    Parameters given (hnsw_m, nlist, pq_m; ef_search, nprobe, rerank) are kept, the others tuned.
+    Returns what index.json records."""
+    coll = Collection(folder)
+    n, d = len(coll), coll.dim
+    if n == 0:
+        raise SearchError(f"{coll.folder} holds no embeddings")
+    if kind not in KINDS:
+        raise SearchError(f"kind must be one of {', '.join(KINDS)}")
+    if not 0 <= min_recall <= 1:
+        raise SearchError(f"--min-recall {min_recall}: give a fraction between 0 and 1")
+    budget = parse_bytes(max_memory)
+    fits, over = candidates(n, d, budget, kind, hnsw_m=hnsw_m, nlist=nlist, pq_m=pq_m)
+    if not fits:
+        smallest = min(over, key=lambda s: s["memory_bytes"])
+        raise SearchError(f"no {'' if kind == 'auto' else kind + ' '}index fits --max-memory {_gb(budget)}: "
+                          f"the smallest ({smallest['kind']}) needs {_gb(smallest['memory_bytes'])}")
+    rng = np.random.default_rng(seed)
+    q, own, source = tuning_queries(coll, file=tune_queries, model=model, count=queries, rng=rng, log=log)
+    order = rng.permutation(len(q))
+    half = max(1, len(q) // 2) if len(q) > 1 else 1
+    tune_at, held_at = order[:half], order[half:] if len(q) > 1 else order
+    log(f"tuning for {source}: {len(tune_at)} queries tune, {len(held_at)} held out report")
+    exact = truth(coll, q, own, min(k, n - 1 if (own >= 0).any() else n))
+    kk = exact.shape[1]
+    fixed = {"ef_search": ef_search, "nprobe": nprobe, "rerank": rerank}
+    results = []
+    for spec in fits:
+        t0 = time.perf_counter()
+        # (HNSW's 8-bit quantizer trains too: each dimension's range.)
+        train = train_sample(n, spec.get("nlist", 0), own[own >= 0], rng)
+        index = build(coll, spec, train, log=log)
+        build_s = time.perf_counter() - t0
+        log(f"built {spec['kind']} in {build_s:.1f} s ({_gb(spec['memory_bytes'])})")
+        best, trials = tune_search(coll, index, spec, q[tune_at], own[tune_at], exact[tune_at], kk,
+                                   min_recall, fixed, log=log)
+        results.append({"spec": spec, "index": index, "best": best, "trials": trials, "build_s": build_s})
+        if best is None:
+            del index
+    reached = [r for r in results if r["best"] is not None]
+    if not reached:
+        top = max(((r, t) for r in results for t in r["trials"]), key=lambda rt: rt[1]["recall"])
+        r, t = top
+        exact = memory_needed("flat", n, d)
+        params = ", ".join(f"{a} {t[a]}" for a in ("ef_search", "nprobe", "rerank") if a in t)
+        raise SearchError(
+            f"no {'' if kind == 'auto' else kind + ' '}index within --max-memory {_gb(budget)} reaches "
+            f"recall@{k} {min_recall} on {source}: the "
+            f"best found is {t['recall']:.3f} ({r['spec']['kind']}, {params}, "
+            f"{_gb(r['spec']['memory_bytes'])}); exact search reaches 1.0 and needs "
+            f"{_gb(exact)}: give --max-memory {_size_arg(exact)}, "
+            "or lower --min-recall; nothing was saved")
+    win = min(reached, key=lambda r: r["best"]["p50_ms"])
+    spec, best, index = win["spec"], win["best"], win["index"]
+    _set_search_params(index, {"kind": spec["kind"], **best})
+    search = {a: best[a] for a in ("ef_search", "nprobe", "rerank") if a in best}
+    held = recall_per_query(approx(coll, index, search, q[held_at], own[held_at], kk), exact[held_at])
+    flat = spec["kind"] == "flat"  # 1M exact scans take a third of a second each: fewer rounds
+    one = latency(coll, index, search, q, kk, rounds=20 if flat else min(200, max(20, len(q))))
+    b64 = latency(coll, index, search, q, kk, batch=min(64, len(q)), rounds=3 if flat else 10)
+    info = {"kind": spec["kind"], "n": n, "dim": d, "row_order": "name",
+            **{a: spec[a] for a in ("hnsw_m", "nlist", "pq_m", "pq_bits") if a in spec}, **search,
+            "memory_bytes": spec["memory_bytes"], "max_memory_bytes": budget,
+            "build_seconds": round(win["build_s"], 3), "min_recall": min_recall, "k": k,
+            "queries": source, "recall_at_10": round(float(held.mean()), 4), "recall_queries": len(held_at),
+            "tune_recall": round(best["recall"], 4),
+            "latency_ms": {"one_p50": _ms(one, 50), "one_p99": _ms(one, 99),
+                           "batch64_p50": _ms(b64, 50), "batch64_p99": _ms(b64, 99)},
+            "tried": [{"kind": r["spec"]["kind"], "memory_bytes": r["spec"]["memory_bytes"],
+                       "build_seconds": round(r["build_s"], 3),
+                       "chosen": r["best"] and {a: v for a, v in r["best"].items() if a != "bound"}}
+                      for r in results],
+            "over_budget": [{"kind": s["kind"], "memory_bytes": s["memory_bytes"]} for s in over]}
+    log(f"chose {spec['kind']} (" + ", ".join(f"{a} {v}" for a, v in search.items())
+        + f"): recall@{k} {info['recall_at_10']:.4f} on {len(held_at)} held-out queries ({source}), "
+        f"{_gb(spec['memory_bytes'])}, built in {win['build_s']:.1f} s, one query p50 "
+        f"{info['latency_ms']['one_p50']} ms p99 {info['latency_ms']['one_p99']} ms, batch of 64 p50 "
+        f"{info['latency_ms']['batch64_p50']} ms")
+    if info["recall_at_10"] < min_recall:
+        log(f"warning: on the held-out queries recall@{k} is {info['recall_at_10']:.4f}, below "
+            f"{min_recall} (on the tuning ones {best['recall']:.4f}): give more --queries")
+    save(coll.folder, index, info)
+    return info
+
+
+def _ms(t: np.ndarray, p: float) -> float:
+    return round(1e3 * float(np.percentile(t, p)), 3)
+
+
+def save(folder: Path, index, info: dict) -> None:
+    """index/knn.index and index/index.json, each renamed into place when complete."""
+    faiss = _faiss()
+    out = folder / INDEX_DIR
+    out.mkdir(exist_ok=True)
+    tmp = out / f".{INDEX_FILE}.tmp"
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, out / INDEX_FILE)
+    (out / f".{INDEX_INFO}.tmp").write_text(json.dumps(info, indent=1) + "\n")
+    os.replace(out / f".{INDEX_INFO}.tmp", out / INDEX_INFO)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Build the fastest faiss index over an embedded "
+                                "folder that fits --max-memory and reaches --min-recall on held-out queries "
+                                "of the kind that will come (text, when known).")
+    p.add_argument("folder", metavar="DIR", help="the --output of `siglip-so400m embed`, or clip-retrieval's "
+                   "(img_emb/*.npy and metadata/*.parquet)")
+    p.add_argument("--max-memory", default="4GB", help="memory the index may take (default: 4GB)")
+    p.add_argument("--min-recall", type=float, default=0.95, help="recall@10 to reach (default: 0.95)")
+    p.add_argument("--kind", choices=KINDS, default="auto",
+                   help="only this index type (default: the fastest that reaches --min-recall)")
+    p.add_argument("--tune-queries", metavar="FILE.npy", help="(Q, D) query embeddings to tune for (default: "
+                   "text_emb/, else captions embedded by --model, else held-out image embeddings)")
+    p.add_argument("--model", help="checkpoint to embed the metadata's captions with, to tune for text "
+                   "queries")
+    p.add_argument("--queries", type=int, default=600, help="tuning + held-out queries (default: 600)")
+    p.add_argument("--hnsw-m", type=int, help="HNSW links per node (default: 32)")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: tuned)")
+    p.add_argument("--nlist", type=int, help="IVF cells (default: about 4·sqrt(n))")
+    p.add_argument("--nprobe", type=int, help="IVF cells visited per query (default: tuned)")
+    p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: the most that fit)")
+    p.add_argument("--rerank", type=int, help="candidates per result re-scored exactly (default: tuned)")
+    a = p.parse_args(argv)
+    if a.queries < 2:
+        p.error("--queries must be at least 2 (half tune, half report)")
+    from .weights import CheckpointError
+
+    try:
+        info = build_index(a.folder, max_memory=a.max_memory, min_recall=a.min_recall, kind=a.kind,
+                           queries=a.queries, tune_queries=a.tune_queries, model=a.model, hnsw_m=a.hnsw_m,
+                           ef_search=a.ef_search, nlist=a.nlist, nprobe=a.nprobe, pq_m=a.pq_m,
+                           rerank=a.rerank, log=lambda m: print(m, file=sys.stderr))
+    except (SearchError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(info))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(index_main())
