@@ -5,7 +5,9 @@
     same dtype, same batch size). The embed rate counts everything from the first decode to the last
     part written (worker start-up included); the model-only rate leaves out one warm-up batch.
 (b) index: build time, query latency (p50, p99; one query at a time, candidates re-scored exactly as
-    search does) and recall@10 for each index type, on synthetic clustered unit vectors.
+    search does) and recall@10 for each index type, on synthetic clustered unit vectors, each tuned
+    for image queries with no recall floor; scripts/benchmark_index.py tunes for text-like queries
+    and a target recall, the figures docs/embed.md gives.
 
     python -m siglip_so400m.testing /tmp/so400m                # full-size random weights (3.5 GB)
     python scripts/benchmark_embed.py --model /tmp/so400m --images 32
@@ -31,7 +33,8 @@ import torch
 
 import siglip_so400m
 from siglip_so400m.embedding import write_synthetic
-from siglip_so400m.search import Index, build_index
+from siglip_so400m.index_tuning import build_index
+from siglip_so400m.search import Index
 
 
 def make_jpegs(folder: Path, n: int, seed: int = 0) -> list[Path]:

@@ -248,3 +248,42 @@ def test_tuning_reaches_recall_095_on_text_like_queries_at_200k_so400m_vectors(t
     exact = np.concatenate([exact_ids(x, evaluation[s : s + 50]) for s in range(0, 200, 50)])
     r = recall(ids, exact)
     assert r >= 0.95, (r, info)
+
+
+# ---- beyond one machine: per-rank shards ----
+
+def test_per_rank_shards_built_under_torchrun_are_searched_together_with_merged_top_k(tmp_path):
+    rng = np.random.default_rng(4)
+    x, _ = clustered(6000, 32, 30, 0.6, rng)
+    x = x.astype(np.float16)
+    # 6 parts, as 2 torchrun ranks of embed leave them (rank r wrote parts r, r + 2, r + 4).
+    out = write_synthetic(tmp_path / "syn", [x[s : s + 1000] for s in range(0, 6000, 1000)])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                        "--nproc_per_node", "2", "-m", "siglip_so400m", "index", str(out), "--shard",
+                        "torchrun", "--kind", "flat", "--queries", "20"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert sorted(d.name for d in (out / "index").iterdir()) == ["shard-0-of-2", "shard-1-of-2"]
+    assert [json.loads((out / "index" / d / "index.json").read_text())["n"]
+            for d in ("shard-0-of-2", "shard-1-of-2")] == [3000, 3000]
+    index = siglip_so400m.Index.load(out)
+    assert len(index.shards) == 2
+    q = x[rng.integers(0, 6000, 100)] + 0.05 * rng.standard_normal((100, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, ids = index.topk(q, 10)
+    np.testing.assert_array_equal(ids, exact_ids(x.astype(np.float32), q))  # exact shards: exact merge
+    hit = index.search(vectors=x[4500], k=1)[0][0]  # row 500 of part 4, held by shard 0
+    assert hit["id"] == 4500 and hit["path"] == "synthetic/000004500.jpg"
+    # Approximate shards, each tuned on its own part of the rows: the merge keeps the target.
+    for rank in (0, 1):
+        build_index(out, shard=(rank, 2), max_memory="200KB", kind="ivfpq", queries=200, log=lambda m: None)
+    index = siglip_so400m.Index.load(out)
+    assert [s[1]["kind"] for s in index.shards] == ["ivfpq", "ivfpq"]
+    _, ids = index.topk(q, 10)
+    assert recall(ids, exact_ids(x.astype(np.float32), q)) >= 0.9
+    # A missing shard is named, not searched around.
+    import shutil
+
+    shutil.rmtree(out / "index" / "shard-1-of-2")
+    with pytest.raises(SearchError, match="missing shard-1-of-2"):
+        siglip_so400m.Index.load(out)

@@ -344,12 +344,15 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
                 kind: str = "auto", k: int = 10, queries: int = 600, tune_queries: str | None = None,
                 model: str | None = None, hnsw_m: int | None = None, ef_search: int | None = None,
                 nlist: int | None = None, nprobe: int | None = None, pq_m: int | None = None,
-                rerank: int | None = None, seed: int = 0, log=print) -> dict:
+                rerank: int | None = None, shard: tuple[int, int] | None = None, seed: int = 0,
+                log=print) -> dict:
     """Build the fastest index within `max_memory` whose recall@k reaches `min_recall` on held-out
     queries of the kind that will come, and save it with its search parameters in folder/index/.
     Parameters given (hnsw_m, nlist, pq_m; ef_search, nprobe, rerank) are kept, the others tuned.
-    Returns what index.json records."""
-    coll = Collection(folder)
+    shard (r, w): only the parts at positions r, r + w, ... (what torchrun rank r of w embedded),
+    saved in folder/index/shard-r-of-w/; `Index` searches all w shards together and merges their
+    top-k. Returns what index.json records."""
+    coll = Collection(folder, shard=shard)
     n, d = len(coll), coll.dim
     if n == 0:
         raise SearchError(f"{coll.folder} holds no embeddings")
@@ -427,7 +430,9 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
     if info["recall_at_10"] < min_recall:
         log(f"warning: on the held-out queries recall@{k} is {info['recall_at_10']:.4f}, below "
             f"{min_recall} (on the tuning ones {best['recall']:.4f}): give more --queries")
-    save(coll.folder, index, info)
+    if shard is not None:
+        info["shard"] = list(shard)
+    save(coll.folder, index, info, shard)
     return info
 
 
@@ -435,11 +440,27 @@ def _ms(t: np.ndarray, p: float) -> float:
     return round(1e3 * float(np.percentile(t, p)), 3)
 
 
-def save(folder: Path, index, info: dict) -> None:
-    """index/knn.index and index/index.json, each renamed into place when complete."""
+def save(folder: Path, index, info: dict, shard: tuple[int, int] | None = None) -> None:
+    """index/knn.index and index/index.json (or index/shard-r-of-w/...), each renamed into place
+    when complete. One kind replaces the other: a whole index removes the shards, a shard the
+    whole index, so that `Index` never finds both."""
+    import shutil
+
     faiss = _faiss()
-    out = folder / INDEX_DIR
-    out.mkdir(exist_ok=True)
+    top = folder / INDEX_DIR
+    top.mkdir(exist_ok=True)
+    if shard is None:
+        out = top
+        for d in top.glob("shard-*-of-*"):
+            shutil.rmtree(d, ignore_errors=True)
+    else:
+        out = top / f"shard-{shard[0]}-of-{shard[1]}"
+        out.mkdir(exist_ok=True)
+        for f in (top / INDEX_INFO, top / INDEX_FILE):
+            f.unlink(missing_ok=True)
+        for d in top.glob("shard-*-of-*"):
+            if not d.name.endswith(f"-of-{shard[1]}"):  # shards of an earlier, other split
+                shutil.rmtree(d, ignore_errors=True)
     tmp = out / f".{INDEX_FILE}.tmp"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / INDEX_FILE)
@@ -470,7 +491,18 @@ def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--nprobe", type=int, help="IVF cells visited per query (default: tuned)")
     p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: the most that fit)")
     p.add_argument("--rerank", type=int, help="candidates per result re-scored exactly (default: tuned)")
+    p.add_argument("--shard", metavar="R/W", help="index only shard R of W (the parts rank R of W embedded), "
+                   "into index/shard-R-of-W/; search merges all W. 'torchrun': R and W from RANK, WORLD_SIZE")
     a = p.parse_args(argv)
+    shard = None
+    if a.shard == "torchrun":
+        shard = (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    elif a.shard:
+        try:
+            shard = tuple(int(v) for v in a.shard.split("/"))
+            assert len(shard) == 2 and 0 <= shard[0] < shard[1]
+        except (ValueError, AssertionError):
+            p.error(f"--shard {a.shard}: give R/W with 0 <= R < W, e.g. 0/4, or 'torchrun'")
     if a.queries < 2:
         p.error("--queries must be at least 2 (half tune, half report)")
     from .weights import CheckpointError
@@ -479,7 +511,7 @@ def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         info = build_index(a.folder, max_memory=a.max_memory, min_recall=a.min_recall, kind=a.kind,
                            queries=a.queries, tune_queries=a.tune_queries, model=a.model, hnsw_m=a.hnsw_m,
                            ef_search=a.ef_search, nlist=a.nlist, nprobe=a.nprobe, pq_m=a.pq_m,
-                           rerank=a.rerank, log=lambda m: print(m, file=sys.stderr))
+                           rerank=a.rerank, shard=shard, log=lambda m: print(m, file=sys.stderr))
     except (SearchError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -61,6 +61,12 @@ def part_files(folder: Path, kind: str = "img_emb") -> list[Path]:
     return sorted((folder / kind).glob(f"{kind}_*.npy"), key=lambda p: p.name)
 
 
+def shard_dirs(folder: Path) -> list[Path]:
+    """index/shard-R-of-W folders (`siglip-so400m index --shard R/W`), in shard order."""
+    found = [d for d in (folder / INDEX_DIR).glob("shard-*-of-*") if (d / INDEX_INFO).is_file()]
+    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
+
+
 def _name_order_is_part_order(files: list[Path]) -> bool:
     numbers = [p.stem.rpartition("_")[2] for p in files]
     return all(n.isdigit() for n in numbers) and [int(n) for n in numbers] == sorted(int(n) for n in numbers)
@@ -74,7 +80,8 @@ class Collection:
     in an LRU cache of Arrow tables bounded by `metadata_cache_bytes`: a server answering hits from
     every part holds at most that much, never whole parts as Python dicts."""
 
-    def __init__(self, folder: str | os.PathLike, metadata_cache_bytes: int = 64 * 2**20):
+    def __init__(self, folder: str | os.PathLike, metadata_cache_bytes: int = 64 * 2**20,
+                 shard: tuple[int, int] | None = None):
         self.folder = Path(folder)
         path = self.folder / "manifest.json"
         files = part_files(self.folder)
@@ -91,6 +98,16 @@ class Collection:
         else:
             raise SearchError(f"{self.folder} has neither manifest.json nor img_emb/img_emb_*.npy: is it "
                               "the --output of `siglip-so400m embed` (or of clip-retrieval inference)?")
+        self.shard = shard
+        if shard is not None:
+            # Shard r of w: the parts at positions r, r + w, ... in name order, as rank r of w
+            # embedded them (embed's part i goes to rank i % w); rows keep their global ids.
+            r, w = shard
+            if not 0 <= r < w:
+                raise SearchError(f"shard {r}/{w}: give R/W with 0 <= R < W")
+            sizes = [np.load(p, mmap_mode="r").shape[0] for p in files]
+            self.global_starts = np.cumsum([0, *sizes])[:-1][r::w]
+            files = files[r::w]
         self.files = files
         self.parts = [np.load(p, mmap_mode="r") for p in files]
         for p, a in zip(files, self.parts, strict=True):
@@ -129,6 +146,13 @@ class Collection:
         (padded or not)."""
         ext = "npy" if kind.endswith("_emb") else "parquet"
         return self.folder / kind / f"{kind}_{self.files[i].stem.removeprefix('img_emb_')}.{ext}"
+
+    def global_ids(self, ids: np.ndarray) -> np.ndarray:
+        """A shard's row ids -> the whole collection's (-1 stays -1)."""
+        if self.shard is None:
+            return ids
+        part = np.clip(np.searchsorted(self.offsets, ids, side="right") - 1, 0, len(self.parts) - 1)
+        return np.where(ids >= 0, self.global_starts[part] + ids - self.offsets[part], -1)
 
     def blocks(self, rows: int = 65536):
         """(first row, float32 block) over all embeddings, a bounded block at a time."""
@@ -246,19 +270,41 @@ class Index:
             float(self.manifest["logit_scale"]), float(self.manifest["logit_bias"]))
         self.info: dict | None = None
         self.faiss_index = None
+        self.shards: list[tuple[Any, dict, Collection]] = []  # per-rank indexes searched together
         info = self.folder / INDEX_DIR / INDEX_INFO
         if info.is_file():
-            self.info = json.loads(info.read_text())
-            if self.info["n"] != len(self.collection):
-                raise SearchError(f"{info} covers {self.info['n']} embeddings but the folder holds "
-                                  f"{len(self.collection)}: run `siglip-so400m index {self.folder}` again")
-            if self.info.get("row_order") != "name" and not self.collection.name_order_is_part_order:
-                # Built when ids followed part numbers, which unpadded names sort apart from.
-                raise SearchError(f"{info} was built with row ids in part-number order, which the "
-                                  "file names here do not sort in: run `siglip-so400m index "
-                                  f"{self.folder}` again")
+            self.info = self._open(info, self.collection)
             self.faiss_index = _faiss().read_index(str(self.folder / INDEX_DIR / INDEX_FILE))
             _set_search_params(self.faiss_index, self.info)
+        elif shard_dirs(self.folder):
+            dirs = shard_dirs(self.folder)
+            w = int(dirs[0].name.rpartition("-of-")[2])
+            names = [d.name for d in dirs]
+            missing = [f"shard-{r}-of-{w}" for r in range(w) if f"shard-{r}-of-{w}" not in names]
+            if missing or len(dirs) != w:
+                raise SearchError(f"{self.folder / INDEX_DIR} holds {', '.join(names)}: missing "
+                                  f"{', '.join(missing) or 'none'}, or shards of another count; build every "
+                                  f"shard with `siglip-so400m index {self.folder} --shard R/{w}`")
+            for r in range(w):
+                d = self.folder / INDEX_DIR / f"shard-{r}-of-{w}"
+                sub = Collection(self.folder, shard=(r, w))
+                sinfo = self._open(d / INDEX_INFO, sub)
+                index = _faiss().read_index(str(d / INDEX_FILE))
+                _set_search_params(index, sinfo)
+                self.shards.append((index, sinfo, sub))
+            self.info = {"kind": "shards", "shards": [s[1] for s in self.shards]}
+
+    def _open(self, info: Path, coll: Collection) -> dict:
+        data = json.loads(info.read_text())
+        if data["n"] != len(coll):
+            raise SearchError(f"{info} covers {data['n']} embeddings but the folder holds "
+                              f"{len(coll)}: run `siglip-so400m index {self.folder}` again")
+        if data.get("row_order") != "name" and not coll.name_order_is_part_order:
+            # Built when ids followed part numbers, which unpadded names sort apart from.
+            raise SearchError(f"{info} was built with row ids in part-number order, which the "
+                              f"file names here do not sort in: run `siglip-so400m index {self.folder}` "
+                              "again")
+        return data
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, model: str | None = None, device: str | None = None,
@@ -327,8 +373,14 @@ class Index:
         """(cosines, ids), (Q, k) each: the index's candidates re-scored exactly, or exact search."""
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         k = min(k, len(self))
-        if self.faiss_index is None or k == 0:
+        if k == 0 or (self.faiss_index is None and not self.shards):
             return exact_topk(self.collection, queries, k)
+        if self.shards:
+            # Each shard's candidates (its own k·rerank, by its own tuned parameters) in global ids,
+            # merged and re-scored exactly: the merged top-k is the best k of their union.
+            cand = np.hstack([sub.global_ids(index.search(queries, min(len(sub), k * int(info["rerank"])))[1])
+                              for index, info, sub in self.shards])
+            return _rerank(self.collection, queries, cand, k)
         _, cand = self.faiss_index.search(queries, min(len(self), k * int(self.info["rerank"])))
         return _rerank(self.collection, queries, cand, k)
 

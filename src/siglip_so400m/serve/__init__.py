@@ -207,6 +207,10 @@ def _load_index(folder: str, ckpt):
     except SearchError as e:
         raise ValueError(f"--index {folder}: {e}") from None
     m = index.manifest
+    if m.get("model") is None:
+        raise ValueError(f"--index {folder} has no manifest.json naming the model that embedded it "
+                         "(clip-retrieval's layout), so the server cannot check that its --model did; "
+                         f"search it with `siglip-so400m search {folder} --model CHECKPOINT`")
     if ckpt.revision is not None:
         same = m.get("revision") == ckpt.revision
     else:  # a local checkpoint: embed records a hash of its path, size and mtime
