@@ -63,7 +63,8 @@ def tuned_collection(tmp_path: Path, n: int, dim: int, clusters: int, seed: int 
     out = write_synthetic(tmp_path / "syn", [x[s : s + 10_000] for s in range(0, n, 10_000)])
     np.save(tmp_path / "tune.npy", text_like(400, centres, 0.6, gap, rng))
     evaluation = text_like(200, centres, 0.6, gap, rng)  # never seen by the tuning
-    return out, x.astype(np.float32), evaluation
+    # The rows in id order: file-name order, which for 11 or more unpadded parts is not x's.
+    return out, Collection(out).vectors(np.arange(n)), evaluation
 
 
 def test_tuning_reaches_the_target_on_text_like_queries_within_a_budget_that_rules_out_exact(tmp_path):
