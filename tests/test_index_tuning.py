@@ -212,43 +212,26 @@ def test_metadata_of_hits_is_read_through_a_bounded_cache(tmp_path):
     x, _ = clustered(20 * 1000, 16, 20, 0.3, rng)
     out = write_synthetic(tmp_path / "syn", [x[s : s + 1000] for s in range(0, 20_000, 1000)])
     index = siglip_so400m.Index.load(out)
-    index.collection.metadata_cache_bytes = 256 * 2**10
+    bound = 256 * 2**10
+    index.collection.metadata_cache_bytes = bound
     group_bytes = pq.read_table(out / "metadata" / "metadata_0.parquet").nbytes
     queries = x[rng.integers(0, len(x), 2000)]
     tracemalloc.start()
-    index.search(vectors=queries[:200], k=10)  # warm: every part touched, the cache full
-    before = tracemalloc.get_traced_memory()[0]
-    peak = 0
-    for s in range(200, 2000, 200):
+    py_before, arrow_before = tracemalloc.get_traced_memory()[0], pa.total_allocated_bytes()
+    py_peak = arrow_peak = 0
+    for s in range(0, 2000, 200):  # hits from every part
         index.search(vectors=queries[s : s + 200], k=10)
         c = index.collection.metadata_cache()
-        assert c["bytes"] <= 256 * 2**10 + group_bytes
-        assert c["rows"] <= (256 * 2**10 // group_bytes + 1) * 1000
-        peak = max(peak, tracemalloc.get_traced_memory()[0])
+        assert c["bytes"] <= bound + group_bytes
+        assert c["rows"] <= (bound // group_bytes + 1) * 1000
+        py_peak = max(py_peak, tracemalloc.get_traced_memory()[0] - py_before)
+        arrow_peak = max(arrow_peak, pa.total_allocated_bytes() - arrow_before)
     tracemalloc.stop()
-    # 20 parts read whole as dicts would hold 20k dicts (several MiB, forever); measured growth
-    # after warm-up here is a few hundred KiB at most.
-    assert peak - before < 2 * 2**20, (peak - before)
     assert index.collection.metadata_cache()["groups"] < 20
-
-
-@pytest.mark.slow
-def test_tuning_reaches_recall_095_on_text_like_queries_at_200k_so400m_vectors(tmp_path):
-    # 200k clustered 1152-d vectors, a budget of 150 MB (exact search needs 922 MB, HNSW-SQ8 283
-    # MB): only IVF-PQ fits, and the tuning must find the nprobe and re-rank depth that reach 0.95
-    # on text-like queries. Recall measured here against numpy on 200 queries the tuning never saw.
-    n, dim = 200_000, 1152
-    out, x, evaluation = tuned_collection(tmp_path, n, dim, clusters=1000)
-    budget = 150 * 2**20
-    assert memory_needed("flat", n, dim) > budget and memory_needed("hnsw", n, dim) > budget
-    info = build_index(out, max_memory=budget, tune_queries=str(tmp_path / "tune.npy"), queries=400,
-                       log=lambda m: None)
-    assert info["kind"] == "ivfpq" and info["memory_bytes"] <= budget
-    assert info["recall_at_10"] >= 0.95
-    _, ids = siglip_so400m.Index.load(out).topk(evaluation, 10)
-    exact = np.concatenate([exact_ids(x, evaluation[s : s + 50]) for s in range(0, 200, 50)])
-    r = recall(ids, exact)
-    assert r >= 0.95, (r, info)
+    # Python objects: the 20 parts as dicts held 7.3 MiB here (measured on the code before);
+    # now a few KiB. Arrow's own pool (not traced by tracemalloc) holds the bounded cache.
+    assert py_peak < 1 * 2**20, py_peak
+    assert arrow_peak <= 2 * (bound + group_bytes), arrow_peak
 
 
 # ---- beyond one machine: per-rank shards ----
