@@ -291,6 +291,46 @@ def test_classify_matches_zero_shot_api(server, api, image_files, templates):
             assert p["softmax"] == pytest.approx(r["softmax"], abs=TOL)
 
 
+def test_bf16_server_reports_bfloat16_in_health_and_classify(tiny_ckpt, tmp_path, image_files):
+    # The bug: both said "float32" (t', kept float32, was taken for the model's dtype).
+    s = Served(tiny_ckpt, tmp_path / "log.txt", "--dtype", "bfloat16")
+    try:
+        assert httpx.get(f"{s.url}/health").json()["dtype"] == "bfloat16"
+        resp = httpx.post(f"{s.url}/v1/classify", json={"images": [data_uri(IMAGES["rgb.png"])],
+                                                         "labels": LABELS})
+        assert resp.status_code == 200, resp.text
+        (record,) = resp.json()["data"]
+        assert record["dtype"] == "bfloat16"
+    finally:
+        assert s.stop() == 0, s.log()
+    # And it does compute in bf16: its logits are the bf16 API's, not the float32 ones.
+    m16, p16 = siglip_so400m.load(tiny_ckpt, dtype=torch.bfloat16)
+    m32, p32 = siglip_so400m.load(tiny_ckpt)
+    ref16, ref32 = (siglip_so400m.zero_shot(m, p, str(image_files["rgb.png"]), LABELS)[0]
+                    for m, p in ((m16, p16), (m32, p32)))
+    got = {p["label"]: p["logit"] for p in record["predictions"]}
+    err16 = max(abs(got[r["label"]] - r["logit"]) for r in ref16)
+    err32 = max(abs(got[r["label"]] - r["logit"]) for r in ref32)
+    assert err16 < 1e-4 < err32, (err16, err32)
+
+
+def test_label_memory_keeps_bf16_and_fp32_embeddings_apart(tiny_ckpt):
+    from siglip_so400m.serve.app import LabelMemory
+    from siglip_so400m.zeroshot import ZeroShotClassifier
+
+    templates = ["This is a photo of {}."]
+    m32, p32 = siglip_so400m.load(tiny_ckpt)
+    m16, p16 = siglip_so400m.load(tiny_ckpt, dtype=torch.bfloat16)
+    alone32 = ZeroShotClassifier(m32, p32, LABELS, templates).label_emb
+    alone16 = ZeroShotClassifier(m16, p16, LABELS, templates).label_emb
+    assert (alone32 - alone16).abs().max() > 1e-3  # bf16 embeddings are not the fp32 ones
+    memory = LabelMemory(100)
+    for _ in range(2):  # bf16 fills the memory first; the second round reads it
+        for (m, p), alone in (((m16, p16), alone16), ((m32, p32), alone32)):
+            view = memory.view(m.precision, templates, LABELS)
+            assert torch.equal(ZeroShotClassifier(m, p, LABELS, templates, cache=view).label_emb, alone)
+
+
 def test_classify_options_and_shared_label_cache(server, api, image_files):
     labels = ["label cache one", "label cache two", "label cache three"]
     before = metrics(server.url)

@@ -203,6 +203,27 @@ def test_zero_shot_api_returns_sorted_labels_with_three_scores(tiny_ckpt, tmp_pa
     assert again == res
 
 
+def test_bf16_and_fp32_runs_sharing_a_label_cache_each_get_their_own_numbers(tiny_ckpt, tmp_path):
+    # The bug: precision read t' (kept float32), so a bf16 run filed its label embeddings under the
+    # float32 key and a later float32 run scored against them.
+    img = Image.open(photo("chelsea.png"))
+    m32, p32 = siglip_so400m.load(tiny_ckpt)
+    m16, p16 = siglip_so400m.load(tiny_ckpt, dtype=torch.bfloat16)
+    assert (m32.precision, m16.precision) == ("float32", "bfloat16")
+    alone32 = siglip_so400m.zero_shot(m32, p32, img, LABELS)[0]  # no cache at all
+    alone16 = siglip_so400m.zero_shot(m16, p16, img, LABELS)[0]
+    # bf16 moves the tiny model's logits by far more than the 1e-6 this test can tell apart.
+    logits16 = {r["label"]: r["logit"] for r in alone16}
+    gap = max(abs(r["logit"] - logits16[r["label"]]) for r in alone32)
+    assert gap > 1e-3
+    for _ in range(2):  # the first round fills the cache (bf16 first), the second reads it
+        shared16 = siglip_so400m.zero_shot(m16, p16, img, LABELS, cache_dir=tmp_path)[0]
+        shared32 = siglip_so400m.zero_shot(m32, p32, img, LABELS, cache_dir=tmp_path)[0]
+        assert shared32 == alone32  # exactly: float32 embeddings round-trip safetensors unchanged
+        assert shared16 == alone16
+    assert len(list(tmp_path.glob("labels-*"))) == 2
+
+
 def bomb_png(path: Path, side: int = 40_000) -> Path:
     """A PNG whose header claims 1.6 gigapixels: PIL must refuse it before decoding anything."""
     def chunk(kind: bytes, data: bytes) -> bytes:

@@ -509,10 +509,13 @@ class SigLIP(nn.Module):
 
     @property
     def precision(self) -> str:
-        """'int8' once quantize_int8() prepared the linear layers, else the parameters' dtype."""
+        """What the towers compute in: 'int8' once quantize_int8() prepared the linear layers, else
+        their parameters' dtype. Not t' and b: every load keeps those two in float32, so a bf16
+        model's first parameter says float32 (and a label cache keyed by it mixed bf16 and fp32)."""
         if any(getattr(m, "int8", None) is not None for m in self.modules()):
             return "int8"
-        return str(next(self.parameters()).dtype).removeprefix("torch.")
+        tower = self.vision_model if self.vision_model is not None else self.text_model
+        return str(next(tower.parameters()).dtype).removeprefix("torch.")
 
     def _tower(self, name: str) -> nn.Module:
         tower = self.vision_model if name == "vision" else self.text_model

@@ -67,29 +67,29 @@ class Settings:
 
 class LabelMemory:
     """Label embeddings in memory, shared by every request and bounded (least recently used go
-    first), keyed by (templates, label)."""
+    first), keyed by (precision, templates, label): a bf16 embedding is not an fp32 one."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._lru: OrderedDict[tuple[tuple[str, ...], str], Tensor] = OrderedDict()
+        self._lru: OrderedDict[tuple[str, tuple[str, ...], str], Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
-    def view(self, templates: Sequence[str], labels: Sequence[str]) -> _LabelView:
-        return _LabelView(self, tuple(templates), list(labels))
+    def view(self, precision: str, templates: Sequence[str], labels: Sequence[str]) -> _LabelView:
+        return _LabelView(self, (precision, tuple(templates)), list(labels))
 
 
 class _LabelView:
     """The get()/put() of zeroshot.LabelCache, on the shared memory, for one request's labels."""
 
-    def __init__(self, memory: LabelMemory, templates: tuple[str, ...], labels: list[str]):
-        self.memory, self.templates, self.labels = memory, templates, labels
+    def __init__(self, memory: LabelMemory, prefix: tuple[str, tuple[str, ...]], labels: list[str]):
+        self.memory, self.prefix, self.labels = memory, prefix, labels
 
     def get(self, labels: Sequence[str] | None = None) -> dict[str, Tensor]:
         m = self.memory
         with m._lock:
             found = {}
             for label in self.labels if labels is None else labels:
-                key = (self.templates, label)
+                key = (*self.prefix, label)
                 if key in m._lru:
                     m._lru.move_to_end(key)
                     found[label] = m._lru[key]
@@ -99,8 +99,9 @@ class _LabelView:
         m = self.memory
         with m._lock:
             for label, emb in embeddings.items():
-                m._lru[self.templates, label] = emb
-                m._lru.move_to_end((self.templates, label))
+                key = (*self.prefix, label)
+                m._lru[key] = emb
+                m._lru.move_to_end(key)
             while len(m._lru) > m.capacity:
                 m._lru.popitem(last=False)
 
@@ -115,6 +116,7 @@ class Server:
         self.model, self.processor, self.settings = model, processor, settings
         self.batcher, self.metrics, self.index = batcher, metrics, index
         self.labels = LabelMemory(settings.label_cache_size)
+        self.precision = model.precision  # the label memory's key; model.precision walks the modules
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
         self.index_lock = threading.Lock()
         # Bounds the memory that concurrent requests cost: a request holds its body (up to
@@ -203,7 +205,7 @@ class Server:
     async def classifier(self, labels: list[str], templates: list[str]) -> ZeroShotClassifier:
         """The labels' embeddings from the shared memory, the missing ones computed (by the zero-shot
         module's own code) on the model thread, if its bounded call queue takes them (else 503)."""
-        view = self.labels.view(templates, labels)
+        view = self.labels.view(self.precision, templates, labels)
         make = lambda: ZeroShotClassifier(self.model, self.processor, labels, templates, cache=view)  # noqa: E731
         known = len(view.get())
         if known == len(labels):
