@@ -18,6 +18,7 @@ from shapes import CAPTIONS, draw_shapes, write_csv
 import siglip_so400m
 from siglip_so400m.data import DataError, GlobalBatches, read_pairs
 from siglip_so400m.train import TrainConfig, train
+from siglip_so400m.weights import CheckpointError
 
 ROOT = Path(__file__).parents[1]
 
@@ -271,3 +272,76 @@ def test_ranks_without_the_checkpoint_stop_every_rank_with_a_clear_message(tiny_
         assert "rank 0 resumes from step 4" in err and "rank(s) 1 cannot read" in err
         assert "on a disk all machines share" in err
     assert "rank 1: " in results[1][1] and "checkpoint cannot be read" in results[1][1]  # what it lacked
+
+
+# ---- resuming must continue the same run (issue 16) ----
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_ckpt, shapes, tmp_path_factory) -> Path:
+    """A 3-step run, finished, with its last checkpoint (step 3) on disk."""
+    return train(config(tiny_ckpt, shapes, tmp_path_factory.mktemp("finished") / "run", steps=3))
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    import shutil
+
+    return Path(shutil.copytree(run, tmp_path / "run"))
+
+
+@pytest.mark.parametrize("change", [{"steps": 5}, {"batch_size": 4}, {"lr": 1e-4}, {"warmup_steps": 1},
+                                    {"weight_decay": 0.1}, {"seed": 1}])
+def test_resuming_with_a_changed_schedule_setting_is_refused_naming_it(tiny_ckpt, shapes, finished_run,
+                                                                        tmp_path, change):
+    # Before: each was continued without a word (the LR schedule or the data order jumped).
+    out = copy_of(finished_run, tmp_path)
+    saved = load_file(out / "checkpoint" / "trainable.safetensors")
+    ((name, value),) = change.items()
+    flag = "--" + name.replace("_", "-")
+    with pytest.raises(CheckpointError, match=rf"{flag} \S+ then, {value} now.*another --output-dir"):
+        train(config(tiny_ckpt, shapes, out, **{"steps": 3, **change}))
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    now = load_file(out / "checkpoint" / "trainable.safetensors")
+    assert all(torch.equal(now[k], saved[k]) for k in saved)  # nothing trained, nothing written
+
+
+def test_resuming_on_a_dataset_of_another_size_is_refused(tiny_ckpt, shapes, finished_run, tmp_path):
+    with open(shapes) as f:
+        rows = list(csv.DictReader(f))[:20]
+    fewer = write_csv(shapes.parent / "first20.csv", rows)
+    with pytest.raises(CheckpointError, match=r"--data \(its number of pairs\) 180 then, 20 now"):
+        train(config(tiny_ckpt, fewer, copy_of(finished_run, tmp_path), steps=3))
+
+
+def test_a_finished_run_asked_again_reports_its_true_step_count(tiny_ckpt, shapes, finished_run, tmp_path,
+                                                                capsys):
+    capsys.readouterr()
+    train(config(tiny_ckpt, shapes, copy_of(finished_run, tmp_path), steps=3))
+    err = capsys.readouterr().err
+    assert "resuming from step 3" in err
+    assert "after 3 steps (all 3 done before this run)" in err  # it said "after 4 steps"
+    assert "after 4 steps" not in err
+
+
+def test_a_batch_larger_than_the_dataset_is_refused_before_any_work(tiny_ckpt, tmp_path):
+    # Duplicates in one batch are each other's negatives; 100000 on 33 pairs grew to 21.5 GB.
+    data = write_csv(tmp_path / "three.csv", draw_shapes(tmp_path, 3, seed=1))
+    for batch in (4, 100_000):
+        with pytest.raises(DataError, match=rf"--batch-size {batch} is larger than the dataset \(3 pairs.*"
+                                            r"use --batch-size 3 or less"):
+            train(config(tiny_ckpt, data, tmp_path / "out", steps=2, batch_size=batch))
+        assert not (tmp_path / "out").exists()
+    train(config(tiny_ckpt, data, tmp_path / "out", steps=1, batch_size=3))  # the whole dataset is fine
+
+
+def test_a_dataset_with_no_readable_image_is_one_line_and_exit_1(tiny_ckpt, tmp_path):
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows = [{"image": "broken.png", "caption": "a red circle"},
+            *({"image": f"missing{i}.png", "caption": "a blue square"} for i in range(4))]
+    data = write_csv(tmp_path / "unreadable.csv", rows)
+    # With loader workers (the default) this was a DataLoader worker's traceback.
+    r = run_finetune([*common_args(tiny_ckpt, data, tmp_path / "out"), "--batch-size", "4",
+                      "--num-workers", "2"])
+    assert r.returncode == 1, r.stderr
+    assert "Traceback" not in r.stderr and "DataLoader" not in r.stderr, r.stderr
+    (line,) = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert "not one of the dataset's 5 images could be read" in line and "broken.png" in line

@@ -94,7 +94,8 @@ class ImageTextDataset(Dataset):
                 bad.append(str(e))
                 continue
             return pixels, torch.tensor(self.processor.tokenizer.encode(caption)), bad
-        raise DataError("not one image of the dataset could be read: " + "; ".join(bad[:3]))
+        raise DataError(f"not one of the dataset's {len(self.pairs)} images could be read: "
+                        + "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else ""))
 
     def collate(self, items: list[tuple[Any, torch.Tensor, list[str]]]):
         """Items -> (pixels as the model takes them, (B, L) ids, the replaced paths); the image

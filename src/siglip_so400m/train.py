@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .api import load, pick_device, pick_dtype
-from .data import GlobalBatches, ImageTextDataset, read_pairs
+from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
 from .weights import TOKENIZER_FILES, CheckpointError, resolve
@@ -127,6 +127,20 @@ def _schedule(cfg: TrainConfig):
     return factor
 
 
+def _schedule_settings(cfg: TrainConfig, pairs: int) -> dict[str, object]:
+    """What a checkpoint's state depends on, as given on the command line: the LR schedule (steps,
+    lr, warm-up), the AdamW groups restored with it (weight decay), the data order (batch size,
+    seed, number of pairs) and the trained position table's shape (image size). A resumed run that
+    changes one of these does not continue the run it resumes, so it is refused."""
+    return {"steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "seed": cfg.seed,
+            "pairs": pairs, "image_size": cfg.image_size}
+
+
+def _flag(setting: str) -> str:
+    return "--data (its number of pairs)" if setting == "pairs" else "--" + setting.replace("_", "-")
+
+
 def _trainable(model: SigLIP, lock_image: bool, lock_text: bool) -> dict[str, nn.Parameter]:
     locked = {tower for tower, lock in (("vision_model", lock_image), ("text_model", lock_text)) if lock}
     for name, p in model.named_parameters():
@@ -139,6 +153,14 @@ def train(cfg: TrainConfig) -> Path:
     rank, world, device = _setup_distributed(cfg.device)
     out = Path(cfg.output_dir)
     log = _Log(rank, out)
+    pairs = read_pairs(cfg.data)
+    if cfg.batch_size > len(pairs):
+        # Step s takes positions [s*B, (s+1)*B) of the stream of epochs: with B > N a batch holds
+        # some pairs twice, and each copy is the other's negative (its own caption, pushed away).
+        raise DataError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(pairs)} pairs "
+                        f"in {cfg.data}): a batch would hold the same pair more than once, each copy a "
+                        f"negative of the other; use --batch-size {len(pairs)} or less, or more data")
+    settings = _schedule_settings(cfg, len(pairs))
     ckpt = resolve(cfg.model, revision=cfg.revision)
     model, processor = load(ckpt, dtype=torch.float32, device=device)
     if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
@@ -170,13 +192,15 @@ def train(cfg: TrainConfig) -> Path:
     found = _agree_on_checkpoint(out, device, rank, world, log)
     if found is not None:
         state_dir, saved = found
-        start, skipped = _restore(state_dir, saved, params, opt, sched, identity)
+        start, skipped = _restore(state_dir, saved, params, opt, sched, identity, settings)
         log.info(f"resuming from step {start} ({state_dir})")
 
-    pairs = read_pairs(cfg.data)
+    dataset = ImageTextDataset(pairs, processor)
+    # One read before the loader starts: a dataset of which no image can be read is one message
+    # here, not a DataLoader worker's traceback (and costs one decoded image otherwise).
+    dataset[0]
     sampler = GlobalBatches(len(pairs), cfg.batch_size, cfg.steps, start_step=start, rank=rank,
                             world=world, seed=cfg.seed)
-    dataset = ImageTextDataset(pairs, processor)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=dataset.collate,
                         num_workers=cfg.num_workers)
     net = _Embedder(model, lock_image, lock_text)
@@ -190,7 +214,7 @@ def train(cfg: TrainConfig) -> Path:
 
     bar = log.progress(cfg.steps, start)
     seen_bad: set[str] = set()
-    t0, step = time.perf_counter(), start
+    t0 = time.perf_counter()
     for step, (pixels, ids, bad) in enumerate(loader, start=start):
         with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
             img, txt = net(pixels.to(device), ids.to(device))
@@ -214,15 +238,17 @@ def train(cfg: TrainConfig) -> Path:
             log.step(done, loss=global_loss, lr=sched.get_last_lr()[0], images_per_s=rate, skipped=skipped)
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            _save_checkpoint(out, done, skipped, params, opt, sched, identity, rank, world)
+            _save_checkpoint(out, done, skipped, params, opt, sched, identity, settings, rank, world)
         _fault_injection(done)
     bar.close()
     if start < cfg.steps:
-        _save_checkpoint(out, cfg.steps, skipped, params, opt, sched, identity, rank, world)
+        _save_checkpoint(out, cfg.steps, skipped, params, opt, sched, identity, settings, rank, world)
     if rank == 0:
         save_pretrained(model, ckpt.folder, out)
         (out / "training_args.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
-    log.info(f"saved to {out} after {max(step + 1, start)} steps; {skipped} unreadable images skipped")
+    # The loop always runs to cfg.steps; a run resumed at its end trained nothing this time.
+    note = f" (all {cfg.steps} done before this run)" if start >= cfg.steps else ""
+    log.info(f"saved to {out} after {cfg.steps} steps{note}; {skipped} unreadable images skipped")
     if dist.is_initialized():
         dist.barrier()
     return out
@@ -344,7 +370,7 @@ def _agree_on_checkpoint(out: Path, device: torch.device, rank: int, world: int,
 
 
 def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tensor], opt, sched,
-                     identity: str, rank: int, world: int) -> None:
+                     identity: str, settings: dict, rank: int, world: int) -> None:
     """Trainable parameters, optimizer moments and the step, written and flushed to disk beside the
     last checkpoint, then swapped in by renames; the last one stays as the fallback. Whenever the
     process or the power dies, one complete checkpoint is on disk."""
@@ -359,6 +385,7 @@ def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tenso
                    for k, v in s.items()}
         save_file(tensors, tmp / "optimizer.safetensors")
         state = {"step": step, "skipped": skipped, "base": identity, "names": list(params),
+                 "settings": settings,
                  "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for f in (*tmp.iterdir(), tmp):
@@ -373,11 +400,21 @@ def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tenso
 
 
 def _restore(state_dir: Path, saved: dict, params: dict[str, nn.Parameter], opt, sched,
-             identity: str) -> tuple[int, int]:
+             identity: str, settings: dict) -> tuple[int, int]:
     state = saved["state"]
     if state.get("base") != identity or state.get("names") != list(params):
         raise CheckpointError(f"{state_dir} belongs to another run (other base model or other "
                               "trainable parameters); use a new --output-dir or delete it")
+    # Checkpoints written before the settings were saved carry none: nothing to compare.
+    was = state.get("settings", settings)
+    changed = [k for k in settings if k in was and was[k] != settings[k]]
+    if changed:
+        raise CheckpointError(
+            f"{state_dir} was saved by a run with other settings: "
+            + ", ".join(f"{_flag(k)} {was[k]} then, {settings[k]} now" for k in changed)
+            + ". A resumed run must keep them (they set the learning-rate schedule and the data "
+            "order): rerun with the earlier values, or start a new run in another --output-dir "
+            "(--model with this run's output folder starts from its saved model)")
     with torch.no_grad():
         for k, v in saved["trainable"].items():
             params[k].copy_(v)
