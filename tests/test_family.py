@@ -492,3 +492,13 @@ def test_full_size_embeddings_and_logits_match_transformers(name, tokenizer_mode
         torch.testing.assert_close(img, out.image_embeds, atol=1e-5, rtol=0)
         torch.testing.assert_close(txt, out.text_embeds, atol=1e-5, rtol=0)
         torch.testing.assert_close(model(pixels, ids), out.logits_per_image, atol=1e-3, rtol=0)
+
+
+def test_convert_of_a_missing_npz_says_the_file_does_not_exist(tmp_path, capsys):
+    from siglip_so400m.cli import main
+
+    assert main(["convert", str(tmp_path / "nope.npz"), str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"error: {tmp_path / 'nope.npz'}: no such file" in err
+    assert "Hub id" not in err  # it said "no such file or folder, and not a Hub id like ..."
+    assert not (tmp_path / "out").exists()

@@ -43,6 +43,8 @@ def convert(npz: str | Path, out: str | Path, *, config: str | Path | None = Non
     npz, out = Path(npz), Path(out)
     if npz.suffix != ".npz":
         raise CheckpointError(f"{npz}: expected a big_vision .npz checkpoint")
+    if not npz.is_file():  # resolve() would add "and not a Hub id", which no .npz is
+        raise CheckpointError(f"{npz}: no such file" + (" (it is a folder)" if npz.is_dir() else ""))
     ckpt = resolve(npz, config=config)
     with torch.device("meta"):
         model = SigLIP(ckpt.config)
