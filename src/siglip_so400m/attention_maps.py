@@ -18,6 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from .config import DTYPES, dtype_name
 from .image import NaFlexPixels
 from .model import SigLIP
 
@@ -110,8 +111,6 @@ def head_grid(image: Image.Image, weights: np.ndarray, cover: tuple[float, float
 
 
 def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -> int:
-    from .cli import DTYPES, expand_images
-
     p = argparse.ArgumentParser(prog=prog, description="Write, per IMAGE, a PNG of where SigLIP's "
                                 "pooling head looks: its attention over the patches, mean over heads.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
@@ -123,19 +122,20 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
                    help="run the model at NxN pixels (default: the checkpoint's own size)")
     p.add_argument("--max-num-patches", type=int, metavar="N",
                    help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    p.add_argument("--dtype", choices=[k for k, v in DTYPES.items() if v in ("float32", "bfloat16")],
+                   default="float32")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
     args = p.parse_args(argv)
     if args.image_size is not None and args.image_size < 1:
         p.error("--image-size must be a positive number of pixels")
 
     from .api import load
-    from .image import ImageReadError, NaFlexImageProcessor, load_image, to_rgb
+    from .image import ImageReadError, NaFlexImageProcessor, expand_images, load_image, to_rgb
     from .weights import DEFAULT_REPO, CheckpointError
 
     try:
         model, processor = load(args.model or DEFAULT_REPO, revision=args.revision, towers=("vision",),
-                                dtype=getattr(torch, DTYPES[args.dtype]), device=args.device)
+                                dtype=getattr(torch, dtype_name(args.dtype)), device=args.device)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -4,19 +4,16 @@
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
-from .image import IMAGE_SUFFIXES
+from .config import DEFAULT_TEMPLATE, DTYPES
+from .image import expand_images
 from .weights import DEFAULT_REPO
 
-DTYPES = {"auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16",
-          "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "int8": "int8"}
 SCORE_NOTES = {
     "sigmoid": "sigmoid: SigLIP's own probability that the label matches, each label on its own; "
                "they need not sum to 1",
@@ -36,7 +33,7 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-file", type=Path, help="labels, one a line (blank lines are skipped)")
     p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
     p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--template", default="This is a photo of {}.",
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="prompt with {} for the label (default: %(default)r)")
     p.add_argument("--templates-file", type=Path,
                    help="several templates, one a line; their embeddings are averaged")
@@ -50,7 +47,7 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     out.add_argument("--jsonl", action="store_true", help="one JSON object a line, as images finish")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
                    help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; int8: "
-                        "dynamically quantized linear layers on CPU, about 2x faster than bfloat16")
+                        "linear layers quantized on the fly, CPU only (speed: docs/performance.md)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
     p.add_argument("--image-size", type=int, metavar="N", help="run the image tower at NxN pixels "
@@ -74,24 +71,6 @@ def read_lines(path: Path, what: str) -> list[str]:
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"cannot read {what} {path}: {e}") from None
     return [line.strip() for line in text.splitlines() if line.strip()]
-
-
-def expand_images(specs: list[str]) -> Iterator[tuple[str, str | None]]:
-    """(path, None) per image to try, or (spec, error) for a pattern or folder with nothing in it."""
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
-            if not files:
-                yield spec, "no image files in this folder"
-            yield from ((str(f), None) for f in files)
-        elif not path.exists() and glob.has_magic(spec):
-            matches = sorted(glob.glob(spec, recursive=True))
-            if not matches:
-                yield spec, "no files match this pattern"
-            yield from ((m, None) for m in matches)
-        else:
-            yield spec, None  # a missing file is reported when it is read
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:

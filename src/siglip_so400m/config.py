@@ -17,6 +17,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+# t' and b: every load keeps them in float32 whatever the dtype (t = exp(t') ~ 112 would amplify
+# bf16 rounding into points of sigmoid near 0.5). Here, not in weights.py, so that the int8 mode
+# can use it without importing the loader (which imports the model, which imports the kernels).
+FP32_KEYS = ("logit_scale", "logit_bias")
+
+# Every command's --dtype: the names and short aliases it takes, each to its torch dtype's name.
+# "auto" (None) is api.pick_dtype's choice for the device; "int8" is load(quantize="int8").
+DTYPES: dict[str, str | None] = {
+    "auto": None, "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "int8": "int8"}
+
+DEFAULT_TEMPLATE = "This is a photo of {}."  # the zero-shot prompt: transformers' pipeline default
+
+
+def dtype_name(name: str) -> str | None:
+    """A --dtype value (any case, alias or not) -> 'float32', 'bfloat16', 'float16', 'int8', or None
+    for 'auto'."""
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r}: use one of {', '.join(DTYPES)}") from None
+
+
 # Keys that transformers writes into every config.json (bookkeeping, generation and task settings of
 # its generic PretrainedConfig; transformers 4 wrote pad/bos/eos_token_id into the vision_config
 # too). They say nothing about the SigLIP architecture, so we accept and

@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import DTYPES, dtype_name
 from .image import IMAGE_SUFFIXES, ImageReadError, load_image
 from .weights import DEFAULT_REPO
 
@@ -404,16 +405,16 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     dev = pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    quantize = "int8" if dtype in ("int8", "INT8") else None
+    name = dtype if isinstance(dtype, torch.dtype) else dtype_name(dtype or "auto")
+    quantize = "int8" if name == "int8" else None
     if quantize:
         torch_dtype = torch.float32
-    elif isinstance(dtype, torch.dtype):
-        torch_dtype = dtype
-    elif dtype in (None, "auto"):
+    elif isinstance(name, torch.dtype):
+        torch_dtype = name
+    elif name is None:
         torch_dtype = pick_dtype(dev)
     else:
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        torch_dtype = getattr(torch, aliases.get(dtype, dtype))
+        torch_dtype = getattr(torch, name)
     precision = quantize or str(torch_dtype).removeprefix("torch.")
 
     files, shards = expand_inputs(specs, recursive)
@@ -636,9 +637,6 @@ def write_synthetic(out: str | os.PathLike, parts: Iterable[np.ndarray],
                                   "logit_scale": logit_scale, "logit_bias": logit_bias,
                                   "complete": True, "counts": {"images": n, "errors": 0}})
     return out
-
-
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

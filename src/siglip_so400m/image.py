@@ -10,11 +10,12 @@ h * w <= max_num_patches, cut into h * w patches and padded, giving `NaFlexPixel
 
 from __future__ import annotations
 
+import glob
 import io
 import math
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -398,3 +399,24 @@ class NaFlexImageProcessor:
         """One image or a list -> NaFlexPixels padded to max_num_patches, as transformers pads."""
         items = [self.to_tensor(self.prepare(im)) for im in _as_list(images)]
         return NaFlexPixels.cat(items, length=self.max_num_patches)
+
+
+        return torch.stack([self.to_tensor(self.prepare(im)) for im in images])
+
+
+def expand_images(specs: list[str]) -> Iterator[tuple[str, str | None]]:
+    """(path, None) per image to try, or (spec, error) for a pattern or folder with nothing in it."""
+    for spec in specs:
+        path = Path(spec)
+        if path.is_dir():
+            files = sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
+            if not files:
+                yield spec, "no image files in this folder"
+            yield from ((str(f), None) for f in files)
+        elif not path.exists() and glob.has_magic(spec):
+            matches = sorted(glob.glob(spec, recursive=True))
+            if not matches:
+                yield spec, "no files match this pattern"
+            yield from ((m, None) for m in matches)
+        else:
+            yield spec, None  # a missing file is reported when it is read

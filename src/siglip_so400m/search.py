@@ -321,6 +321,7 @@ class Index:
         import torch
 
         from .api import load
+        from .config import dtype_name
         from .weights import resolve
 
         if self._model is not None and tower in self._model.towers:
@@ -331,9 +332,8 @@ class Index:
                               "(--model, or Index.load(..., model=...))")
         revision = self.manifest.get("revision") if self._model_name == self.manifest["model"] else None
         ckpt = resolve(self._model_name, revision=revision)
-        precision = self._dtype or self.manifest.get("dtype") or "float32"
-        aliases = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-        precision = aliases.get(precision, precision)
+        # Queries in the collection's own dtype unless told otherwise ("auto" too: the manifest's).
+        precision = dtype_name(self._dtype or "auto") or dtype_name(self.manifest.get("dtype") or "float32")
         towers = tuple({tower, *(self._model.towers if self._model is not None else ())})
         quantize = "int8" if precision == "int8" else None
         self._model, self._processor = load(

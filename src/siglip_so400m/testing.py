@@ -17,10 +17,12 @@ position table that has structure, so that a wrong resize of it shows.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import random
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -435,6 +437,13 @@ def save_naflex_checkpoint(folder: Path, tokenizer_model: Path, *, tiny: bool = 
     return folder
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a missing parent package ("google"), or a masked module
+        return False
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write a random SigLIP checkpoint in the Hub layout.")
     ap.add_argument("out", type=Path)
@@ -443,6 +452,13 @@ def main() -> None:
                     help="the layout of this released checkpoint (tokenizer, sizes, text length) "
                     "instead of siglip-so400m-patch14-384")
     args = ap.parse_args()
+    # Checked before anything is written: a missing transformers used to fail half-way, leaving a
+    # folder with a spiece.model and no weights.
+    missing = [name for name in ("transformers", "google.protobuf") if not _importable(name)]
+    if missing:
+        sys.exit(f"error: python -m siglip_so400m.testing builds its checkpoints with transformers' "
+                 f"SiglipModel and tokenizer, from the [test] extra ({', '.join(missing)} missing): "
+                 "pip install 'siglip_so400m[test]'")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint == NAFLEX:
         save_naflex_checkpoint(args.out, train_tokenizer("gemma", args.out), tiny=args.tiny)

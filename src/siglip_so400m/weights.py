@@ -23,7 +23,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from . import bigvision
-from .config import SiglipConfig
+from .config import FP32_KEYS, SiglipConfig
 
 DEFAULT_REPO = "google/siglip-so400m-patch14-384"
 WEIGHTS = "model.safetensors"
@@ -236,7 +236,6 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
     model.load_state_dict(state, strict=True, assign=True)
 
 
-FP32_KEYS = ("logit_scale", "logit_bias")  # kept in float32 by every load
 _FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
 _BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
 

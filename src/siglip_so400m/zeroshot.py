@@ -24,12 +24,11 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from .api import Processor
+from .config import DEFAULT_TEMPLATE
 from .image import ImageInput
 from .model import SigLIP
 from .text import Tokenizer, check_text_length, shorten, warn_if_truncated
 from .weights import Checkpoint
-
-DEFAULT_TEMPLATE = "This is a photo of {}."  # transformers' zero-shot pipeline default
 
 
 def default_cache_dir() -> Path:

@@ -13,13 +13,13 @@ import os
 import sys
 import warnings
 
+from ..config import DTYPES, dtype_name
 from ..weights import DEFAULT_REPO
 
 API_KEY_ENV = "SIGLIP_SO400M_API_KEY"
 # Test hook, not a setting: milliseconds the model thread sleeps before each batch, so tests can
 # fill the queue with a tiny model. Leave it unset in production.
 TEST_DELAY_ENV = "SIGLIP_SO400M_SERVE_TEST_DELAY_MS"
-DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,7 +124,7 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     if quantize and device.type != "cpu":
         p.error("--dtype int8 runs on the CPU only (--device cpu)")
     dtype = (torch.float32 if quantize else pick_dtype(device) if args.dtype == "auto"
-             else getattr(torch, args.dtype))
+             else getattr(torch, dtype_name(args.dtype)))
     try:
         model, processor = load(args.model, revision=args.revision, dtype=dtype, device=device,
                                 quantize=quantize)

@@ -28,6 +28,7 @@ from starlette.exceptions import HTTPException
 from torch import Tensor
 
 from ..api import Processor
+from ..config import DEFAULT_TEMPLATE
 from ..model import SigLIP
 from ..text import check_text_length, warn_if_truncated
 from ..zeroshot import ZeroShotClassifier, check_labels, check_templates
@@ -37,7 +38,6 @@ from .inputs import ApiError, ImageLimits, data_uri_bytes, decode_image, fetch_u
 ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/search", "/health", "/metrics", "/docs",
              "/openapi.json")
 MAX_TEMPLATES = 32  # prompt templates per classify request: each multiplies the text tower's work
-DEFAULT_TEMPLATE = "This is a photo of {}."
 
 
 @dataclass
