@@ -80,7 +80,7 @@ def test_no_module_imports_one_that_imports_it_back():
 
 def test_dtype_aliases_and_default_prompt_are_defined_once_in_config():
     """No other module assigns DTYPES or DEFAULT_TEMPLATE, spells out the prompt, or keeps its own
-    alias table (a literal that spells both 'bf16' and 'bfloat16')."""
+    alias table (a literal that spells 'fp32', 'bf16' and 'bfloat16')."""
     from siglip_so400m.config import DEFAULT_TEMPLATE
 
     offenders = []
@@ -97,7 +97,7 @@ def test_dtype_aliases_and_default_prompt_are_defined_once_in_config():
                 offenders.append(f"{m}:{node.lineno} spells the default prompt")
             if isinstance(node, (ast.Dict, ast.Tuple, ast.List, ast.Set)):
                 strings = {c.value for c in ast.walk(node) if isinstance(c, ast.Constant)}
-                if {"bf16", "bfloat16"} <= strings:
+                if {"fp32", "bf16", "bfloat16"} <= strings:
                     offenders.append(f"{m}:{node.lineno} has its own dtype alias table")
     assert offenders == []
 
@@ -119,7 +119,8 @@ def test_every_command_takes_the_same_dtype_names(capsys):
     zero_shot = dtype_choices(main, ["zero-shot", "x.png", "--labels", "a"], capsys)
     embed = dtype_choices(main, ["embed", "x", "--output", "o"], capsys)
     serve = dtype_choices(main, ["serve"], capsys)
-    assert zero_shot == embed == serve == set(DTYPES)
+    evaluate = dtype_choices(main, ["eval", "zero-shot", "data"], capsys)
+    assert zero_shot == embed == serve == evaluate == set(DTYPES)
     assert {"fp32", "bf16", "fp16", "int8", "auto"} <= set(DTYPES)
 
 
@@ -147,3 +148,4 @@ def test_testing_module_without_transformers_names_the_extra_and_writes_nothing(
     assert "Traceback" not in r.stderr and "pip install 'siglip_so400m[test]'" in r.stderr, r.stderr
     assert "transformers missing" in r.stderr
     assert not (tmp_path / "ckpt").exists()
+

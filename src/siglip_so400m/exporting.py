@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import DTYPES, dtype_name
 from .weights import DEFAULT_REPO, TOKENIZER_FILES, Checkpoint, CheckpointError
 
 FORMATS = ("onnx", "openvino")
@@ -467,7 +468,8 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    help="Hub id, folder, .safetensors or big_vision .npz (default: %(default)s)")
     p.add_argument("--format", required=True, help="onnx or openvino")
     p.add_argument("--output", required=True, type=Path, help="a new (or empty) folder")
-    p.add_argument("--dtype", default="float32", choices=("float32", "fp32", "bfloat16", "bf16", "int8"),
+    p.add_argument("--dtype", default="float32",
+                   choices=[k for k, v in DTYPES.items() if v in ("float32", "bfloat16", "int8")],
                    help="float32 (exact, default); bf16: OpenVINO's inference precision; int8: ONNX "
                         "Runtime's dynamic quantization")
     p.add_argument("--fp16", action="store_true", help="store the weights in float16 (half the size, "
@@ -477,7 +479,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--config", type=Path, help="config.json for a bare .safetensors or .npz")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file for a checkpoint without one beside it")
     args = p.parse_args(argv)
-    dtype = {"fp32": "float32", "bf16": "bfloat16"}.get(args.dtype, args.dtype)
+    dtype = dtype_name(args.dtype)
     try:
         export(args.model, args.output, format=args.format, dtype=dtype, fp16=args.fp16,
                towers=args.towers, revision=args.revision, config=args.config, tokenizer=args.tokenizer)

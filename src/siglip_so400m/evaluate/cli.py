@@ -8,9 +8,8 @@ import sys
 import warnings
 from pathlib import Path
 
+from ..config import DTYPES
 from ..weights import DEFAULT_REPO
-
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "int8")
 
 
 def _common(p: argparse.ArgumentParser) -> None:

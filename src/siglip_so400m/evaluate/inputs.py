@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
+from ..config import DEFAULT_TEMPLATE
 from ..embedding import Item
 from ..image import IMAGE_SUFFIXES
-from ..zeroshot import DEFAULT_TEMPLATE
 
 IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")

@@ -22,7 +22,6 @@ from .inputs import EvalError, item_name, read_classes, read_labelled, read_pair
 from .metrics import classification_metrics, retrieval_metrics
 
 ModelSpec = str | os.PathLike | tuple[SigLIP, Processor]
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 class Loaded:
@@ -31,6 +30,7 @@ class Loaded:
     def __init__(self, model: ModelSpec, revision: str | None, dtype: str | torch.dtype | None,
                  device: str | torch.device | None, towers: tuple[str, ...]):
         from ..api import load, pick_device, pick_dtype
+        from ..config import dtype_name
         from ..weights import resolve
 
         if isinstance(model, tuple):
@@ -38,15 +38,16 @@ class Loaded:
             ckpt = getattr(self.net, "checkpoint", None)
         else:
             dev = pick_device(None if device in (None, "auto") else str(device))
-            quantize = "int8" if dtype == "int8" else None
+            name = dtype if isinstance(dtype, torch.dtype) else dtype_name(dtype or "auto")
+            quantize = "int8" if name == "int8" else None
             if quantize:
                 torch_dtype = None
-            elif isinstance(dtype, torch.dtype):
-                torch_dtype = dtype
-            elif dtype in (None, "auto"):
+            elif isinstance(name, torch.dtype):
+                torch_dtype = name
+            elif name is None:
                 torch_dtype = pick_dtype(dev)  # embed's fast default: bf16 on CUDA and AMX CPUs
             else:
-                torch_dtype = getattr(torch, _DTYPE_ALIASES.get(dtype, dtype))
+                torch_dtype = getattr(torch, name)
             ckpt = resolve(model, revision=revision)
             self.net, self.processor = load(ckpt, dtype=torch_dtype, device=dev, towers=towers,
                                             quantize=quantize)
