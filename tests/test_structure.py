@@ -107,7 +107,7 @@ def dtype_choices(main, argv: list[str], capsys) -> set[str]:
     with pytest.raises(SystemExit):
         main([*argv, "--dtype", "nope"])
     err = capsys.readouterr().err
-    found = re.search(r"invalid choice: 'nope' \(choose from (.*)\)", err)
+    found = re.search(r"invalid choice: 'nope' \(choose from ([^)]*)\)", err)
     assert found, err
     return set(re.findall(r"'?([\w]+)'?", found.group(1)))
 
