@@ -149,3 +149,14 @@ def test_testing_module_without_transformers_names_the_extra_and_writes_nothing(
     assert "transformers missing" in r.stderr
     assert not (tmp_path / "ckpt").exists()
 
+
+
+def test_readme_says_what_the_test_command_runs_and_how_to_run_the_fast_tests():
+    root = PACKAGE.parents[1]
+    readme, ci = (root / "README.md").read_text(), (root / ".ci" / "run").read_text()
+    # The set-up commands are CI's own, word for word.
+    for command in ("pip install torch==2.13.0", 'pip install -e ".[test]"', "python -m pytest\n"):
+        assert command in readme and command in ci, command
+    assert 'python -m pytest -m "not slow"' in readme  # the fast tests alone
+    tests = readme[readme.index("Run the tests"):readme.index("## In a notebook")]
+    assert re.search(r"slow.*\d+ min", tests, re.S), tests  # and what the whole suite costs
