@@ -137,7 +137,7 @@ def test_a_killed_run_resumes_to_the_same_bytes(tiny_ckpt, photos, tmp_path, kil
     assert any(".tmp" in name for name in partial) or len(partial) < len(all_bytes(tmp_path / "whole"))
     again = run_cli([str(photos), *common(tiny_ckpt, tmp_path / "cut")])
     assert again.returncode == 0, again.stderr
-    assert re.search(r"\(\d+ embedded now, 1 parts were already done\)", again.stderr), again.stderr
+    assert re.search(r"\(\d+ embedded now, 1 part was already done\)", again.stderr), again.stderr
     assert all_bytes(tmp_path / "cut") == all_bytes(tmp_path / "whole")
 
 
@@ -166,6 +166,60 @@ def test_a_second_run_on_the_same_folder_refuses(tiny_ckpt, photos, tmp_path):
     # A rerun with other settings would mix two runs' parts: refused, naming what differs.
     r = run_cli([str(photos), *common(tiny_ckpt, out), "--part-size", "6"])
     assert r.returncode == 1 and "part_size: 5 there, 6 now" in r.stderr
+
+
+def test_a_missing_input_or_a_list_of_no_paths_is_a_usage_error_and_writes_nothing(tiny_ckpt, photos,
+                                                                                   tmp_path):
+    out = tmp_path / "out"
+    r = run_cli([str(photos / "nope"), *common(tiny_ckpt, out)])
+    assert r.returncode == 2 and f"{photos / 'nope'}: no such file or folder" in r.stderr, r.stderr
+    assert not out.exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("buy milk\ncall Ann about the photos\n")
+    r = run_cli([str(notes), *common(tiny_ckpt, out)])
+    assert r.returncode == 2 and "not one of its 2 entries is an existing file (the first: 'buy milk')" \
+        in r.stderr, r.stderr
+    assert not out.exists()
+    # The corrected command then runs: nothing was left behind to refuse it.
+    r = run_cli([str(photos), *common(tiny_ckpt, out)])
+    assert r.returncode == 0, r.stderr
+
+
+def test_output_that_is_a_file_is_a_usage_error_and_the_summary_counts_in_english(tiny_ckpt, photos,
+                                                                                  tmp_path, capsys):
+    from siglip_so400m.embedding import main
+
+    (tmp_path / "emb.npy").write_bytes(b"x")
+    with pytest.raises(SystemExit) as e:
+        main([str(photos / "img_001.jpg"), *common(tiny_ckpt, tmp_path / "emb.npy"), "--workers", "0"])
+    err = capsys.readouterr().err
+    emb = tmp_path / "emb.npy"
+    assert e.value.code == 2 and f"--output {emb}: {emb} is a file, not a folder" in err, err
+    assert "Errno" not in err
+    assert main([str(photos / "img_001.jpg"), *common(tiny_ckpt, tmp_path / "one"), "--workers", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "embedded 1 image into 1 part in" in err and "0 parts were already done); 0 bad images" in err, err
+    assert main([str(photos / "img_001.jpg"), *common(tiny_ckpt, tmp_path / "one"), "--workers", "0"]) == 0
+    assert "(0 embedded now, 1 part was already done)" in capsys.readouterr().err
+
+
+def test_a_filesystem_without_flock_says_so_and_no_lock_runs(tiny_ckpt, photos, tmp_path, capsys,
+                                                             monkeypatch):
+    import errno
+
+    from siglip_so400m import embedding
+
+    def no_flock(*_):
+        raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without -o flock
+
+    monkeypatch.setattr(embedding.fcntl, "flock", no_flock)
+    args = [str(photos / "img_001.jpg"), *common(tiny_ckpt, tmp_path / "out"), "--workers", "0"]
+    assert embedding.main(args) == 1
+    err = capsys.readouterr().err
+    assert "its filesystem does not support flock ([Errno 38] Function not implemented; e.g. Lustre" in err
+    assert "run again with --no-lock" in err, err
+    assert embedding.main([*args, "--no-lock"]) == 0
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
 def write_shard(path: Path, images: list[Path], captions: list[str]) -> None:

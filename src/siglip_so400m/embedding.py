@@ -72,6 +72,11 @@ class EmbedError(RuntimeError):
     """A run that cannot start: bad inputs, a locked or incompatible output folder, no pyarrow."""
 
 
+class InputError(EmbedError):
+    """A command that names something wrong (a missing input, a file as --output): a usage error,
+    found before anything is written."""
+
+
 def _pyarrow():
     try:
         import pyarrow as pa
@@ -129,22 +134,25 @@ def expand_inputs(specs: Sequence[str | os.PathLike], recursive: bool = False
             found = sorted(f for f in (path.rglob("*") if recursive else path.iterdir())
                            if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file())
             if not found:
-                raise EmbedError(f"{spec}: no image files in this folder"
+                raise InputError(f"{spec}: no image files in this folder"
                                  + ("" if recursive else " (--recursive looks in sub-folders)"))
             files.extend(Item(path=str(f)) for f in found)
         elif not path.exists() and glob.has_magic(spec):
             matches = sorted(glob.glob(spec, recursive=True))
             if not matches:
-                raise EmbedError(f"{spec}: no files match this pattern")
+                raise InputError(f"{spec}: no files match this pattern")
             for m in matches:
                 if not Path(m).is_dir():
                     add(Path(m), spec)
-        elif path.suffix.lower() in (".tar", *LIST_SUFFIXES) and not path.is_file():
-            raise EmbedError(f"{spec}: no such file")
+        elif not path.exists():
+            # A typo, not a bad image: recording it as one would create the output folder, which
+            # then refuses the corrected command as "other inputs". (A missing file named in a
+            # list is a bad image: lists are data.)
+            raise InputError(f"{spec}: no such file or folder")
         else:
-            add(path, spec)  # a missing image file is recorded as a bad image, not fatal
+            add(path, spec)
     if not files and not shards:
-        raise EmbedError("no inputs: give folders, image files, globs, .txt/.csv/.parquet lists or "
+        raise InputError("no inputs: give folders, image files, globs, .txt/.csv/.parquet lists or "
                          ".tar shards")
     return files, shards
 
@@ -171,11 +179,11 @@ def read_list(path: Path) -> list[Item]:
             keep = [c for c in (image_col, caption_col) if c]
             rows = table.select(keep).to_pylist() if keep else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise EmbedError(f"cannot read the list {path}: {e}") from None
+        raise InputError(f"cannot read the list {path}: {e}") from None
     image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
     caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
     if image_col is None:
-        raise EmbedError(f"{path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}); found: "
+        raise InputError(f"{path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}); found: "
                          f"{', '.join(columns) or 'none'}")
     items = []
     for r in rows:
@@ -185,6 +193,14 @@ def read_list(path: Path) -> list[Item]:
         caption = r.get(caption_col) if caption_col else None
         items.append(Item(path=str(p if p.is_absolute() else path.parent / p),
                           caption=None if caption is None else str(caption)))
+    # A list whose entries name no file at all is not a list of images (`embed notes.txt`): refused
+    # before anything is written. The scan stops at the first entry that exists, so a real list
+    # costs one stat.
+    if items and not any(Path(i.path).exists() for i in items):
+        first = next(str(r[image_col]) for r in rows if r.get(image_col))
+        raise InputError(f"{path}: not one of its {len(items)} entries is an existing file (the first: "
+                         f"{first!r}); a {suffix} input is a list of image paths"
+                         + (", one a line" if suffix == ".txt" else ""))
     return items
 
 
@@ -286,6 +302,13 @@ class _Lock:
             if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise EmbedError(f"{out} is in use by another embed run (it holds {out / LOCK}); wait for "
                                  "it to end, or give another --output") from None
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK):
+                raise EmbedError(
+                    f"{out}: its filesystem does not support flock ([Errno {e.errno}] {e.strerror}; e.g. "
+                    "Lustre mounted without -o flock, or NFS without a lock daemon), so this run cannot "
+                    "make sure it is the only one writing there. If no other embed run writes to it, "
+                    "run again with --no-lock (lock=False); or give an --output on a filesystem with "
+                    "locks") from None
             raise
 
     def release(self) -> None:
@@ -373,7 +396,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
           model: str = DEFAULT_REPO, revision: str | None = None, dtype: str | torch.dtype | None = None,
           device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
           workers: int = 2, part_size: int = 10_000, recursive: bool = False, captions: bool = False,
-          progress: bool | None = None, max_num_patches: int | None = None) -> dict:
+          progress: bool | None = None, max_num_patches: int | None = None, lock: bool = True) -> dict:
     """Embed every image of `inputs` into `output` (clip-retrieval's layout); returns the manifest.
 
     inputs: folders, image files, glob patterns, .txt/.csv/.parquet lists of paths (with an
@@ -382,7 +405,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         (0: decode in this process). max_num_patches: SigLIP 2 NaFlex's patch budget per image
         (None: the checkpoint's). Under torchrun every rank calls this with the same arguments
         and takes its share of the parts. A rerun after an interruption continues; a second run on
-        `output` while one is active raises EmbedError.
+        `output` while one is active raises EmbedError. lock=False skips that check (the flock on
+        output/.lock), for filesystems without flock: then nothing stops two runs mixing their parts.
     """
     import torch.distributed as dist
 
@@ -391,9 +415,15 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
 
     _pyarrow()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
-        raise EmbedError("batch_size and part_size must be at least 1, workers at least 0")
+        raise InputError("batch_size and part_size must be at least 1, workers at least 0")
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out = Path(output)
+    for above in (out, *out.parents):  # the nearest existing one must be a folder
+        if above.exists():
+            if not above.is_dir():
+                raise InputError(f"--output {out}: {above} is a file, not a folder; give a new folder "
+                                 "or one an embed run wrote")
+            break
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -438,11 +468,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     digits = part_digits(len(parts))
 
     # Rank 0 takes the lock and checks the folder; the others learn the verdict through a flag.
-    lock, problem, already = None, "", 0
+    held, problem, already = None, "", 0
     if rank == 0:
         try:
             out.mkdir(parents=True, exist_ok=True)
-            lock = _Lock(out)
+            held = _Lock(out) if lock else None
             _check_manifest(out, identity)
             _pad_old_names(out, parts, captions, digits)
             already = sum(part_done(out, p.index, captions, digits) for p in parts)
@@ -452,8 +482,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                                           "logit_bias": bias, "complete": False})
         except (EmbedError, OSError) as e:
             problem = str(e)
-            if lock:
-                lock.release()
+            if held:
+                held.release()
     if world > 1:
         flag = [problem]
         dist.broadcast_object_list(flag, src=0)
@@ -488,8 +518,9 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         if rank == 0:
             manifest = _finish(out, identity, scale, bias, parts, captions, digits)
             ok, bad = manifest["counts"]["images"], manifest["counts"]["errors"]
-            print(f"embedded {ok} images into {len(parts)} parts in {out} ({stats['done']} embedded "
-                  f"now, {already} parts were already done); {bad} bad images "
+            print(f"embedded {_count(ok, 'image')} into {_count(len(parts), 'part')} in {out} "
+                  f"({stats['done']} embedded now, {_count(already, 'part')} "
+                  f"{'was' if already == 1 else 'were'} already done); {_count(bad, 'bad image')} "
                   f"(listed in {out / 'errors'})", file=sys.stderr)
         if world > 1:
             box = [manifest]
@@ -498,8 +529,12 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         # Timings vary from run to run, so they go to the caller and never into the folder.
         return {**manifest, "run": {"embedded": stats["done"], "seconds": stats["seconds"]}}
     finally:
-        if lock:
-            lock.release()
+        if held:
+            held.release()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def _check_manifest(out: Path, identity: dict) -> None:
@@ -661,6 +696,8 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--max-num-patches", type=int, metavar="N",
                    help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     p.add_argument("--captions", action="store_true", help="also embed the captions into text_emb/")
+    p.add_argument("--no-lock", action="store_true", help="do not flock DIR/.lock (for filesystems "
+                   "without flock, e.g. Lustre without -o flock): make sure no other run writes to DIR")
     args = p.parse_args(argv)
     from .weights import CheckpointError
 
@@ -669,7 +706,10 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               dtype=None if args.dtype == "auto" else args.dtype,
               device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
               threads=args.threads, workers=args.workers, part_size=args.part_size,
-              recursive=args.recursive, captions=args.captions, max_num_patches=args.max_num_patches)
+              recursive=args.recursive, captions=args.captions, max_num_patches=args.max_num_patches,
+              lock=not args.no_lock)
+    except InputError as e:
+        p.error(str(e))  # exits 2
     except (EmbedError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
