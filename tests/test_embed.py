@@ -222,12 +222,14 @@ def test_a_filesystem_without_flock_says_so_and_no_lock_runs(tiny_ckpt, photos, 
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
-def write_shard(path: Path, images: list[Path], captions: list[str]) -> None:
+def write_shard(path: Path, images: list[Path], captions: list[str], fields: list[dict] | None = None
+                ) -> None:
     with tarfile.open(path, "w") as tar:
         for i, (img, caption) in enumerate(zip(images, captions, strict=True)):
+            extra = json.dumps(fields[i] if fields else {"key": f"{i:09d}"}).encode()
             for name, data in ((f"{i:09d}{img.suffix}", img.read_bytes()),
                                (f"{i:09d}.txt", caption.encode()),
-                               (f"{i:09d}.json", json.dumps({"key": f"{i:09d}"}).encode())):
+                               (f"{i:09d}.json", extra)):
                 info = tarfile.TarInfo(name)
                 info.size = len(data)
                 tar.addfile(info, io.BytesIO(data))
@@ -310,6 +312,34 @@ def test_a_rerun_continues_an_unpadded_folder_and_index_reads_one(tiny_ckpt, pho
     (old / "manifest.json").write_text(json.dumps({**manifest, "complete": False}))
     siglip_so400m.embed(photos, old, model=str(tiny_ckpt), dtype="float32", part_size=7, workers=0)
     assert all_bytes(old) == all_bytes(fresh)
+
+
+def test_img2dataset_json_fields_become_metadata_columns_and_image_path_names_the_member(
+        tiny_ckpt, photos, tmp_path):
+    """As clip-retrieval does: the fields of {key}.json (url, status, exif, ...) are metadata
+    columns people filter on; nested objects flattened as pandas.json_normalize does."""
+    imgs = sorted(photos.glob("img_0[0-2]*"))[:3]
+    fields = [{"url": f"https://example.com/{i}.jpg", "key": f"{i:09d}", "caption": "from json",
+               "status": "success", "width": 9, "original_width": 640 + i, "exif": {"Make": "Canon"}}
+              for i in range(3)]
+    fields[2]["original_width"] = "unknown"  # mixed types: the column falls back to JSON text
+    write_shard(tmp_path / "00000.tar", imgs, ["a", "b", "c"], fields)
+    out = tmp_path / "out"
+    siglip_so400m.embed(tmp_path / "00000.tar", out, model=str(tiny_ckpt), dtype="float32", workers=1)
+    table = pq.read_table(part(out, "metadata", 0))
+    assert table.column_names == ["image_path", "shard", "key", "caption", "width", "height", "url",
+                                  "status", "original_width", "exif.Make"]
+    rows = table.to_pylist()
+    assert [r["url"] for r in rows] == [f"https://example.com/{i}.jpg" for i in range(3)]
+    assert [r["exif.Make"] for r in rows] == ["Canon"] * 3 and rows[0]["status"] == "success"
+    assert [r["original_width"] for r in rows] == ["640", "641", '"unknown"']
+    # Ours win where the json says the same thing: the caption of the .txt, the measured size.
+    assert [r["caption"] for r in rows] == ["a", "b", "c"]
+    assert [(r["width"], r["height"]) for r in rows] == [Image.open(p).size for p in imgs]
+    assert [r["image_path"] for r in rows] == [f"{tmp_path / '00000.tar'}/{i:09d}{p.suffix}"
+                                               for i, p in enumerate(imgs)]
+    hit = siglip_so400m.Index.load(out).search(vectors=np.load(part(out, "img_emb", 0))[1], k=1)[0][0]
+    assert hit["path"] == rows[1]["image_path"] and hit["metadata"]["url"] == "https://example.com/1.jpg"
 
 
 def test_parquet_csv_and_txt_lists(tiny_ckpt, photos, tmp_path):

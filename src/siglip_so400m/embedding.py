@@ -6,7 +6,8 @@
 Output (clip-retrieval's, so autofaiss and embedding-reader read it):
 
     emb/img_emb/img_emb_{i:06d}.npy        float16 (n_i, D), L2-normalised, one row per readable image
-    emb/metadata/metadata_{i:06d}.parquet  n_i rows, row-aligned: image_path | shard, key, caption, w, h
+    emb/metadata/metadata_{i:06d}.parquet  n_i rows, row-aligned: image_path, shard, key, caption, w, h
+                                           (+ a shard's json fields: url, ...)
     emb/text_emb/text_emb_{i:06d}.npy      float16 (n_i, D) caption embeddings (with --captions)
     emb/errors/errors_{i:06d}.parquet      the images of part i that could not be read, with the error
     emb/manifest.json                      model, revision, dtype, image size, logit_scale/bias, counts
@@ -91,8 +92,9 @@ def _pyarrow():
 
 @dataclass(frozen=True)
 class Item:
-    """One image to embed: a file (`path`), or member `key` of a webdataset tar `shard`, whose
-    image bytes lie at `offset` (`size` bytes) and whose caption is in the .txt member."""
+    """One image to embed: a file (`path`), or sample `key` of a webdataset tar `shard`, whose
+    image bytes lie at `offset` (`size` bytes), its caption in the .txt member and img2dataset's
+    fields (url, ...) in the .json one."""
 
     path: str | None = None
     shard: str | None = None
@@ -101,6 +103,8 @@ class Item:
     size: int = 0
     caption: str | None = None
     txt: tuple[int, int] | None = None  # (offset, size) of the .txt member in a shard
+    json: tuple[int, int] | None = None  # (offset, size) of img2dataset's {key}.json (url, ...)
+    member: str | None = None  # the image member's name in the shard ("000000001.jpg")
     error: str | None = None  # known before decoding: a shard that cannot be read, a missing member
 
 
@@ -224,10 +228,12 @@ def scan_shard(shard: str) -> tuple[list[Item], str | None]:
     items = []
     for key, members in samples.items():
         image = next((members[e] for e in _SHARD_IMAGE_EXTS if e in members), None)
-        txt = members.get("txt")
+        txt, meta = members.get("txt"), members.get("json")
         items.append(Item(shard=shard, key=key, offset=image.offset_data if image else 0,
                           size=image.size if image else 0,
                           txt=(txt.offset_data, txt.size) if txt else None,
+                          json=(meta.offset_data, meta.size) if meta else None,
+                          member=image.name if image else None,
                           error=None if image else f"{shard}/{key}: no image member in the shard"))
     return items, None
 
@@ -260,7 +266,7 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitem__(self, n: int):
         part, pos, item = self.work[n]
-        caption = item.caption
+        caption, fields = item.caption, {}
         try:
             if item.error is not None:
                 raise ImageReadError(item.error)
@@ -270,17 +276,39 @@ class _Decode(torch.utils.data.Dataset):
                     if item.txt is not None:
                         f.seek(item.txt[0])
                         caption = f.read(item.txt[1]).decode("utf-8", "replace").strip()
+                    if item.json is not None:
+                        f.seek(item.json[0])
+                        fields = _json_fields(f.read(item.json[1]))
                     f.seek(item.offset)
                     img = load_image(name, data=f.read(item.size))
             else:
                 img = load_image(item.path)
             w, h = img.size
             pixels = self.proc.to_tensor(self.proc.prepare(img))  # (3, S, S) float32, or NaFlexPixels
-            return part, pos, pixels, w, h, caption
+            return part, pos, pixels, w, h, caption, fields
         except ImageReadError as e:
-            return part, pos, str(e), 0, 0, caption
+            return part, pos, str(e), 0, 0, caption, fields
         except Exception as e:  # a bad image must never stop the run, whatever PIL raises
-            return part, pos, f"{item.path or item.key}: {type(e).__name__}: {e}", 0, 0, caption
+            return part, pos, f"{item.path or item.key}: {type(e).__name__}: {e}", 0, 0, caption, fields
+
+
+def _json_fields(data: bytes) -> dict:
+    """img2dataset's {key}.json as metadata columns, flattened as clip-retrieval's pandas
+    json_normalize does ({"exif": {"Make": ..}} -> "exif.Make"). One that is not a JSON object
+    gives no columns: the image is still embedded."""
+    try:
+        obj = json.loads(data)
+    except ValueError:
+        return {}
+
+    def flat(d: dict, prefix: str) -> Iterable[tuple[str, object]]:
+        for k, v in d.items():
+            if isinstance(v, dict) and v:
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    return dict(flat(obj, "")) if isinstance(obj, dict) else {}
 
 
 def _worker_init(_: int) -> None:
@@ -363,10 +391,21 @@ _SCHEMA_FIELDS = (("image_path", "string"), ("shard", "string"), ("key", "string
 
 
 def _table(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()):
+    """Our columns, then the shards' json fields (row["json"]) in the order first seen, as
+    clip-retrieval copies them; a json field named like one of ours (key, caption, width, ...)
+    is left out, ours holding the same thing."""
     pa, _ = _pyarrow()
     fields = [pa.field(n, getattr(pa, t)()) for n, t in (*_SCHEMA_FIELDS, *extra)]
-    schema = pa.schema(fields)
-    return pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))  # takes only the schema's keys
+    ours = set(table.column_names) | {"json"}
+    for name in dict.fromkeys(k for r in rows for k in r.get("json", {}) if k not in ours):
+        values = [r.get("json", {}).get(name) for r in rows]
+        try:
+            column = pa.array(values)
+        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # mixed types across samples
+            column = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
+        table = table.append_column(name, column)
+    return table
 
 
 def _write_part(out: Path, i: int, captions: bool, digits: int, emb: np.ndarray, txt: np.ndarray | None,
@@ -620,11 +659,15 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: in
         if not p.items:
             commit(k, [], [], [])
     t0 = time.perf_counter()
-    for k_part, pos, result, w, h, caption in loader:
+    for k_part, pos, result, w, h, caption, fields in loader:
         item = mine[k_part].items[pos]
         s = state.setdefault(k_part, {"pending": [], "chunks": [], "meta": [], "errors": [], "seen": 0})
         s["seen"] += 1
-        row = {"image_path": item.path, "shard": item.shard, "key": item.key, "caption": caption}
+        # A shard row's image_path is the shard's path and the image member's name
+        # (shards/00000.tar/000000001.jpg): never empty, and what `search` shows.
+        path = item.path if item.shard is None else (item.member and f"{item.shard}/{item.member}")
+        row = {"image_path": path, "shard": item.shard, "key": item.key, "caption": caption,
+               "json": fields}
         if isinstance(result, str):
             s["errors"].append({**row, "width": None, "height": None, "position": pos, "error": result})
         else:

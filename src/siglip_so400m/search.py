@@ -242,10 +242,10 @@ class Index:
     query, texts first, then images, then vectors, each list best first (at most k), each hit a dict:
 
         {"id": 1234,                      # row over all parts (part order, then row order)
-         "path": "photos/cat.jpg",        # image_path, or "shard.tar/key" for webdataset input
+         "path": "photos/cat.jpg",        # image_path: "shard.tar/key.jpg" for webdataset input
          "caption": "a cat" | None,
          "metadata": {...},               # the whole metadata row (image_path, shard, key, caption,
-                                          #   width, height)
+                                          #   width, height, and a shard's json fields: url, ...)
          "score": 0.93,                   # text: the sigmoid; image/vector: the cosine
          "cosine": 0.12,
          "logit": 2.61, "sigmoid": 0.93}  # text queries only: exp(t')·cos + b and its sigmoid
