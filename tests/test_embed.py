@@ -151,6 +151,30 @@ def test_torchrun_processes_write_the_bytes_one_process_writes(tiny_ckpt, photos
     assert len(a) == 1 + 3 * 6 and a == b  # manifest + 6 parts of errors, img_emb, metadata
 
 
+@pytest.mark.parametrize("rank1", [("", "--part-size 6"), ("", "--dtype bfloat16"), ("nope/", "")],
+                         ids=["part_size", "dtype", "missing_input"])
+def test_torchrun_ranks_that_differ_from_rank_0_all_stop_with_one_message(tiny_ckpt, photos, tmp_path,
+                                                                         rank1):
+    """Each rank reads the inputs and picks its dtype itself (a node with other files, another
+    GPU): rank 1 gets other arguments here (an input before, options after the common ones),
+    through a wrapper that torchrun runs on both ranks."""
+    wrapper = tmp_path / "rank1_differs.sh"
+    cmd = f'exec "{sys.executable}" -m siglip_so400m embed'
+    wrapper.write_text(f'if [ "$RANK" = 1 ]; then {cmd} {rank1[0]} "$@" {rank1[1]}; else {cmd} "$@"; fi\n')
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "--no-python", "sh", str(wrapper), str(photos), *common(tiny_ckpt, out),
+                        "--workers", "0"], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert r.returncode != 0
+    assert r.stderr.count("ranks do not agree, so none starts") == 1, r.stderr
+    expected = {"part_size": "rank 1 differs from rank 0: part_size 6 (rank 0: 5)",
+                "dtype": "rank 1 differs from rank 0: dtype 'bfloat16' (rank 0: 'float32')",
+                "missing_input": "rank 1: nope/: no such file or folder"}
+    assert any(v in r.stderr for v in expected.values()), r.stderr
+    assert not out.exists()  # nothing written: the ranks compared before rank 0 made the folder
+
+
 def test_a_second_run_on_the_same_folder_refuses(tiny_ckpt, photos, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

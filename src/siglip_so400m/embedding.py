@@ -450,19 +450,13 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     import torch.distributed as dist
 
     from .api import load, pick_device, pick_dtype
-    from .weights import logit_params, resolve
+    from .weights import Checkpoint, CheckpointError, logit_params, resolve
 
     _pyarrow()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
         raise InputError("batch_size and part_size must be at least 1, workers at least 0")
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out = Path(output)
-    for above in (out, *out.parents):  # the nearest existing one must be a folder
-        if above.exists():
-            if not above.is_dir():
-                raise InputError(f"--output {out}: {above} is a file, not a folder; give a new folder "
-                                 "or one an embed run wrote")
-            break
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -486,24 +480,45 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         torch_dtype = getattr(torch, name)
     precision = quantize or str(torch_dtype).removeprefix("torch.")
 
-    files, shards = expand_inputs(specs, recursive)
-    parts = make_parts(files, shards, part_size)
-    ckpt = resolve(model, revision=revision)
+    def prepare() -> tuple[list[Part], Checkpoint, dict]:
+        for above in (out, *out.parents):  # the nearest existing one must be a folder
+            if above.exists():
+                if not above.is_dir():
+                    raise InputError(f"--output {out}: {above} is a file, not a folder; give a new "
+                                     "folder or one an embed run wrote")
+                break
+        files, shards = expand_inputs(specs, recursive)
+        parts = make_parts(files, shards, part_size)
+        ckpt = resolve(model, revision=revision)
+        cfg = ckpt.config
+        identity = {
+            # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
+            "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
+            "revision": ckpt.revision,
+            # Local weights have no commit: their path, size and mtime stand in for one.
+            "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
+            "dtype": precision, "image_size": cfg.vision_config.image_size,
+            "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,
+            # Batches are cut at fixed positions, so another batch size may round a GPU result
+            # differently; on CPU images run one by one anyway, but we keep the promise simple.
+            "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
+            "max_num_patches": max_num_patches,  # NaFlex only; None: the checkpoint's own
+        }
+        return parts, ckpt, identity
+
+    if world == 1:
+        parts, ckpt, identity = prepare()
+    else:
+        # Each rank sees the inputs and the model through its own filesystem and picks its own
+        # dtype: a rank that differs from rank 0 would write parts of another run into the folder,
+        # and one that fails alone would leave the others waiting forever. So all compare first.
+        failure, parts, ckpt, identity = None, [], None, None
+        try:
+            parts, ckpt, identity = prepare()
+        except (EmbedError, CheckpointError) as e:
+            failure = str(e)
+        _agree_across_ranks(failure, identity, world)
     scale, bias = logit_params(ckpt)
-    cfg = ckpt.config
-    identity = {
-        # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
-        "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
-        "revision": ckpt.revision,
-        # Local weights have no commit: their path, size and mtime stand in for one.
-        "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
-        "dtype": precision, "image_size": cfg.vision_config.image_size,
-        "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,
-        # Batches are cut at fixed positions, so another batch size may round a GPU result
-        # differently; on CPU images run one by one anyway, but we keep the promise simple.
-        "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
-        "max_num_patches": max_num_patches,  # NaFlex only; None: the checkpoint's own
-    }
     digits = part_digits(len(parts))
 
     # Rank 0 takes the lock and checks the folder; the others learn the verdict through a flag.
@@ -570,6 +585,36 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     finally:
         if held:
             held.release()
+
+
+class RanksDisagree(EmbedError):
+    """The ranks of a torchrun run see different inputs or settings: every rank raises this, with
+    the same message (which only rank 0 prints)."""
+
+
+# What every rank must share with rank 0. Not "weights": path, size and mtime of a local file,
+# which differ between the machines' own copies of the same checkpoint.
+RANK_KEYS = tuple(k for k in IDENTITY_KEYS if k != "weights")
+
+
+def _agree_across_ranks(failure: str | None, identity: dict | None, world: int) -> None:
+    import torch.distributed as dist
+
+    views: list = [None] * world
+    dist.all_gather_object(views, (failure, identity))  # (failure, identity) of every rank
+    ref = views[0][1]
+    problems = []
+    for r, (fail, ident) in enumerate(views):
+        if fail is not None:
+            problems.append(f"rank {r}: {fail}")
+        elif r and ref is not None:
+            diff = [f"{k} {ident[k]!r} (rank 0: {ref[k]!r})" for k in RANK_KEYS if ident[k] != ref[k]]
+            if diff:
+                problems.append(f"rank {r} differs from rank 0: " + ", ".join(diff))
+    if problems:
+        raise RanksDisagree(f"the {world} ranks do not agree, so none starts: " + "; ".join(problems)
+                            + ". Every rank must see the same inputs at the same paths and use the same "
+                            "model, dtype and settings")
 
 
 def _count(n: int, noun: str) -> str:
@@ -754,6 +799,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     except InputError as e:
         p.error(str(e))  # exits 2
     except (EmbedError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not isinstance(e, RanksDisagree) or os.environ.get("RANK", "0") == "0":  # said once
+            print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
