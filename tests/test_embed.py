@@ -246,6 +246,45 @@ def test_a_filesystem_without_flock_says_so_and_no_lock_runs(tiny_ckpt, photos, 
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["complete"]
 
 
+def test_each_part_file_is_fsynced_before_its_rename_through_the_one_atomic_write(tiny_ckpt, photos,
+                                                                                tmp_path, monkeypatch):
+    """A power cut after a rename must not leave a done-looking part with a truncated img_emb:
+    each file's data is flushed before its new name exists, and its folder after."""
+    from siglip_so400m import embedding, train, weights, zeroshot
+
+    assert embedding.atomic_write is train.atomic_write is zeroshot.atomic_write is weights.atomic_write
+    events: list[tuple[str, str]] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", f"{src} -> {dst}"))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    out = (tmp_path / "out").resolve()
+    siglip_so400m.embed(photos, out, model=str(tiny_ckpt), dtype="float32", part_size=10, workers=0)
+    renames = [e for e in events if e[0] == "replace"]
+    finals = [r[1].split(" -> ")[1] for r in renames]
+    for i in range(3):
+        for kind in ("errors", "img_emb", "metadata"):
+            assert str(part(out, kind, i)) in finals
+    for n, (what, arrow) in enumerate(events):
+        if what != "replace":
+            continue
+        src, dst = arrow.split(" -> ")
+        assert ("fsync", src) in events[:n], f"{src} renamed unflushed"
+        assert ("fsync", str(Path(dst).parent)) in events[n + 1 :], f"{Path(dst).parent} not flushed"
+    # The metadata, whose presence marks a part done, is renamed after the part's other files.
+    for i in range(3):
+        order = [f for f in finals if f"_{i:06d}." in f]
+        assert order[-1] == str(part(out, "metadata", i)), order
+
+
 def write_shard(path: Path, images: list[Path], captions: list[str], fields: list[dict] | None = None
                 ) -> None:
     with tarfile.open(path, "w") as tar:

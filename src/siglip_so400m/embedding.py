@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from .config import DTYPES, dtype_name
 from .image import IMAGE_SUFFIXES, ImageReadError, load_image
-from .weights import DEFAULT_REPO
+from .weights import DEFAULT_REPO, atomic_write
 
 IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
 CAPTION_COLUMNS = ("caption", "text")
@@ -369,10 +369,6 @@ def _pad_old_names(out: Path, parts: list[Part], captions: bool, digits: int) ->
                 os.replace(old, new)
 
 
-def _tmp(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp")
-
-
 def part_done(out: Path, i: int, captions: bool, digits: int) -> bool:
     return all(p.is_file() for p in _files(out, i, captions, digits).values())
 
@@ -415,13 +411,14 @@ def _write_part(out: Path, i: int, captions: bool, digits: int, emb: np.ndarray,
     for p in files.values():
         p.parent.mkdir(parents=True, exist_ok=True)
     # Plain writes, no statistics or timestamps that vary: the bytes depend on the rows alone.
-    pq.write_table(_table(errors, (("position", "int64"), ("error", "string"))), _tmp(files["errors"]))
-    _save_npy(_tmp(files["img_emb"]), emb)
-    if captions:
-        _save_npy(_tmp(files["text_emb"]), txt)
-    pq.write_table(_table(meta), _tmp(files["metadata"]))
-    for n, p in enumerate(files.values()):
-        os.replace(_tmp(p), p)
+    # Each file is fsync'd before its rename, in the order of `files`, metadata last: after a
+    # power cut a part that looks done has all its bytes.
+    writers = {"text_emb": lambda p: _save_npy(p, txt), "img_emb": lambda p: _save_npy(p, emb),
+               "errors": lambda p: pq.write_table(_table(errors, (("position", "int64"),
+                                                                  ("error", "string"))), p),
+               "metadata": lambda p: pq.write_table(_table(meta), p)}
+    for n, (kind, path) in enumerate(files.items()):
+        atomic_write(path, writers[kind])
         if n == 0:
             _fault("IN_COMMIT", commit_no)
 
@@ -637,9 +634,7 @@ def _check_manifest(out: Path, identity: dict) -> None:
 
 
 def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
 
 
 def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Part], captions: bool,

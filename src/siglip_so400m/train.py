@@ -35,7 +35,7 @@ from .api import load, pick_device, pick_dtype
 from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
-from .weights import TOKENIZER_FILES, CheckpointError, resolve
+from .weights import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, resolve
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
 
@@ -261,7 +261,7 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
     config = {"architectures": [model.config.architecture], **model.config.to_dict()}
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    _atomic(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
+    atomic_write(out / "model.safetensors", lambda p: save_file(state, p, metadata={"format": "pt"}))
     for name in ("preprocessor_config.json", *TOKENIZER_FILES):
         if source is not None and (source / name).is_file() and source.resolve() != out.resolve():
             shutil.copyfile(source / name, out / name)
@@ -273,26 +273,6 @@ def save_pretrained(model: SigLIP, source: Path | None, out: Path) -> None:
         # Trained at another size (--image-size): processors must resize to it.
         pre.write_text(json.dumps({**json.loads(pre.read_text()), "size": {"height": S, "width": S}},
                                   indent=2) + "\n")
-
-
-def _atomic(path: Path, write) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file, or a folder's entries, to the disk: a rename is only as durable as what it
-    renames, so after a power cut the new name must not point at unwritten data."""
-    if path.is_dir() and os.name == "nt":
-        return  # Windows cannot open a folder; NTFS journals its entries
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sum_over_ranks(value: float, world: int, device: torch.device) -> float:
@@ -389,12 +369,12 @@ def _save_checkpoint(out: Path, step: int, skipped: int, params: dict[str, Tenso
                  "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict()}
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
         for f in (*tmp.iterdir(), tmp):
-            _fsync(f)
+            fsync(f)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
-        _fsync(out)
+        fsync(out)
     if world > 1:
         dist.barrier()
 

@@ -8,11 +8,9 @@ independent of the other labels) and the softmax (relative among the labels give
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +26,7 @@ from .config import DEFAULT_TEMPLATE
 from .image import ImageInput
 from .model import SigLIP
 from .text import Tokenizer, check_text_length, shorten, warn_if_truncated
-from .weights import Checkpoint
+from .weights import Checkpoint, atomic_write
 
 
 def default_cache_dir() -> Path:
@@ -115,17 +113,11 @@ class LabelCache:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             for label, emb in embeddings.items():
-                # mkstemp: a name no other thread, process or host writing here can also pick.
-                fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".", suffix=".tmp")
-                os.close(fd)
-                try:
-                    save_file({"embedding": emb.contiguous()}, tmp, metadata={"label": label})
-                    os.replace(tmp, self._file(label))  # atomic: readers see no file or a whole one
-                    self._read[label] = emb
-                except BaseException:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
-                    raise
+                # Atomic (readers see no file or a whole one), not durable: a file a power cut
+                # damaged reads as missing and is written again.
+                atomic_write(self._file(label), lambda p, emb=emb, label=label: save_file(
+                    {"embedding": emb.contiguous()}, p, metadata={"label": label}), durable=False)
+                self._read[label] = emb
         except (OSError, SafetensorError) as e:
             warnings.warn(f"label cache not written ({e}); the results are not affected. Pass "
                           "--no-cache, or --cache-dir / $SIGLIP_SO400M_CACHE to a writable folder",
