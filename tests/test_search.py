@@ -153,3 +153,45 @@ def synthetic_collection(out: Path, n: int, dim: int, clusters: int, seed: int =
     x = centers[rng.integers(0, clusters, n)] + 0.35 * rng.standard_normal((n, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     return write_synthetic(out, [x[s : s + 1000] for s in range(0, n, 1000)])
+
+
+def test_search_and_dedup_refuse_what_cannot_mean_anything(tmp_path):
+    """Usage errors (exit 2) before any model is loaded, and clear ValueErrors in the API."""
+    from siglip_so400m.search import dedup
+
+    folder = synthetic_collection(tmp_path / "emb", 50, 16, 4)
+    for args, message in (
+            (("search", str(folder), ""), "an empty TEXT query"),
+            (("search", str(folder), "a cat", "--threshold", "1.5"),
+             "--threshold 1.5: text queries are scored by a probability, between 0 and 1"),
+            (("search", str(folder), "--image", "x.jpg", "--threshold", "-1.5"),
+             "--threshold -1.5: image queries are scored by a cosine, between -1 and 1"),
+            (("dedup", str(folder), "--threshold", "2"), "--threshold 2.0: a cosine, between -1 and 1"),
+            (("dedup", str(folder), "--threshold", "0.9", "--neighbours", "0"),
+             "--neighbours must be at least 1")):
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    index = siglip_so400m.Index.load(folder)
+    with pytest.raises(ValueError, match=r"the query vectors have 10 values each, the embeddings of .* 16"):
+        index.search(vectors=np.ones(10, np.float32))
+    with pytest.raises(ValueError, match="threshold 1.5: text queries"):
+        index.search(texts=["a cat"], threshold=1.5)
+    with pytest.raises(ValueError, match="neighbours 0"):
+        dedup(index, 0.9, neighbours=0)
+
+
+def test_dedup_cosines_are_at_most_1(tmp_path):
+    """float16 storage leaves unit vectors a little long: a copy's cosine came out as 1.000124."""
+    from siglip_so400m.embedding import write_synthetic
+    from siglip_so400m.search import dedup
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 64))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    long = [v for v in x if float(v.astype(np.float16).astype(np.float32) @ v.astype(np.float16).astype(
+        np.float32)) > 1 + 1e-4][:3]
+    assert len(long) == 3  # the case exists: |v16|^2 > 1.0001
+    folder = write_synthetic(tmp_path / "emb", [np.stack([long[0], long[0], long[1], long[1], long[2]])])
+    groups = dedup(siglip_so400m.Index.load(folder), 0.99)
+    assert [[m["id"] for m in g] for g in groups] == [[0, 1], [2, 3]]
+    assert all(m["cosine"] == 1.0 for g in groups for m in g)

@@ -395,6 +395,13 @@ class Index:
             np.atleast_2d(np.asarray(vectors, dtype=np.float32))
         if k < 1:
             raise ValueError("k must be at least 1")
+        _check_threshold(threshold, bool(texts))
+        if any(not t.strip() for t in texts):
+            raise ValueError("an empty text query: give the words to search for")
+        if vecs.shape[1] != self.collection.dim:
+            raise ValueError(f"the query vectors have {vecs.shape[1]} values each, the embeddings of "
+                             f"{self.folder} {self.collection.dim}: give (D,) or (Q, D) vectors with "
+                             f"D = {self.collection.dim}")
         groups = []
         if texts:
             groups.append(("text", self.embed_texts(texts)))
@@ -428,6 +435,15 @@ class Index:
         return results
 
 
+def _check_threshold(threshold: float | None, texts: bool) -> None:
+    """A text hit's score is a probability, an image hit's a cosine: a threshold outside their
+    range would silently keep every hit or none."""
+    lo = 0.0 if texts else -1.0
+    if threshold is not None and not lo <= threshold <= 1:
+        raise ValueError(f"threshold {threshold}: " + ("text queries are scored by a probability, between 0 "
+                         "and 1" if texts else "image queries are scored by a cosine, between -1 and 1"))
+
+
 def _path(meta: dict) -> str:
     return meta["image_path"] if meta.get("image_path") else f"{meta.get('shard')}/{meta.get('key')}"
 
@@ -448,6 +464,10 @@ def dedup(index: Index, threshold: float, neighbours: int = 16) -> list[list[dic
     """Groups (of 2 or more) of images joined by cosine >= threshold, through each image's
     `neighbours` nearest: a union-find over the pairs. Each group is sorted by id, each member
     {"id", "path", "caption", "cosine"} with its cosine to the group's first member."""
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold {threshold}: a cosine, between -1 and 1 (e.g. 0.95)")
+    if neighbours < 1:
+        raise ValueError(f"neighbours {neighbours}: at least 1 neighbour per image is looked at")
     coll = index.collection
     parent = list(range(len(coll)))
 
@@ -472,7 +492,9 @@ def dedup(index: Index, threshold: float, neighbours: int = 16) -> list[list[dic
     for members in groups.values():
         if len(members) > 1:
             vecs = coll.vectors(np.array(members))
-            cos = vecs @ vecs[0]
+            # Unit vectors stored in float16 are not quite unit: a copy's cosine can come out as
+            # 1.000124. A cosine is at most 1.
+            cos = np.clip(vecs @ vecs[0], -1.0, 1.0)
             out.append([{"id": m, "path": _path(coll.metadata(m)), "caption": coll.metadata(m).get("caption"),
                          "cosine": round(float(c), 6)} for m, c in zip(members, cos, strict=True)])
     return sorted(out, key=lambda g: g[0]["id"])
@@ -501,6 +523,12 @@ def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("give a TEXT query or --image FILE")
     if a.top_k < 1:
         p.error("--top-k must be at least 1")
+    if any(not t.strip() for t in a.texts):
+        p.error("an empty TEXT query: give the words to search for")
+    try:
+        _check_threshold(a.threshold, bool(a.texts))
+    except ValueError as e:
+        p.error(f"--{e}")
     from .image import ImageReadError
 
     try:
@@ -536,6 +564,10 @@ def dedup_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--neighbours", type=int, default=16, help="neighbours looked at per image (default: 16)")
     p.add_argument("--format", choices=("json", "csv"), default="json")
     a = p.parse_args(argv)
+    if not -1 <= a.threshold <= 1:
+        p.error(f"--threshold {a.threshold}: a cosine, between -1 and 1 (e.g. 0.95)")
+    if a.neighbours < 1:
+        p.error("--neighbours must be at least 1")
     try:
         groups = dedup(Index.load(a.folder), a.threshold, a.neighbours)
     except SearchError as e:
