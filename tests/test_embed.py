@@ -427,6 +427,23 @@ def test_parquet_csv_and_txt_lists(tiny_ckpt, photos, tmp_path):
         siglip_so400m.embed(tmp_path / "bad.csv", tmp_path / "bad", model=str(tiny_ckpt))
 
 
+def test_embed_and_fine_tuning_read_the_same_columns_of_one_csv(tmp_path):
+    """A CSV with several candidate columns (image and image_path, caption and text) names the same
+    images and captions to embed's list reader and to fine-tuning's."""
+    from siglip_so400m.data import read_pairs
+    from siglip_so400m.embedding import read_list
+
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    csv_file = tmp_path / "pairs.csv"
+    csv_file.write_text("image,path,image_path,text,caption\na.jpg,c.jpg,b.jpg,t1,c1\nc.jpg,a.jpg,d.jpg,t2,c2\n")
+    pairs = read_pairs(csv_file)
+    items = read_list(csv_file)
+    assert [(Path(i.path), i.caption) for i in items] == [(p, c) for p, c in pairs]
+    assert [p.name for p, _ in pairs] == ["b.jpg", "d.jpg"]  # image_path: clip-retrieval's name
+    assert [c for _, c in pairs] == ["c1", "c2"]
+
+
 def test_import_pulls_in_neither_pyarrow_nor_faiss():
     code = ("import sys, siglip_so400m; assert callable(siglip_so400m.embed) and siglip_so400m.Index; "
             "print(sorted(m for m in ('pyarrow', 'faiss') if m in sys.modules))")

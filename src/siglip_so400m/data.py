@@ -17,10 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .api import Processor
-from .image import IMAGE_SUFFIXES, ImageReadError
-
-IMAGE_COLUMNS = ("image", "image_path", "file_name", "filename", "path", "filepath")
-CAPTION_COLUMNS = ("caption", "text")
+from .image import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, ImageReadError, list_columns
 
 
 class DataError(ValueError):
@@ -59,8 +56,7 @@ def read_pairs(source: str | Path) -> list[tuple[Path, str]]:
         columns = sorted({k for r in rows if isinstance(r, dict) for k in r})
     else:
         raise DataError(f"{source}: expected a .csv or .jsonl file, or a folder")
-    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    image_col, caption_col = list_columns(columns)
     if image_col is None or caption_col is None:
         raise DataError(f"{source}: needs an image column ({' / '.join(IMAGE_COLUMNS)}) and a caption "
                         f"column ({' / '.join(CAPTION_COLUMNS)}); found: {', '.join(columns) or 'none'}")

@@ -52,11 +52,9 @@ import torch
 import torch.nn.functional as F
 
 from .config import DTYPES, dtype_name
-from .image import IMAGE_SUFFIXES, ImageReadError, load_image
+from .image import IMAGE_COLUMNS, IMAGE_SUFFIXES, ImageReadError, list_columns, load_image
 from .weights import DEFAULT_REPO, atomic_write
 
-IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
-CAPTION_COLUMNS = ("caption", "text")
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 MANIFEST = "manifest.json"
 LOCK = ".lock"
@@ -178,14 +176,11 @@ def read_list(path: Path) -> list[Item]:
             _, pq = _pyarrow()
             table = pq.read_table(path)
             columns = table.column_names
-            image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
-            caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
-            keep = [c for c in (image_col, caption_col) if c]
+            keep = [c for c in list_columns(columns) if c]
             rows = table.select(keep).to_pylist() if keep else []
     except (OSError, UnicodeDecodeError, csv.Error) as e:
         raise InputError(f"cannot read the list {path}: {e}") from None
-    image_col = next((c for c in IMAGE_COLUMNS if c in columns), None)
-    caption_col = next((c for c in CAPTION_COLUMNS if c in columns), None)
+    image_col, caption_col = list_columns(columns)
     if image_col is None:
         raise InputError(f"{path}: needs an image column ({' / '.join(IMAGE_COLUMNS)}); found: "
                          f"{', '.join(columns) or 'none'}")

@@ -136,6 +136,19 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+# The columns of a list of images (embed's .csv/.parquet lists, fine-tuning's .csv/.jsonl) that
+# hold the image paths and the captions, the first one present taken: one list, so that the same
+# file means the same images to every job. image_path first: clip-retrieval's name.
+IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
+CAPTION_COLUMNS = ("caption", "text")
+
+
+def list_columns(columns: Sequence[str]) -> tuple[str | None, str | None]:
+    """(image column, caption column) of a table with these columns; None where there is none."""
+    return (next((c for c in IMAGE_COLUMNS if c in columns), None),
+            next((c for c in CAPTION_COLUMNS if c in columns), None))
+
+
 @dataclass(frozen=True)
 class ImageProcessor:
     """Turns images into the (B, 3, H, W) float tensor the image tower takes."""
