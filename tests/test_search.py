@@ -195,3 +195,30 @@ def test_dedup_cosines_are_at_most_1(tmp_path):
     groups = dedup(siglip_so400m.Index.load(folder), 0.99)
     assert [[m["id"] for m in g] for g in groups] == [[0, 1], [2, 3]]
     assert all(m["cosine"] == 1.0 for g in groups for m in g)
+
+
+def test_text_hits_are_scored_by_the_models_match_logits_in_search_and_in_the_server(photos_dir):
+    """One scoring of a text hit, the core's match_logits (which SigLIP.logits is), used by
+    Index.search and by the server's /v1/search alike."""
+    import threading
+    from types import SimpleNamespace
+
+    from siglip_so400m.model import match_logits
+    from siglip_so400m.serve.app import Server
+
+    index = siglip_so400m.Index.load(photos_dir)
+    hits = index.search(texts=["a photo"], k=4)[0]
+    model, proc = siglip_so400m.load(index.manifest["model"])
+    t, b = model.logit_scale, model.logit_bias
+    for h in hits:
+        logit = match_logits(torch.tensor(h["cosine"]), t, b)
+        assert h["logit"] == logit.item() and h["sigmoid"] == logit.sigmoid().item() == h["score"]
+    with torch.no_grad():
+        text = model.encode_text(proc.texts(["a photo"]))  # (1, D), as the server's batcher makes it
+        images = torch.from_numpy(index.collection.vectors(np.array([h["id"] for h in hits])))
+        # the model's own logits of the stored float16 embeddings: the same up to the matmul's rounding
+        ref = model.logits(images, torch.nn.functional.normalize(text, dim=-1))[:, 0]
+    np.testing.assert_allclose([h["logit"] for h in hits], ref.numpy(), atol=1e-4, rtol=0)
+    served = Server.search(SimpleNamespace(index=index, index_lock=threading.Lock()), [text[0]], 1, 4, None)
+    assert [[(h["id"], h["logit"], h["sigmoid"], h["score"]) for h in hs] for hs in served] == [
+        [(h["id"], h["logit"], h["sigmoid"], h["score"]) for h in hits]]

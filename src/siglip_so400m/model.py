@@ -561,10 +561,8 @@ class SigLIP(nn.Module):
 
     def logits(self, image_emb: Tensor, text_emb: Tensor) -> Tensor:
         """exp(t') * cos + b for normalized embeddings: (B_img, D), (B_txt, D) -> (B_img, B_txt),
-        always in float32: t ~ 112 amplifies any rounding of the cosines, and thresholds on the
-        sigmoid work near 0.5, where a bf16 logit would move the score by points."""
-        cos = image_emb.float() @ text_emb.float().t()
-        return cos * self.logit_scale.float().exp() + self.logit_bias.float()
+        always in float32 (see match_logits)."""
+        return match_logits(image_emb.float() @ text_emb.float().t(), self.logit_scale, self.logit_bias)
 
     def forward(self, pixel_values: Tensor | NaFlexPixels, input_ids: Tensor) -> Tensor:
         """Logits per image, (B_img, B_txt); a sigmoid of them gives SigLIP's match probabilities."""
@@ -574,6 +572,16 @@ class SigLIP(nn.Module):
 
 
 @torch.no_grad()
+def match_logits(cos: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float) -> Tensor:
+    """SigLIP's logit that an image and a text match, from their cosine: exp(t') * cos + b, in
+    float32 whatever the inputs (t ~ 112 amplifies any rounding of the cosines, and thresholds on
+    the sigmoid work near 0.5, where a bf16 logit would move the score by points). Its sigmoid is
+    the model's probability of a match: the score of a text query's search hits (search, server)."""
+    scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=cos.device)
+    bias = torch.as_tensor(logit_bias, dtype=torch.float32, device=cos.device)
+    return cos.float() * scale.exp() + bias
+
+
 def init_weights(module: nn.Module) -> None:
     """big_vision's init (as transformers reproduces it) for a tower or any part of one."""
     if next(module.parameters()).is_meta:

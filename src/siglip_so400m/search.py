@@ -410,8 +410,6 @@ class Index:
         if len(vecs):
             groups.append(("vector", vecs / np.linalg.norm(vecs, axis=1, keepdims=True)))
         results = []
-        # Set by the manifest, or by loading the model for a text query (clip-retrieval's layout).
-        scale, bias = (np.float32(v) for v in self._logit or (0.0, 0.0))
         for kind, q in groups:
             cos, ids = self.topk(q, k)
             for row_c, row_i in zip(cos, ids, strict=True):
@@ -420,19 +418,28 @@ class Index:
                     if i < 0 or not np.isfinite(c):
                         continue
                     meta = self.collection.metadata(int(i))
-                    hit = {"id": int(i), "path": _path(meta), "caption": meta.get("caption"),
-                           "metadata": meta, "cosine": float(c)}
-                    if kind == "text":
-                        # float32 throughout: exp(t') * cos + b, then the logistic function.
-                        logit = np.exp(scale) * np.float32(c) + bias
-                        hit |= {"logit": float(logit), "sigmoid": float(1 / (1 + np.exp(-logit))),
-                                "score": float(1 / (1 + np.exp(-logit)))}
-                    else:
-                        hit["score"] = float(c)
-                    if threshold is None or hit["score"] >= threshold:
-                        hits.append(hit)
-                results.append(hits)
+                    hits.append({"id": int(i), "path": _path(meta), "caption": meta.get("caption"),
+                                 "metadata": meta, "cosine": float(c), "score": float(c)})
+                if kind == "text":
+                    self.score_text_hits(hits)
+                results.append([h for h in hits if threshold is None or h["score"] >= threshold])
         return results
+
+    def score_text_hits(self, hits: list[dict]) -> list[dict]:
+        """Give a text query's hits SigLIP's logit and sigmoid (which becomes the score), from their
+        cosines and the checkpoint's t' and b: the one scoring of text hits, the server's too."""
+        import torch
+
+        from .model import match_logits
+
+        if hits:
+            # t' and b: set by the manifest, or by loading the model for a text query (a
+            # clip-retrieval folder has no manifest values).
+            logits = match_logits(torch.tensor([h["cosine"] for h in hits], dtype=torch.float32),
+                                  *(self._logit or (0.0, 0.0)))
+            for hit, logit, p in zip(hits, logits.tolist(), logits.sigmoid().tolist(), strict=True):
+                hit |= {"logit": logit, "sigmoid": p, "score": p}
+        return hits
 
 
 def _check_threshold(threshold: float | None, texts: bool) -> None:

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -165,14 +164,10 @@ class Server:
         q = F.normalize(torch.stack(rows).float(), dim=-1).numpy()  # (Q, D)
         with self.index_lock:  # the index's metadata cache is not made for threads
             results = self.index.search(vectors=q, k=k)
-        scale, bias = (np.float32(self.index.manifest[key]) for key in ("logit_scale", "logit_bias"))
         out = []
         for n, hits in enumerate(results):
             if n < n_texts:
-                for hit in hits:
-                    logit = np.exp(scale) * np.float32(hit["cosine"]) + bias
-                    sigmoid = float(1 / (1 + np.exp(-logit)))
-                    hit |= {"logit": float(logit), "sigmoid": sigmoid, "score": sigmoid}
+                self.index.score_text_hits(hits)  # as Index.search scores a text query
             out.append([h for h in hits if threshold is None or h["score"] >= threshold])
         return out
 
