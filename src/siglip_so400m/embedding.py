@@ -59,10 +59,11 @@ LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 MANIFEST = "manifest.json"
 LOCK = ".lock"
 FORMAT = "siglip_so400m.embed/1"
+# The width of part numbers in file names: 10**6 parts, ten billion images at the default part
+# size (a billion need 10**5); a run with more parts gets wider numbers.
+PART_DIGITS = 6
 # Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
 # below) only changes speed.
-# 10**6 parts: ten billion images at the default part size (a billion need 10**5); more parts widen it.
-PART_DIGITS = 6
 IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "image_size", "embedding_dim",
                  "part_size", "captions", "batch_size", "inputs_sha256", "parts", "max_num_patches")
 
