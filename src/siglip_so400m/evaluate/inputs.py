@@ -16,9 +16,8 @@ from pathlib import Path
 
 from ..config import DEFAULT_TEMPLATE
 from ..embedding import Item
-from ..image import IMAGE_SUFFIXES
+from ..image import IMAGE_COLUMNS, IMAGE_SUFFIXES
 
-IMAGE_COLUMNS = ("image_path", "image", "path", "file_name", "filename", "filepath")
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")
 CAPTION_COLUMNS = ("caption", "captions", "text")
 _SHARD_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", *sorted(s[1:] for s in IMAGE_SUFFIXES))
