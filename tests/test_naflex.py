@@ -347,7 +347,7 @@ def test_embed_search_and_resume_bits_on_naflex(naflex_ckpt, mixed_folder, tmp_p
         manifest = siglip_so400m.embed(mixed_folder, out, model=str(naflex_ckpt), dtype="float32",
                                        batch_size=batch_size, part_size=5, workers=0, max_num_patches=48)
         assert manifest["max_num_patches"] == 48 and manifest["counts"]["images"] == len(paths)
-        runs[run] = [(out / "img_emb" / f"img_emb_{i}.npy").read_bytes()
+        runs[run] = [(out / "img_emb" / f"img_emb_{i:06d}.npy").read_bytes()
                             for i in range(manifest["parts"])]
     # The same batches give the same bits, which the byte-identical resume of embed rests on; other
     # batches of mixed shapes give the same embeddings to float rounding.
@@ -355,7 +355,7 @@ def test_embed_search_and_resume_bits_on_naflex(naflex_ckpt, mixed_folder, tmp_p
     for one, three in zip(runs["1"], runs["3"], strict=True):
         np.testing.assert_allclose(np.load(io.BytesIO(one)).astype(np.float32),
                                    np.load(io.BytesIO(three)).astype(np.float32), atol=2**-11, rtol=0)
-    emb = np.concatenate([np.load(tmp_path / "3" / "img_emb" / f"img_emb_{i}.npy") for i in range(2)])
+    emb = np.concatenate([np.load(tmp_path / "3" / "img_emb" / f"img_emb_{i:06d}.npy") for i in range(2)])
     np.testing.assert_allclose(emb.astype(np.float32), want.numpy(), atol=2**-10, rtol=0)
     index = siglip_so400m.Index.load(tmp_path / "3")
     hits = index.search(images=[str(paths[0]), str(paths[3])], k=1)
