@@ -214,7 +214,7 @@ def test_metadata_of_hits_is_read_through_a_bounded_cache(tmp_path):
     index = siglip_so400m.Index.load(out)
     bound = 256 * 2**10
     index.collection.metadata_cache_bytes = bound
-    group_bytes = pq.read_table(out / "metadata" / "metadata_0.parquet").nbytes
+    group_bytes = pq.read_table(index.collection.meta_files[0]).nbytes
     queries = x[rng.integers(0, len(x), 2000)]
     tracemalloc.start()
     py_before, arrow_before = tracemalloc.get_traced_memory()[0], pa.total_allocated_bytes()
