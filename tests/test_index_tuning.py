@@ -99,11 +99,13 @@ def test_index_refuses_only_when_nothing_in_the_budget_reaches_the_target(tmp_pa
     out, _, _ = tuned_collection(tmp_path, n, dim, clusters=50)
     tune = str(tmp_path / "tune.npy")
     budget = memory_needed("ivfpq", n, dim, pq_m=4, nlist=32) + 1  # only 4-byte PQ codes fit
+    # With the re-rank depth fixed at 16 (a deeper one would re-score 13% of this small collection
+    # and reach the target), no breadth of the 4-byte codes gets there.
     with pytest.raises(SearchError, match=r"no index within --max-memory .* reaches recall@10 0\.95 on "
                        r"vectors from .*: the best found is 0\.\d+ \(ivfpq, nprobe 32, rerank 16, .*\); "
                        r"exact search reaches 1\.0 and needs 1\.2 MiB: give --max-memory 1\.3MB, or lower "
                        r"--min-recall"):
-        build_index(out, max_memory=budget, nlist=32, tune_queries=tune, log=lambda m: None)
+        build_index(out, max_memory=budget, nlist=32, rerank=16, tune_queries=tune, log=lambda m: None)
     assert not (out / "index").exists()
     # 8-byte codes fit a larger budget, and reach the target there after re-ranking: no refusal.
     budget = memory_needed("ivfpq", n, dim, pq_m=8, nlist=32) + 1

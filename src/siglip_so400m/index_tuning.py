@@ -49,7 +49,7 @@ from .search import (
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024, 2048)
 HNSW_RERANK = (1, 2, 4)
-IVF_RERANK = (1, 2, 4, 8, 16)
+IVF_RERANK = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_QUERIES = 50  # single queries timed per configuration compared
 
 
