@@ -225,7 +225,8 @@ def test_text_hits_are_scored_by_the_models_match_logits_in_search_and_in_the_se
     assert len(served) == 1 and [h["id"] for h in served[0]] == [h["id"] for h in hits]
     # The server's query is this test's own encoding of the text, normalized again: equal to the
     # index's up to float32 rounding (CI's CPU rounded one cosine 8 ulps apart), scored the same way.
-    np.testing.assert_allclose([h["cosine"] for h in served[0]], [h["cosine"] for h in hits], atol=1e-6, rtol=0)
+    np.testing.assert_allclose([h["cosine"] for h in served[0]], [h["cosine"] for h in hits],
+                               atol=1e-6, rtol=0)
     for h in served[0]:
         logit = match_logits(torch.tensor(h["cosine"]), t, b)
         assert h["logit"] == logit.item() and h["sigmoid"] == logit.sigmoid().item() == h["score"]
