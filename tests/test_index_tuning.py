@@ -273,3 +273,35 @@ def test_per_rank_shards_built_under_torchrun_are_searched_together_with_merged_
     shutil.rmtree(out / "index" / "shard-1-of-2")
     with pytest.raises(SearchError, match="missing shard-1-of-2"):
         siglip_so400m.Index.load(out)
+
+
+def test_a_build_killed_while_saving_never_leaves_an_old_index_json_beside_a_new_index(tmp_path, monkeypatch):
+    """index.json holds the search parameters of knn.index: a build that dies after writing the new
+    knn.index must not leave the old parameters (of another kind of index) to be applied to it.
+    The folder is then searched exactly, as one without an index."""
+    import siglip_so400m.index_tuning as tuning
+
+    out, x, evaluation = tuned_collection(tmp_path, 3000, 32, clusters=30)
+    tune = str(tmp_path / "tune.npy")
+    build_index(out, max_memory="1GB", kind="flat", tune_queries=tune, log=lambda m: None)
+    assert siglip_so400m.Index.load(out).info["kind"] == "flat"
+
+    class Killed(BaseException):
+        pass
+
+    real = tuning.json.dumps
+
+    def dumps(obj, *a, **k):
+        if isinstance(obj, dict) and obj.get("kind") == "ivfpq":
+            raise Killed  # the process dies while the new index.json is written
+        return real(obj, *a, **k)
+
+    monkeypatch.setattr(tuning, "json", type("json", (), {"dumps": staticmethod(dumps), "loads": json.loads}))
+    with pytest.raises(Killed):
+        build_index(out, max_memory="1GB", kind="ivfpq", tune_queries=tune, log=lambda m: None)
+    monkeypatch.undo()
+    index = siglip_so400m.Index.load(out)
+    assert index.info is None  # no parameters of another index: exact search
+    _, ids = index.topk(evaluation, 10)
+    assert recall(ids, exact_ids(x, evaluation)) == 1.0
+    assert not [p.name for p in (out / "index").iterdir() if p.name.endswith(".tmp")]

@@ -45,6 +45,7 @@ from .search import (
     exact_topk,
     part_files,
 )
+from .weights import atomic_write, fsync
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
 HNSW_EF = (16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -461,11 +462,14 @@ def save(folder: Path, index, info: dict, shard: tuple[int, int] | None = None) 
         for d in top.glob("shard-*-of-*"):
             if not d.name.endswith(f"-of-{shard[1]}"):  # shards of an earlier, other split
                 shutil.rmtree(d, ignore_errors=True)
-    tmp = out / f".{INDEX_FILE}.tmp"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out / INDEX_FILE)
-    (out / f".{INDEX_INFO}.tmp").write_text(json.dumps(info, indent=1) + "\n")
-    os.replace(out / f".{INDEX_INFO}.tmp", out / INDEX_INFO)
+    # index.json holds knn.index's search parameters: it goes first, so that a build killed between
+    # the two files leaves an index-less folder (searched exactly), never the old parameters applied
+    # to the new index. Each file is replaced whole (weights.atomic_write).
+    (out / INDEX_INFO).unlink(missing_ok=True)
+    fsync(out)
+    atomic_write(out / INDEX_FILE, lambda p: faiss.write_index(index, str(p)))
+    text = json.dumps(info, indent=1) + "\n"
+    atomic_write(out / INDEX_INFO, lambda p: p.write_text(text))
 
 
 # --- command line ---------------------------------------------------------------------------

@@ -374,7 +374,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, du
     over `path`, and the folder fsync'd: after a kill or a power cut `path` is the old file or the
     whole new one, never a truncated one. durable=False skips the fsyncs, for a cache that is
     rebuilt when damaged: still atomic for readers, not across a power cut. The one atomic write
-    of the package (embed's parts and manifest, fine-tuning's weights, the label cache)."""
+    of the package (embed's parts and manifest, the faiss index and its index.json, fine-tuning's
+    weights, the label cache)."""
     path = Path(path)
     fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
