@@ -451,3 +451,67 @@ def test_full_size_naflex_embeddings_logits_and_hidden_states_match_transformers
         for i, n in enumerate(pixels.lengths()):
             scale = want[i, :n].abs().max().item()
             torch.testing.assert_close(got[i], want[i, :n], rtol=1e-5, atol=1e-5 * scale)
+
+
+def test_eval_and_the_zero_shot_api_take_a_patch_budget_as_transformers(naflex_ckpt, tiny_ckpt, mixed_folder,
+                                                                         tmp_path):
+    """`eval zero-shot|retrieval --max-num-patches` and zero_shot(..., max_num_patches=) embed each
+    image within that budget, as transformers' processor does at max_num_patches."""
+    from siglip_so400m.evaluate import EvalError, retrieval
+    from siglip_so400m.evaluate import zero_shot as eval_zero_shot
+    from siglip_so400m.evaluate.cli import eval_main
+
+    classes = ["a receipt", "a panorama", "a cat", "a dog", "a tree"]
+    paths = sorted(mixed_folder.iterdir())
+    data = tmp_path / "folder"
+    for i, p in enumerate(paths):  # ImageFolder: the class is the folder's name
+        (data / classes[i % len(classes)]).mkdir(parents=True, exist_ok=True)
+        (data / classes[i % len(classes)] / p.name).write_bytes(p.read_bytes())
+    model, proc = siglip_so400m.load(naflex_ckpt, dtype=torch.float32)
+    ids = proc.texts([f"a photo of {c}." for c in classes])
+    order = sorted(data.glob("*/*.png"), key=lambda p: (p.parent.name, p.name))  # ImageFolder's order
+    images = [Image.open(p) for p in order]
+    rank = {}
+    for budget in (32, 256):
+        _, logits = _hf_embeddings(naflex_ckpt, images, budget, ids)
+        rank[budget] = [[classes[j] for j in row] for row in logits.argsort(dim=1, descending=True).tolist()]
+    assert rank[32] != rank[256]  # the budget changes at least one image's ranking of the classes
+    common = dict(model=(model, proc), classes=sorted(classes), templates=["a photo of {}."], dtype="float32",
+                  workers=0, progress=False)
+    got = eval_zero_shot(data, max_num_patches=32, **common)
+    assert [p["top5"] for p in got["predictions"]] == rank[32]
+    assert proc.image.max_num_patches == 256  # the caller's processor is not changed
+    # An embed output at the same budget gives the same predictions; at another, a clear refusal.
+    siglip_so400m.embed(data, tmp_path / "emb", model=str(naflex_ckpt), dtype="float32", recursive=True,
+                        workers=0, max_num_patches=32, progress=False)
+    again = eval_zero_shot(data, max_num_patches=32, embeddings=tmp_path / "emb", **common)
+    assert [p["top5"] for p in again["predictions"]] == rank[32]
+    with pytest.raises(EvalError, match="embedded with max_num_patches 32, not 64"):
+        eval_zero_shot(data, max_num_patches=64, embeddings=tmp_path / "emb", **common)
+    with pytest.raises(EvalError, match="SigLIP 2 NaFlex"):
+        eval_zero_shot(data, max_num_patches=32, **(common | {"model": siglip_so400m.load(tiny_ckpt)}))
+    with pytest.raises(SystemExit):
+        eval_main(["zero-shot", str(data), "--model", str(naflex_ckpt), "--max-num-patches", "0"])
+
+    # The Python zero_shot(): logits as transformers' at the budget.
+    _, want = _hf_embeddings(naflex_ckpt, images, 32, ids)
+    results = siglip_so400m.zero_shot(model, proc, images, [f"a photo of {c}." for c in classes],
+                                      template="{}", max_num_patches=32)
+    for row, record in zip(want.tolist(), results, strict=True):
+        got_logits = {p["label"]: p["logit"] for p in record}
+        for c, logit in zip(classes, row, strict=True):
+            assert abs(got_logits[f"a photo of {c}."] - logit) < 1e-3
+
+    # Retrieval: each image's own caption; recall as transformers' embeddings give it.
+    captions = [f"a photo of {classes[i % 5]}, number {i}." for i in range(len(order))]
+    pairs = tmp_path / "pairs.csv"
+    pairs.write_text("image,caption\n" + "".join(f"{p},{c}\n" for p, c in zip(order, captions, strict=True)))
+    got = retrieval(pairs, max_num_patches=32, **{k: v for k, v in common.items()
+                                                   if k not in ("classes", "templates")})
+    _, logits = _hf_embeddings(naflex_ckpt, images, 32, proc.texts(captions))  # (images, texts)
+    own = torch.arange(len(order))
+    for k in (1, 5):
+        text_to_image = (logits.topk(k, dim=0).indices == own).any(0).float().mean()
+        image_to_text = (logits.topk(k, dim=1).indices == own[:, None]).any(1).float().mean()
+        assert got["metrics"][f"image_retrieval_recall@{k}"] == pytest.approx(text_to_image.item())
+        assert got["metrics"][f"text_retrieval_recall@{k}"] == pytest.approx(image_to_text.item())

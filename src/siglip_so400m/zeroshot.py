@@ -8,6 +8,7 @@ independent of the other labels) and the softmax (relative among the labels give
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -194,12 +195,17 @@ class ZeroShotClassifier:
 def zero_shot(model: SigLIP, processor: Processor, images: ImageInput | list[ImageInput],
               labels: Sequence[str], template: str = DEFAULT_TEMPLATE,
               templates: Sequence[str] | None = None, batch_size: int = 8,
-              cache_dir: str | Path | None = None) -> list[list[dict]]:
+              cache_dir: str | Path | None = None, max_num_patches: int | None = None) -> list[list[dict]]:
     """Classify images against labels. Returns, per image, the labels sorted best first, each a dict
     with `label`, `logit`, `sigmoid` (independent per label; SigLIP's native probability) and
     `softmax` (relative over the given labels). Several `templates` are averaged; `cache_dir` keeps
-    label embeddings on disk between calls."""
+    label embeddings on disk between calls. max_num_patches: SigLIP 2 NaFlex's patch budget per
+    image (default: the checkpoint's); `processor` itself is left as it is."""
     templates = list(templates) if templates is not None else [template]
+    if max_num_patches is not None:
+        image = processor.at_size(None, max_num_patches)  # ValueError for a fixed-size checkpoint
+        processor = copy.copy(processor)
+        processor.image = image
     cache = None
     if cache_dir is not None:
         ckpt = getattr(model, "checkpoint", None)

@@ -23,6 +23,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default: 2; 0: none)")
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--max-num-patches", type=int, metavar="N",
+                   help="SigLIP 2 NaFlex: resize each image, at its own aspect ratio, to at most N "
+                        "patches (default: the checkpoint's preprocessor_config.json)")
     p.add_argument("--dataset-name", help="the `dataset` of the result JSON (default: DATA's name)")
     p.add_argument("--json", action="store_true", help="print clip_benchmark's result JSON (dataset, "
                    "model, task, metrics) instead of the table")
@@ -61,6 +64,8 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
+    if args.max_num_patches is not None and args.max_num_patches < 1:
+        p.error("--max-num-patches must be a positive number of patches")
 
     import torch
 
@@ -72,7 +77,7 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     common = dict(model=args.model, revision=args.revision, embeddings=args.embeddings,
                   dtype=None if args.dtype == "auto" else args.dtype,
                   device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
-                  workers=args.workers, dataset=args.dataset_name)
+                  workers=args.workers, dataset=args.dataset_name, max_num_patches=args.max_num_patches)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)

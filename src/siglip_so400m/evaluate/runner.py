@@ -3,6 +3,7 @@ workers, or read from an `embed` output folder), the texts embedded, the metrics
 
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -28,7 +29,8 @@ class Loaded:
     """The model and processor, with the names the result JSON reports."""
 
     def __init__(self, model: ModelSpec, revision: str | None, dtype: str | torch.dtype | None,
-                 device: str | torch.device | None, towers: tuple[str, ...]):
+                 device: str | torch.device | None, towers: tuple[str, ...],
+                 max_num_patches: int | None = None):
         from ..api import load, pick_device, pick_dtype
         from ..config import dtype_name
         from ..weights import resolve
@@ -56,6 +58,14 @@ class Loaded:
         self.revision = None if ckpt is None else ckpt.revision
         self.device = next(self.net.parameters()).device
         self.precision = self.net.precision
+        self.max_num_patches = max_num_patches
+        if max_num_patches is not None:  # SigLIP 2 NaFlex's patch budget, on a copy of the processor
+            try:
+                image = self.processor.at_size(None, max_num_patches)
+            except ValueError as e:
+                raise EvalError(str(e)) from None
+            self.processor = copy.copy(self.processor)
+            self.processor.image = image
 
 
 def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, batch_size: int = 32,
@@ -112,6 +122,10 @@ def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loa
     if loaded.name is not None and made != (loaded.name, loaded.revision):
         raise EvalError(f"{folder} holds embeddings of {made[0]} (revision {made[1]}), not of "
                         f"{loaded.name} (revision {loaded.revision}): pass the same --model, or embed again")
+    budget = coll.manifest.get("max_num_patches")
+    if loaded.max_num_patches is not None and budget != loaded.max_num_patches:
+        raise EvalError(f"{folder} was embedded with max_num_patches {budget or 'of the checkpoint'}, not "
+                        f"{loaded.max_num_patches}: pass the same --max-num-patches, or embed again")
 
     def key(path: str | None, shard: str | None, k: str | None) -> tuple:
         # Absolute paths, so that an embed run from another working directory still matches; a shard
@@ -202,7 +216,7 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
               embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, batch_size: int = 32, text_batch_size: int = 256,
               workers: int = 2, progress: bool | None = None, dataset: str | None = None,
-              cache_dir: str | os.PathLike | None = None) -> dict:
+              cache_dir: str | os.PathLike | None = None, max_num_patches: int | None = None) -> dict:
     """Zero-shot classification accuracy on a labelled set (see inputs.read_labelled).
 
     Each class is embedded as the normalized mean of the normalized embeddings of its name in every
@@ -211,14 +225,15 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
     one prompt), a file or a list. embeddings: an `embed` output folder holding the images, so they are
     not embedded again. cache_dir: keep the class embeddings there (zero-shot's label cache), so that
     ImageNet's 80 000 prompts go through the text tower once per checkpoint and dtype.
-    dtype: None for the device's fast dtype, "float32" for transformers' numbers.
+    dtype: None for the device's fast dtype, "float32" for transformers' numbers. max_num_patches:
+    SigLIP 2 NaFlex's patch budget per image (default: the checkpoint's).
     Returns clip_benchmark's result dict ({acc1, acc5, mean_per_class_recall} under "metrics") with
     "per_class" rows and "predictions" ({path, label, top5} per image, class names best first).
     """
     templates = read_templates(templates)
     labelled = read_labelled(data, read_classes(classes))
     towers = ("text",) if embeddings is not None else ("vision", "text")
-    loaded = Loaded(model, revision, dtype, device, towers)
+    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches)
     if loaded.processor.tokenizer is None:
         raise EvalError("the checkpoint has no tokenizer to embed the class names with")
     class_emb = embed_classes(loaded, labelled.classes, templates, text_batch_size, cache_dir,
@@ -239,14 +254,16 @@ def retrieval(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
               embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, recall_k: Sequence[int] = (1, 5, 10),
               batch_size: int = 32, text_batch_size: int = 256, workers: int = 2,
-              progress: bool | None = None, dataset: str | None = None) -> dict:
+              progress: bool | None = None, dataset: str | None = None,
+              max_num_patches: int | None = None) -> dict:
     """Text -> image and image -> text recall@k on image-caption pairs (see inputs.read_pairs), with
-    clip_benchmark's keys image_retrieval_recall@k and text_retrieval_recall@k."""
+    clip_benchmark's keys image_retrieval_recall@k and text_retrieval_recall@k. max_num_patches:
+    SigLIP 2 NaFlex's patch budget per image (default: the checkpoint's)."""
     if not recall_k or any(k < 1 for k in recall_k):
         raise EvalError("recall@k needs k of at least 1")
     pairs = read_pairs(data)
     towers = ("text",) if embeddings is not None else ("vision", "text")
-    loaded = Loaded(model, revision, dtype, device, towers)
+    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches)
     texts = [c for caps in pairs.captions for c in caps]
     text_image = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])  # (T,)
     text_emb = _texts(loaded, texts, text_batch_size, progress)  # (T, D)
