@@ -51,7 +51,8 @@ def test_int8_linear_is_within_the_rounding_bound_of_f_linear(onednn, gelu, dtyp
     s_x = xd.abs().max() / (127 * (1 - 2**-8))  # the full scale int8.quantize_activation uses
     used = int8.quantize_activation(x.reshape(-1, 160))[1].double()
     torch.testing.assert_close(used, s_x, rtol=1e-3, atol=0)
-    s_w = wd.abs().amax(1) / 127
+    s_w = wd.abs().amax(1) / w.weight_max  # 127, or 63 where oneDNN needs 7-bit weights
+    assert w.weight_max == (int8.onednn_weight_max(dtype) if w.onednn else 127)
     bound = (xd.abs() @ wd.new_ones(160, 1)) * s_w / 2 + (s_x / 2) * wd.abs().sum(1) + 160 * s_x * s_w / 4
     if gelu:
         ref, bound = F.gelu(ref, approximate="tanh"), 1.13 * bound
@@ -115,6 +116,29 @@ def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, onednn, dtype):
     assert model.logit_scale.dtype == model.logit_bias.dtype == torch.float32
     with pytest.raises(RuntimeError, match="inference only"):
         model.encode_image(pixels(1, 32).requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_runs_by_default_with_a_weight_range_that_makes_it_exact_at_so400m_shapes(dtype):
+    """The model's own route is oneDNN's int8 matmul (about as fast as a float32 matmul, where
+    torch._int_mm without VNNI or AMX is about 50x slower) with 8-bit weights, or with 7-bit ones
+    where the CPU's kernel saturates 8-bit products (AVX2 without VNNI, for float32 activations):
+    its result equals torch._int_mm's exact integer sums on the same operands at the image MLP's
+    shape, 729 tokens x 1152 -> 4304, for activations of both signs."""
+    if not int8._ONEDNN:
+        pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
+    limit = int8.onednn_weight_max(dtype)
+    assert limit in (127, 63), f"oneDNN's int8 matmul is not exact here for {dtype} with either weight range"
+    g = torch.Generator().manual_seed(0)
+    layer = torch.nn.Linear(1152, 4304)
+    x = (3 * torch.randn(729, 1152, generator=g)).to(dtype)
+    w = int8.quantize_weight(layer.weight, layer.bias, dtype=dtype)
+    assert w.onednn and w.weight_max == limit
+    exact = int8.quantize_weight(layer.weight, layer.bias, False, dtype, weight_max=limit)
+    with torch.inference_mode():
+        got, ref = int8.linear(x, w).float(), int8.linear(x.clone(), exact).float()
+    tol = 1e-4 if dtype == torch.float32 else 2**-7  # the output's own rounding
+    assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
 
 
 def test_a_wrong_onednn_int8_result_falls_back_to_int_mm(monkeypatch, caplog):

@@ -1,7 +1,7 @@
 """int8 inference for the linear layers: int8 weights per output channel, int8 activations per tensor.
 
     y = (s_x * s_w[n]) * sum_k q_x[m, k] q_w[n, k] + b[n]      q = round(v / s)
-    s_w[n] = max_k |w[n, k]| / 127      s_x = max |x| / (127 (1 - 2^-8))   (never rounds to 128)
+    s_w[n] = max_k |w[n, k]| / 127 (or 63, below)   s_x = max |x| / (127 (1 - 2^-8))   (never 128)
 
 Weights are quantized once, at load, symmetrically with one scale per output channel. Activations are
 quantized on the fly (dynamic quantization: no calibration data), symmetrically with one scale for the
@@ -14,9 +14,13 @@ Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API
   quantization lowers to) on a weight packed once for it, with scale, bias and GELU fused, writing
   the output in the activations' dtype. At so400m's shapes on an AMX Xeon it measured faster than
   `torch._int_mm` itself (microbenchmarks; scripts/int8_routes.py compares the routes).
+  On x86 CPUs without VNNI (an AVX2-only EPYC) its float32-activation kernel multiplies u8 by s8
+  with `vpmaddubsw`, whose int16 sums of two products saturate for 8-bit weights: there the weights
+  get 7 bits (|q| <= 63, ONNX Runtime's `reduce_range`), which keeps every sum exact at fp32 speed.
 - elsewhere (no oneDNN: ARM, builds without mkldnn; or where a one-time probe finds oneDNN's result
-  wrong for the activations' dtype, as on an AVX2-only EPYC with float32), `torch._int_mm`
-  (int8 x int8 -> int32) on the pre-transposed weight, then the scale and bias in one `addcmul`.
+  wrong for the activations' dtype with either weight range), `torch._int_mm` (int8 x int8 ->
+  int32) on the pre-transposed weight, then the scale and bias in one `addcmul`. Without VNNI or
+  AMX that kernel is about 50x slower than a float32 matmul.
 """
 
 from __future__ import annotations
@@ -35,41 +39,53 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
            and hasattr(torch.ops.onednn, "qlinear_pointwise")
            and hasattr(torch.ops.onednn, "qlinear_prepack"))
 _log = logging.getLogger(__name__)
-_onednn_works: dict[torch.dtype, bool] = {}
+_onednn_works: dict[torch.dtype, int] = {}  # activations' dtype -> onednn_weight_max, probed once
+WEIGHT_MAX = 127  # 8-bit weights; 63 (7 bits) where oneDNN's kernel saturates 8-bit ones
+
+
+def onednn_weight_max(dtype: torch.dtype) -> int:
+    """The largest |weight level| with which oneDNN's int8 matmul gives the right numbers here for
+    activations in `dtype`: 127, 63, or 0 (not at all: torch._int_mm is used). Probed once per
+    dtype against torch._int_mm on the same int8 operands (exact integer sums).
+
+    Not an idle check: on an AMD EPYC with AVX2 only (no VNNI, no AVX-512), torch 2.13's
+    qlinear_pointwise with float32 activations and 8-bit weights was 11-38% off (bf16 was exact),
+    which made `--dtype int8` embeddings silently wrong there; with 7-bit weights it is exact."""
+    limit = _onednn_works.get(dtype)
+    if limit is None:
+        limit = _onednn_works[dtype] = _probe_onednn(dtype)
+    return limit
 
 
 def onednn_works(dtype: torch.dtype) -> bool:
-    """Whether oneDNN's int8 matmul gives the right numbers here for activations in `dtype`: probed
-    once per dtype against torch._int_mm on the same int8 operands (exact integer sums).
-
-    Not an idle check: on an AMD EPYC with AVX2 only (no VNNI, no AVX-512), torch 2.13's
-    qlinear_pointwise with float32 activations was 11-38% off (bf16 was exact), which made
-    `--dtype int8` embeddings silently wrong there."""
-    works = _onednn_works.get(dtype)
-    if works is None:
-        works = _onednn_works[dtype] = _probe_onednn(dtype)
-    return works
+    """Whether the model uses oneDNN's int8 matmul for activations in `dtype` (onednn_weight_max)."""
+    return onednn_weight_max(dtype) > 0
 
 
-def _probe_onednn(dtype: torch.dtype) -> bool:
+def _probe_onednn(dtype: torch.dtype) -> int:
     if not _ONEDNN:
-        return False
-    try:
-        g = torch.Generator().manual_seed(0)
-        layer = nn.Linear(64, 48)
-        x = torch.randn(17, 64, generator=g).to(dtype)
-        with torch.inference_mode():
-            got = _matmul(x, quantize_weight(layer.weight, layer.bias, True)).float()
-            ref = _matmul(x, quantize_weight(layer.weight, layer.bias, False)).float()
-        # The same int8 operands: only the output's own rounding may differ (bf16: 2^-8 relative).
-        tol = 1e-4 if dtype == torch.float32 else 2**-7
-        if not torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item()):
-            raise RuntimeError(f"its result is {((got - ref).abs().max() / ref.abs().max()).item():.1%} "
-                               "off torch._int_mm's on the same int8 operands")
-    except Exception as e:  # a private op that fails or is wrong is not used
-        _log.debug("oneDNN int8 matmul not used for %s activations, torch._int_mm instead: %s", dtype, e)
-        return False
-    return True
+        return 0
+    g = torch.Generator().manual_seed(0)
+    layer = nn.Linear(64, 48)
+    x = torch.randn(17, 64, generator=g).to(dtype)
+    reasons = []
+    for limit in (WEIGHT_MAX, 63):
+        try:
+            with torch.inference_mode():
+                got = _matmul(x, quantize_weight(layer.weight, layer.bias, True, weight_max=limit)).float()
+                ref = _matmul(x, quantize_weight(layer.weight, layer.bias, False, weight_max=limit)).float()
+            # The same int8 operands: only the output's own rounding may differ (bf16: 2^-8 relative).
+            tol = 1e-4 if dtype == torch.float32 else 2**-7
+            if torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item()):
+                return limit
+            reasons.append(f"with weights within +-{limit} its result is "
+                           f"{((got - ref).abs().max() / ref.abs().max()).item():.1%} off torch._int_mm's "
+                           "on the same int8 operands")
+        except Exception as e:  # a private op that fails or is wrong is not used
+            reasons.append(f"with weights within +-{limit}: {e}")
+    _log.debug("oneDNN int8 matmul not used for %s activations, torch._int_mm instead: %s", dtype,
+               "; ".join(reasons))
+    return 0
 
 
 @dataclass
@@ -82,23 +98,28 @@ class Int8Weight:
     zero_points: Tensor  # (N,) int64 zeros, oneDNN's symmetric weight zero points
     onednn: bool
     out_features: int
+    weight_max: int = WEIGHT_MAX  # the weight levels: -weight_max..weight_max
 
 
 def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = None,
-                    dtype: torch.dtype = torch.float32) -> Int8Weight:
+                    dtype: torch.dtype = torch.float32, weight_max: int | None = None) -> Int8Weight:
     """(N, K) float weight -> int8, symmetric, one scale per output channel, packed for oneDNN where
-    it works for activations in `dtype` (onednn=None) or where asked, else laid out for torch._int_mm."""
-    onednn = onednn_works(dtype) if onednn is None else onednn
+    it works for activations in `dtype` (onednn=None) or where asked, else laid out for torch._int_mm.
+    weight_max: the levels (default: 127, or 63 where oneDNN needs 7-bit weights, onednn_weight_max)."""
+    if onednn is None:
+        onednn = onednn_works(dtype)
+    if weight_max is None:
+        weight_max = (onednn_weight_max(dtype) or WEIGHT_MAX) if onednn else WEIGHT_MAX
     w = weight.detach().float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=1e-12)  # (N,)
-    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)  # (N, K)
+    scale = (w.abs().amax(dim=1) / weight_max).clamp(min=1e-12)  # (N,)
+    q = (w / scale[:, None]).round_().clamp_(-weight_max, weight_max).to(torch.int8)  # (N, K)
     if onednn:
         # Packed for the chip's int8 kernel (AMX tiles or VNNI blocks); the batch size is only a hint.
         q = torch.ops.onednn.qlinear_prepack(q, None)
     else:
         q = q.t().contiguous()  # (K, N): _int_mm reads its second operand row-major
     b = None if bias is None else bias.detach().float().clone()  # a copy: must not pin the file's mmap
-    return Int8Weight(q, scale, b, torch.zeros(w.shape[0], dtype=torch.long), onednn, w.shape[0])
+    return Int8Weight(q, scale, b, torch.zeros(w.shape[0], dtype=torch.long), onednn, w.shape[0], weight_max)
 
 
 # Activations are scaled to at most 127 * (1 - 2^-8), not 127: rounding x / scale to bf16 (steps of
