@@ -7,6 +7,8 @@
 What DIR holds (docs/export.md; the README written into DIR says the same for its checkpoint):
 
     vision.onnx + vision.onnx.data   pixel_values (B, 3, S, S) float32 -> image_embeds (B, D) float32
+      SigLIP 2 NaFlex: pixel_values (B, N, 3*P*P) float32, pixel_attention_mask (B, N) int32,
+      spatial_shapes (B, 2) int64 (transformers' Siglip2 inputs) -> image_embeds (B, D) float32
     text.onnx + text.onnx.data       input_ids (B, L) int64 -> text_embeds (B, D) float32
       (OpenVINO: vision.xml + vision.bin, text.xml + text.bin)
       both outputs L2-normalized, so logits = exp(t') * image_embeds @ text_embeds.T + b
@@ -15,7 +17,9 @@ What DIR holds (docs/export.md; the README written into DIR says the same for it
     README.md
 
 B is dynamic in every graph; S (the checkpoint's image size) and L (its text length, 64 or 16) are
-fixed, since SigLIP pads every text to L and the position table is learned at S.
+fixed, since SigLIP pads every text to L and the position table is learned at S. NaFlex's N (patch
+slots, an image's own h * w first, then padding) is dynamic too: its graph resizes the position table
+to each image's grid from spatial_shapes as a tensor (model.naflex_positions), not from Python ints.
 
 The graphs come from torch.onnx's torch.export-based exporter (the TorchScript one is deprecated and,
 traced under no_grad, met our CPU fast paths: an internal assert in torch 2.14.1). They are traced
@@ -47,9 +51,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import nn
 
 from .config import DTYPES, dtype_name
+from .image import NaFlexPixels
+from .model import naflex_positions
 from .weights import DEFAULT_REPO, TOKENIZER_FILES, Checkpoint, CheckpointError
 
 FORMATS = ("onnx", "openvino")
@@ -59,6 +66,9 @@ FORMATS = ("onnx", "openvino")
 PRECISIONS = {"onnx": ("float32", "int8"), "openvino": ("float32", "bfloat16")}
 GRAPH_FILES = {"onnx": ".onnx", "openvino": ".xml"}
 INPUTS = {"vision": "pixel_values", "text": "input_ids"}
+# SigLIP 2 NaFlex's image graph takes what transformers' Siglip2ImageProcessor returns, by its names
+# and dtypes (the mask is int32 there), so its output feeds the graph as it is.
+NAFLEX_INPUTS = ("pixel_values", "pixel_attention_mask", "spatial_shapes")
 OUTPUTS = {"vision": "image_embeds", "text": "text_embeds"}
 OPSET = 18
 # The parity gate, on L2-normalized embeddings against the eager float32 model: the largest
@@ -95,10 +105,11 @@ class TowerCheck:
     min_cosine: float
     batch_1_vs_3: float  # max |row 0 at batch 1 - row 0 at batch 3|: the dynamic batch is real
     runtime_precision: str  # what the runtime reported it computed in
+    inputs: str = "batch 3 and 1"  # what the gate ran (NaFlex: the grids and the padding)
 
     def line(self) -> str:
         return (f"{self.tower}: {self.graph} max |diff| {self.max_abs_diff:.2e}, min cosine "
-                f"{self.min_cosine:.7f} against eager float32 (batch 3 and 1; batch 1 vs 3 "
+                f"{self.min_cosine:.7f} against eager float32 ({self.inputs}; batch 1 vs 3 "
                 f"{self.batch_1_vs_3:.1e}; runtime computed in {self.runtime_precision})")
 
 
@@ -181,32 +192,96 @@ class _Embeddings(nn.Module):
         return F.normalize(self.tower(x), dim=-1)  # (B, D)
 
 
-def _samples(sig: nn.Module, processor, tower: str) -> torch.Tensor:
+class _NaFlexEmbeddings(nn.Module):
+    """A SigLIP 2 NaFlex image tower on transformers' three inputs, as one padded batch with the key
+    mask: the eager tower's masked path (VisionTower._tokens without packing), except that the
+    position table is resized from spatial_shapes as a tensor (model.naflex_positions), since the
+    eager resize takes each grid as Python ints and would fix the grids, B and N in the graph."""
+
+    def __init__(self, tower: nn.Module):
+        super().__init__()
+        self.tower = tower
+
+    def forward(self, pixel_values: torch.Tensor, pixel_attention_mask: torch.Tensor,
+                spatial_shapes: torch.Tensor) -> torch.Tensor:
+        t = self.tower
+        emb = t.embeddings
+        x = F.linear(pixel_values, emb.patch_embedding.weight, emb.patch_embedding.bias)  # (B, N, D)
+        x = x + naflex_positions(emb.position_embedding.weight, emb.grid, spatial_shapes,
+                                 pixel_values.shape[1])  # (B, N, D)
+        # Padding is hidden as keys in every attention layer and from the MAP head's probe, as
+        # transformers hides it (its additive finfo.min mask gives the same zero weights as -inf).
+        mask = (pixel_attention_mask != 0)[:, None, None, :]  # (B, 1, 1, N)
+        for y in t.encoder.blocks(x, mask=mask):
+            x = y
+        return F.normalize(t.head(t.post_layernorm(x), mask), dim=-1)  # (B, D)
+
+
+@dataclass
+class _Sample:
+    """A graph's inputs for the trace and the parity gate: a batch of 3 and one of 1, in the graph's
+    input order, and how they were made (for the report)."""
+
+    names: tuple[str, ...]
+    batch3: tuple[torch.Tensor, ...]
+    batch1: tuple[torch.Tensor, ...]
+    dynamic: tuple[dict, ...]  # torch.export dynamic_shapes, one dict per input
+    what: str = "batch 3 and 1"
+
+
+def _naflex(sig: nn.Module, tower: str) -> bool:
+    return tower == "vision" and sig.config.vision_config.naflex
+
+
+def _samples(sig: nn.Module, processor, tower: str) -> _Sample:
     """Three inputs for the trace and the parity gate: pixels in the processor's [-1, 1] range, and
-    tokenized texts where the checkpoint has a tokenizer (else random ids over the vocabulary)."""
+    tokenized texts where the checkpoint has a tokenizer (else random ids over the vocabulary).
+    NaFlex: three images of other aspect ratios through the checkpoint's processor (other grids,
+    other padding), and the first alone without padding (another N through the same graph)."""
     g = torch.Generator().manual_seed(0)
+    batch = torch.export.Dim("batch")
+    if _naflex(sig, tower):
+        rng = np.random.default_rng(0)
+        images = [Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+                  for height, width in ((40, 320), (300, 60), (100, 90))]
+        px = processor.image(images)  # padded to the processor's max_num_patches
+        one = px.unpadded()[0]
+
+        def inputs(p: NaFlexPixels) -> tuple[torch.Tensor, ...]:
+            return p.patches, p.mask.to(torch.int32), p.spatial_shapes.to(torch.int64)
+
+        grids = ", ".join(f"{h}x{w}" for h, w in px.spatial_shapes.tolist())
+        n = torch.export.Dim("patches")
+        dynamic = ({0: batch, 1: n}, {0: batch, 1: n}, {0: batch})
+        h0, w0 = px.spatial_shapes[0].tolist()
+        what = f"batch 3 of grids {grids} padded to {px.patches.shape[1]}, batch 1 of {h0}x{w0} unpadded"
+        return _Sample(NAFLEX_INPUTS, inputs(px), inputs(one), dynamic, what)
     if tower == "vision":
         v = sig.config.vision_config
-        return torch.rand(3, v.num_channels, v.image_size, v.image_size, generator=g) * 2 - 1
-    t = sig.config.text_config
-    if processor.tokenizer is not None:
-        return processor.texts(list(SAMPLE_TEXTS))
-    return torch.randint(0, t.vocab_size, (3, t.max_position_embeddings), generator=g)
+        x = torch.rand(3, v.num_channels, v.image_size, v.image_size, generator=g) * 2 - 1
+    elif processor.tokenizer is not None:
+        x = processor.texts(list(SAMPLE_TEXTS))
+    else:
+        t = sig.config.text_config
+        x = torch.randint(0, t.vocab_size, (3, t.max_position_embeddings), generator=g)
+    return _Sample((INPUTS[tower],), (x,), (x[:1],), ({0: batch},))
 
 
-def _export_tower(sig: nn.Module, tower: str, sample: torch.Tensor, work: Path, fmt: str, dtype: str,
+def _export_tower(sig: nn.Module, tower: str, sample: _Sample, work: Path, fmt: str, dtype: str,
                   fp16: bool) -> Path:
-    module = _Embeddings(sig.vision_model if tower == "vision" else sig.text_model).eval()
+    wrap = _NaFlexEmbeddings if _naflex(sig, tower) else _Embeddings
+    module = wrap(sig.vision_model if tower == "vision" else sig.text_model).eval()
     for p in module.parameters():
         p.requires_grad_(False)
     onnx_path = work / f"{tower}.onnx"
     # Grad mode on, parameters frozen: the fast paths (CPU inference without grad only) step aside
     # and the trace records the plain ops; nothing is differentiated since nothing requires grad.
     # The exporter reports its steps on stdout: they go to stderr with the other progress lines.
+    # Traced at batch 2: a batch of 1 would let the exporter take B for the constant 1.
     with torch.enable_grad(), contextlib.redirect_stdout(sys.stderr), _quiet():
-        torch.onnx.export(module, (sample[:2],), str(onnx_path), dynamo=True, external_data=True,
-                          opset_version=OPSET, input_names=[INPUTS[tower]], output_names=[OUTPUTS[tower]],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},))
+        torch.onnx.export(module, tuple(x[:2] for x in sample.batch3), str(onnx_path), dynamo=True,
+                          external_data=True, opset_version=OPSET, input_names=list(sample.names),
+                          output_names=[OUTPUTS[tower]], dynamic_shapes=sample.dynamic)
     if fmt == "onnx":
         if dtype == "int8":
             return _quantize_int8(onnx_path)
@@ -294,7 +369,8 @@ def _quantize_int8(path: Path) -> Path:
 
 
 class Graph:
-    """One exported tower run by its runtime: a numpy batch in, (B, D) float32 normalized out.
+    """One exported tower run by its runtime: numpy arrays in (one per graph input, in the graph's
+    order: NaFlex's image graph takes three), (B, D) float32 normalized out.
 
     ONNX Runtime runs on the CPU execution provider; OpenVINO on the CPU with the inference precision
     of the export ("f32" unless the export asked for bf16: OpenVINO's default on CPUs with bf16 is
@@ -310,7 +386,7 @@ class Graph:
                 self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
             except Exception as e:  # ORT raises its own pybind error types
                 raise ExportError(f"ONNX Runtime cannot load {self.path}: {e}") from None
-            self.input = self._session.get_inputs()[0].name
+            self.inputs = [i.name for i in self._session.get_inputs()]
             self.precision = "float32" if precision != "int8" else "int8 matmuls, float32 elsewhere"
         else:
             import openvino as ov
@@ -325,30 +401,44 @@ class Graph:
             # An ov.Type: f32, bf16 or f16 (numpy has no bf16, so no to_dtype()).
             self.precision = {"f32": "float32", "bf16": "bfloat16", "f16": "float16"}.get(
                 got.get_type_name(), got.get_type_name())
+            self.inputs = [i.get_any_name() for i in self._compiled.inputs]
             self._request = self._compiled.create_infer_request()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, *inputs: np.ndarray) -> np.ndarray:
+        if len(inputs) != len(self.inputs):
+            raise ValueError(f"{self.path.name} takes {len(self.inputs)} inputs ({', '.join(self.inputs)}), "
+                             f"got {len(inputs)}")
+        feed = dict(zip(self.inputs, inputs, strict=True))
         if self.runtime == "onnx":
-            return self._session.run(None, {self.input: x})[0]
-        return self._request.infer([x])[0].copy()
+            return self._session.run(None, feed)[0]
+        return self._request.infer(feed)[0].copy()
 
 
-def _parity(sig: nn.Module, tower: str, sample: torch.Tensor, graph: Path, fmt: str,
-            dtype: str) -> TowerCheck:
+def _eager(sig: nn.Module, tower: str, inputs: tuple[torch.Tensor, ...]) -> np.ndarray:
+    """The eager model's normalized embeddings of a graph's inputs, (B, D) float32."""
     with torch.inference_mode():
+        if _naflex(sig, tower):
+            patches, mask, shapes = inputs
+            x = sig.encode_image(NaFlexPixels(patches, mask.bool(), shapes), normalize=True)
+            return x.float().numpy()
         encode = sig.encode_image if tower == "vision" else sig.encode_text
-        ref = encode(sample, normalize=True).float().numpy()  # (3, D)
+        return encode(inputs[0], normalize=True).float().numpy()
+
+
+def _parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path, fmt: str,
+            dtype: str) -> TowerCheck:
+    ref3, ref1 = _eager(sig, tower, sample.batch3), _eager(sig, tower, sample.batch1)  # (3, D), (1, D)
     run = Graph(graph, fmt, dtype)
-    got3 = run(sample.numpy())
-    got1 = run(sample[:1].numpy())
-    if got3.shape != ref.shape or got1.shape != ref[:1].shape:
+    got3 = run(*(x.numpy() for x in sample.batch3))
+    got1 = run(*(x.numpy() for x in sample.batch1))
+    if got3.shape != ref3.shape or got1.shape != ref1.shape:
         raise ExportError(f"{graph.name} returned shapes {got3.shape} and {got1.shape} for batches of 3 "
-                          f"and 1; expected {ref.shape} and {ref[:1].shape}")
+                          f"and 1; expected {ref3.shape} and {ref1.shape}")
     got = np.concatenate([got3, got1])
-    want = np.concatenate([ref, ref[:1]])
+    want = np.concatenate([ref3, ref1])
     cos = (got * want).sum(-1) / (np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1))
     return TowerCheck(tower, graph.name, float(np.abs(got - want).max()), float(cos.min()),
-                      float(np.abs(got1[0] - got3[0]).max()), run.precision)
+                      float(np.abs(got1[0] - got3[0]).max()), run.precision, sample.what)
 
 
 def _gate(check: TowerCheck, precision: str) -> None:
@@ -369,11 +459,15 @@ def _write_support_files(work: Path, sig: nn.Module, processor, fmt: str, dtype:
     (work / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if "vision" in towers:
         im = processor.image
-        pre = {"image_processor_type": "SiglipImageProcessor", "do_resize": im.do_resize,
-               "size": {"height": im.height, "width": im.width}, "resample": int(im.resample),
-               "do_rescale": im.do_rescale, "rescale_factor": im.rescale_factor,
-               "do_normalize": im.do_normalize, "image_mean": list(im.image_mean),
-               "image_std": list(im.image_std)}
+        common = {"do_resize": im.do_resize, "resample": int(im.resample), "do_rescale": im.do_rescale,
+                  "rescale_factor": im.rescale_factor, "do_normalize": im.do_normalize,
+                  "image_mean": list(im.image_mean), "image_std": list(im.image_std)}
+        if cfg.naflex:  # what transformers' Siglip2ImageProcessor reads
+            pre = {"image_processor_type": "Siglip2ImageProcessor", "patch_size": im.patch_size,
+                   "max_num_patches": im.max_num_patches, **common}
+        else:
+            pre = {"image_processor_type": "SiglipImageProcessor",
+                   "size": {"height": im.height, "width": im.width}, **common}
         (work / "preprocessor_config.json").write_text(json.dumps(pre, indent=2) + "\n")
     tokenizer_files = []
     if "text" in towers and processor.tokenizer is not None:
@@ -385,16 +479,26 @@ def _write_support_files(work: Path, sig: nn.Module, processor, fmt: str, dtype:
     v, t = cfg.vision_config, cfg.text_config
     ext = GRAPH_FILES[fmt]
     graphs = {}
-    if "vision" in towers:
+    # "inputs" lists every input in the graph's order; single-input graphs also keep "input".
+    if "vision" in towers and cfg.naflex:
+        P, C = v.patch_size, v.num_channels
+        graphs["vision"] = {"file": f"vision{ext}", "inputs": [
+            {"name": "pixel_values", "dtype": "float32", "shape": ["batch", "patches", C * P * P]},
+            {"name": "pixel_attention_mask", "dtype": "int32", "shape": ["batch", "patches"]},
+            {"name": "spatial_shapes", "dtype": "int64", "shape": ["batch", 2]}]}
+    elif "vision" in towers:
         graphs["vision"] = {"file": f"vision{ext}", "input": {"name": INPUTS["vision"], "dtype": "float32",
-                            "shape": ["batch", v.num_channels, v.image_size, v.image_size]},
-                            "output": {"name": OUTPUTS["vision"], "dtype": "float32",
-                                       "shape": ["batch", v.hidden_size], "normalized": True}}
+                            "shape": ["batch", v.num_channels, v.image_size, v.image_size]}}
+    if "vision" in towers:
+        graphs["vision"]["output"] = {"name": OUTPUTS["vision"], "dtype": "float32",
+                                      "shape": ["batch", v.hidden_size], "normalized": True}
     if "text" in towers:
         graphs["text"] = {"file": f"text{ext}", "input": {"name": INPUTS["text"], "dtype": "int64",
                           "shape": ["batch", t.max_position_embeddings]},
                           "output": {"name": OUTPUTS["text"], "dtype": "float32",
                                      "shape": ["batch", t.projection_size], "normalized": True}}
+    for g in graphs.values():
+        g.setdefault("inputs", [g.get("input")])
     ckpt = getattr(sig, "checkpoint", None)
     import onnx
 
@@ -431,15 +535,19 @@ def _readme(info: dict, processor, cfg) -> str:
              f"Made by `siglip-so400m export` (siglip_so400m). Precision: {info['precision']} "
              f"(weights: {info['weights']}). Every graph has a dynamic batch B and returns "
              "L2-normalized float32 embeddings.", "",
-             "| graph | input | output |", "|---|---|---|"]
+             "| graph | inputs | output |", "|---|---|---|"]
     for g in info["graphs"].values():
-        i, o = g["input"], g["output"]
-        lines.append(f"| `{g['file']}` | `{i['name']}` {i['dtype']} ({', '.join(map(str, i['shape']))}) "
+        o = g["output"]
+        ins = ", ".join(f"`{i['name']}` {i['dtype']} ({', '.join(map(str, i['shape']))})"
+                        for i in g["inputs"])
+        lines.append(f"| `{g['file']}` | {ins} "
                      f"| `{o['name']}` {o['dtype']} ({', '.join(map(str, o['shape']))}), normalized |")
     lines += ["", f"Scores: `logits = exp({info['logit_scale']:.6f}) * image_embeds @ text_embeds.T + "
               f"({info['logit_bias']:.6f})` (t' and b, also in export.json); `sigmoid(logits)` is the "
               "probability that an image and a text match, each pair on its own.", ""]
-    if "vision" in info["graphs"]:
+    if "vision" in info["graphs"] and cfg.naflex:
+        lines += _naflex_readme(processor.image, cfg.vision_config)
+    elif "vision" in info["graphs"]:
         im = processor.image
         lines += [f"Pixels (preprocessor_config.json): RGB, resized to {im.height}x{im.width} with PIL "
                   f"filter {int(im.resample)} (no crop), times {im.rescale_factor:.6g}, minus "
@@ -458,6 +566,29 @@ def _readme(info: dict, processor, cfg) -> str:
     lines += [f"Parity measured at export, {runtime} against the eager float32 model, batches 3 and 1:", ""]
     lines += [f"- {TowerCheck(**c).line()}" for c in info["parity"]]
     return "\n".join(lines) + "\n"
+
+
+def _naflex_readme(im, v) -> list[str]:
+    """How to make the NaFlex image graph's three inputs without Python (docs/naflex.md, docs/export.md)."""
+    P = v.patch_size
+    return [
+        "SigLIP 2 NaFlex: each image at its own aspect ratio, as up to N patches (N is dynamic; "
+        f"preprocessor_config.json says max_num_patches {im.max_num_patches}, the checkpoint's default). "
+        "transformers' `Siglip2ImageProcessor` makes the three inputs exactly (its `pixel_values`, "
+        "`pixel_attention_mask` and `spatial_shapes`, dtypes included). Without it, per image:", "",
+        "1. RGB. Find the largest scale s (bisection on [1e-6, 100] until the interval is under 1e-5) "
+        f"such that H = max({P}, ceil(height*s/{P})*{P}) and W = max({P}, ceil(width*s/{P})*{P}) give "
+        f"(H/{P})*(W/{P}) <= max_num_patches; resize to W x H with PIL filter {int(im.resample)}.",
+        f"2. times {im.rescale_factor:.6g} (in float64, then float32), minus {list(im.image_mean)}, "
+        f"divided by {list(im.image_std)}.",
+        f"3. Cut into h = H/{P} rows and w = W/{P} columns of {P}x{P} patches, row-major; flatten each "
+        f"patch channel-last (y, x, channel) to {P * P * v.num_channels} values.",
+        "4. Pad the batch to a common N >= every h*w with zero patches: `pixel_values` (B, N, "
+        f"{P * P * v.num_channels}) float32; `pixel_attention_mask` (B, N) int32, 1 on an image's own h*w "
+        "patches (they come first), 0 on padding; `spatial_shapes` (B, 2) int64, each image's (h, w).", "",
+        "Padding changes nothing (it is masked as keys everywhere, the pooling included): pad to the "
+        "longest image of a batch, or to max_num_patches. Every image needs h*w >= 1 and its mask to say "
+        "exactly its h*w patches; the graph does not check this.", ""]
 
 
 def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:

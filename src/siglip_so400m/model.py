@@ -201,6 +201,40 @@ def _resize_positions_naflex(table: Tensor, g: int, h: int, w: int) -> Tensor:
     return grid.permute(0, 2, 3, 1).reshape(h * w, D).to(table.dtype)  # (h * w, D)
 
 
+def naflex_positions(table: Tensor, g: int, spatial_shapes: Tensor, length: int,
+                     antialias: bool = True) -> Tensor:
+    """(g * g, D) table, (B, 2) int grids (h, w) -> (B, length, D): each image's first h * w slots
+    get the table resized to its grid as _resize_positions_naflex resizes it, the padding slots the
+    first position (as transformers gives them; masked anyway), with no grid size read as a Python
+    int: the form an exported graph with dynamic B and N computes.
+
+    A bilinear resize is separable and linear, so output row r of an image with h rows is a weighted
+    sum of the g table rows, weights from h as a tensor. aten's upsample_bilinear2d_aa (align_corners
+    False): scale = g / h, centre (r + 0.5) * scale, a triangle filter whose support is widened to
+    `scale` when shrinking (antialias; 1 otherwise), sampled at each source index + 0.5 and
+    normalized over the window; sources outside [0, g) are dropped, which is what clamps it at the
+    borders. Then slot n of an image w wide is row n // w, column n % w, and its position is
+    sum_a sum_c Wh[r, a] Ww[c, c'] table[a, c']: one (B, N, g*g) @ (g*g, D) matmul for the batch."""
+    n = torch.arange(length, device=spatial_shapes.device)[None, :]  # (1, N)
+    h, w = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
+    own = n < h * w  # (B, N): padding slots take row 0, column 0 (an all-zero window gives 0 / 0)
+    row = torch.where(own, n // w, 0)
+    col = torch.where(own, n - (n // w) * w, 0)
+    source = torch.arange(g, device=spatial_shapes.device, dtype=torch.float32)  # (g,)
+
+    def weights(index: Tensor, size: Tensor) -> Tensor:  # (B, N) output index, (B, 1) size -> (B, N, g)
+        scale = g / size.float()  # (B, 1)
+        support = scale.clamp(min=1.0) if antialias else torch.ones_like(scale)
+        centre = (index.float() + 0.5) * scale  # (B, N)
+        x = (source + 0.5 - centre[..., None]) / support[..., None]  # (B, N, g)
+        wt = (1 - x.abs()).clamp(min=0)
+        return wt / wt.sum(-1, keepdim=True)
+
+    Wh, Ww = weights(row, h), weights(col, w)  # (B, N, g) each
+    W = (Wh[..., :, None] * Ww[..., None, :]).flatten(-2)  # (B, N, g * g), row-major like the table
+    return (W @ table.float()).to(table.dtype)  # (B, N, D)
+
+
 class MAPHead(nn.Module):
     """Multihead attention pooling: one learned probe attends over all tokens, then an MLP."""
 
