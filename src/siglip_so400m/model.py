@@ -205,8 +205,8 @@ def naflex_positions(table: Tensor, g: int, spatial_shapes: Tensor, length: int,
                      antialias: bool = True) -> Tensor:
     """(g * g, D) table, (B, 2) int grids (h, w) -> (B, length, D): each image's first h * w slots
     get the table resized to its grid as _resize_positions_naflex resizes it, the padding slots the
-    first position (as transformers gives them; masked anyway), with no grid size read as a Python
-    int: the form an exported graph with dynamic B and N computes.
+    image's first position again (as transformers fills them; masked anyway), with no grid size read
+    as a Python int: the form an exported graph with dynamic B and N computes.
 
     A bilinear resize is separable and linear, so output row r of an image with h rows is a weighted
     sum of the g table rows, weights from h as a tensor. aten's upsample_bilinear2d_aa (align_corners
