@@ -77,6 +77,7 @@ RUNNER = textwrap.dedent("""
     longer = (np.pad(x3[0], ((0, 0), (0, extra), (0, 0))), np.pad(x3[1], ((0, 0), (0, extra))), x3[2])
     n0 = int(x3[2][0].prod())
     alone = (x3[0][:1, :n0], x3[1][:1, :n0], x3[2][:1])  # the first image without any padding
+    one_patch = tuple(ref["one_patch_" + k] for k in names)  # a 1x1 grid: N = 1
     for fmt, folder in (("onnx", onnx_dir), ("openvino", ov_dir)):
         info = json.load(open(folder + "/export.json"))
         for tower in ("vision", "text"):
@@ -93,9 +94,10 @@ RUNNER = textwrap.dedent("""
                 assert inputs == list(names), inputs
                 want = ref["image_embeds"]
                 got = {"batch 3": run(*x3), "batch 1": run(*(a[:1] for a in x3)),
-                       "padded further": run(*longer), "batch 1 unpadded": run(*alone)}
+                       "padded further": run(*longer), "batch 1 unpadded": run(*alone),
+                       "one patch": run(*one_patch)}
                 rows = {"batch 3": want, "batch 1": want[:1], "padded further": want,
-                        "batch 1 unpadded": want[:1]}
+                        "batch 1 unpadded": want[:1], "one patch": ref["one_patch_embeds"]}
             else:
                 want = ref["text_embeds"]
                 got = {"batch 3": run(ref["ids"]), "batch 1": run(ref["ids"][:1])}
@@ -131,11 +133,16 @@ def test_naflex_graphs_match_transformers_siglip2_at_mixed_shapes_in_a_process_w
 
     ids = AutoTokenizer.from_pretrained(str(naflex_ckpt))(texts, padding="max_length", max_length=64,
                                                            truncation=True, return_tensors="pt")["input_ids"]
+    one_patch = _hf_inputs(naflex_ckpt, [IMAGES[6]], max_num_patches=1)  # a 1x1 grid, N = 1
+    assert one_patch["spatial_shapes"].tolist() == [[1, 1]] and one_patch["pixel_values"].shape[1] == 1
     with torch.inference_mode():
         out = ref(input_ids=ids, **inputs)
+        one_embeds = F.normalize(ref.get_image_features(**one_patch).pooler_output, dim=-1)
     ref_file = tmp_path / "ref.npz"
     np.savez(ref_file, ids=ids.numpy(), image_embeds=out.image_embeds.numpy(),
-             text_embeds=out.text_embeds.numpy(), **{k: v.numpy() for k, v in inputs.items()})
+             text_embeds=out.text_embeds.numpy(), one_patch_embeds=one_embeds.numpy(),
+             **{k: v.numpy() for k, v in inputs.items()},
+             **{f"one_patch_{k}": v.numpy() for k, v in one_patch.items()})
     proc = subprocess.run([sys.executable, "-c", RUNNER, str(tmp_path / "onnx"), str(tmp_path / "openvino"),
                            str(ref_file)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -143,7 +150,7 @@ def test_naflex_graphs_match_transformers_siglip2_at_mixed_shapes_in_a_process_w
     assert got["imported"] == []  # neither torch nor siglip_so400m ran the graphs
     D = out.image_embeds.shape[1]
     for fmt in ("onnx", "openvino"):
-        for case in ("batch 3", "batch 1", "padded further", "batch 1 unpadded"):
+        for case in ("batch 3", "batch 1", "padded further", "batch 1 unpadded", "one patch"):
             diff, shape = got[f"{fmt}/vision/{case}"]
             assert shape == [3 if "3" in case or case == "padded further" else 1, D], (fmt, case, shape)
             assert diff <= 1e-4, (fmt, case, diff)
