@@ -213,8 +213,8 @@ def naflex_positions(table: Tensor, g: int, spatial_shapes: Tensor, length: int,
     False): scale = g / h, centre (r + 0.5) * scale, a triangle filter whose support is widened to
     `scale` when shrinking (antialias; 1 otherwise), sampled at each source index + 0.5 and
     normalized over the window; sources outside [0, g) are dropped, which is what clamps it at the
-    borders. Then slot n of an image w wide is row n // w, column n % w, and its position is
-    sum_a sum_c Wh[r, a] Ww[c, c'] table[a, c']: one (B, N, g*g) @ (g*g, D) matmul for the batch."""
+    borders. Then slot n of an image w wide is row r = n // w, column c = n % w, and its position
+    is sum_a sum_b Wh[r, a] * Ww[c, b] * table[a * g + b]: one (B, N, g*g) @ (g*g, D) matmul."""
     n = torch.arange(length, device=spatial_shapes.device)[None, :]  # (1, N)
     h, w = spatial_shapes[:, :1], spatial_shapes[:, 1:]  # (B, 1) each
     own = n < h * w  # (B, N): padding slots take row 0, column 0 (an all-zero window gives 0 / 0)
