@@ -109,16 +109,20 @@ def min_time(fn, repeats: int) -> float:
     return best
 
 
-def gemm_rates(d: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """GFLOP/s (GOP/s for int8) per dtype and 'MxKxN' shape; the best of several runs, since the
-    limit is what the hardware can do. fp32/bf16: the faster of MKL (F.linear) and oneDNN's matmul;
-    int8: torch._int_mm on a (K, N) row-major second operand, its fast layout."""
+def gemm_rates(d: dict, repeats: int, only: str | None = None) -> dict[str, dict[str, float]]:
+    """GFLOP/s (GOP/s for int8) per dtype and 'MxKxN' shape (only: that one shape); the best of
+    several runs, since the limit is what the hardware can do. fp32/bf16: the faster of MKL
+    (F.linear) and oneDNN's matmul (bf16 only where oneDNN has it: not on AVX2-only CPUs, where
+    bf16 is emulated); int8: torch._int_mm on a (K, N) row-major second operand, its fast layout."""
     onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    onednn_bf16 = onednn and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     rates: dict[str, dict[str, float]] = {"fp32": {}, "bf16": {}, "int8": {}}
     qlinear = onednn and hasattr(torch.ops.onednn, "qlinear_pointwise")
     with torch.inference_mode():
         for M, K, N in gemm_shapes(d):
             key, flops = f"{M}x{K}x{N}", 2 * M * K * N
+            if only is not None and key != only:
+                continue
             for name, dtype in DTYPES.items():
                 x, w, b = (
                     torch.randn(M, K, dtype=dtype),
@@ -126,7 +130,7 @@ def gemm_rates(d: dict, repeats: int) -> dict[str, dict[str, float]]:
                     torch.randn(N, dtype=dtype),
                 )
                 t = min_time(lambda: F.linear(x, w, b), repeats)  # noqa: B023
-                if onednn:
+                if onednn and (dtype != torch.bfloat16 or onednn_bf16):
                     t = min(
                         t,
                         min_time(

@@ -124,14 +124,15 @@ def test_onednn_runs_by_default_with_a_weight_range_that_makes_it_exact_at_so400
     torch._int_mm without VNNI or AMX is about 50x slower) with 8-bit weights, or with 7-bit ones
     where the CPU's kernel saturates 8-bit products (AVX2 without VNNI, for float32 activations):
     its result equals torch._int_mm's exact integer sums on the same operands at the image MLP's
-    shape, 729 tokens x 1152 -> 4304, for activations of both signs."""
+    widths, 1152 -> 4304 (64 tokens, not 729: _int_mm is the slow reference), for activations of
+    both signs."""
     if not int8._ONEDNN:
         pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
     limit = int8.onednn_weight_max(dtype)
     assert limit in (127, 63), f"oneDNN's int8 matmul is not exact here for {dtype} with either weight range"
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(1152, 4304)
-    x = (3 * torch.randn(729, 1152, generator=g)).to(dtype)
+    x = (3 * torch.randn(64, 1152, generator=g)).to(dtype)
     w = int8.quantize_weight(layer.weight, layer.bias, dtype=dtype)
     assert w.onednn and w.weight_max == limit
     exact = int8.quantize_weight(layer.weight, layer.bias, False, dtype, weight_max=limit)
