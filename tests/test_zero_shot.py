@@ -93,7 +93,9 @@ def test_cli_json_equals_transformers_pipeline_on_real_photos_tiny(capsys, tiny_
 
 @pytest.mark.slow
 def test_cli_json_equals_transformers_pipeline_so400m(capsys, so400m_ckpt, tmp_path):
-    images = [photo("chelsea.png"), photo("camera.png"), photo("rocket.jpg")]
+    # One photo: the pipeline runs each image through the full-size model twice (its scores, then
+    # its logits), minutes on a 2-core CPU; several images and batching are checked on the tiny model.
+    images = [photo("chelsea.png")]
     labels = LABELS[:4]
     code, out, err = run_cli(capsys, *images, "--labels", *labels, "--model", so400m_ckpt, "--json",
                              "--dtype", "float32", "--no-cache")
