@@ -10,7 +10,8 @@ Output (clip-retrieval's, so autofaiss and embedding-reader read it):
                                            (+ a shard's json fields: url, ...)
     emb/text_emb/text_emb_{i:06d}.npy      float16 (n_i, D) caption embeddings (with --captions)
     emb/errors/errors_{i:06d}.parquet      the images of part i that could not be read, with the error
-    emb/manifest.json                      model, revision, dtype, image size, logit_scale/bias, counts
+    emb/manifest.json                      model, revision, dtype, backend, image size, logit_scale/bias,
+                                           counts
 
 Part numbers are zero-padded (manifest["part_digits"] digits) because embedding-reader and autofaiss
 read the files in name order: unpadded, part 10 would sort before part 2 and their ids would point at
@@ -64,8 +65,11 @@ FORMAT = "siglip_so400m.embed/1"
 PART_DIGITS = 6
 # Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
 # below) only changes speed.
-IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "image_size", "embedding_dim",
-                 "part_size", "captions", "batch_size", "inputs_sha256", "parts", "max_num_patches")
+IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "backend", "image_size",
+                 "embedding_dim", "part_size", "captions", "batch_size", "inputs_sha256", "parts",
+                 "max_num_patches")
+# What a manifest written before a key existed meant by it: runs before --backend ran on torch.
+IDENTITY_DEFAULTS = {"backend": "torch"}
 
 
 class EmbedError(RuntimeError):
@@ -428,7 +432,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
           model: str = DEFAULT_REPO, revision: str | None = None, dtype: str | torch.dtype | None = None,
           device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
           workers: int = 2, part_size: int = 10_000, recursive: bool = False, captions: bool = False,
-          progress: bool | None = None, max_num_patches: int | None = None, lock: bool = True) -> dict:
+          progress: bool | None = None, max_num_patches: int | None = None, lock: bool = True,
+          backend: str = "torch", graphs: str | os.PathLike | None = None) -> dict:
     """Embed every image of `inputs` into `output` (clip-retrieval's layout); returns the manifest.
 
     inputs: folders, image files, glob patterns, .txt/.csv/.parquet lists of paths (with an
@@ -439,15 +444,28 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         and takes its share of the parts. A rerun after an interruption continues; a second run on
         `output` while one is active raises EmbedError. lock=False skips that check (the flock on
         output/.lock), for filesystems without flock: then nothing stops two runs mixing their parts.
+    backend: "torch" (the checkpoint, in `dtype`), or "onnx" / "openvino" to run the towers through
+        the export folder `graphs` of the same checkpoint (siglip-so400m export), on the CPU, in the
+        graphs' own precision; they are checked against the eager float32 model before anything is
+        embedded (backends.open_graphs). The manifest records the backend: a rerun with another
+        one is refused.
     """
     import torch.distributed as dist
 
+    from . import backends
     from .api import load, pick_device, pick_dtype
     from .weights import Checkpoint, CheckpointError, logit_params, resolve
 
     _pyarrow()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
         raise InputError("batch_size and part_size must be at least 1, workers at least 0")
+    try:
+        backends.check_args(backend, graphs)
+    except backends.BackendError as e:
+        raise InputError(str(e)) from None
+    on_graphs = backend != "torch"
+    if on_graphs and device is not None and torch.device(device).type != "cpu":
+        raise InputError(f"--backend {backend} runs the graphs on the CPU; leave --device out (or cpu)")
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out = Path(output)
 
@@ -458,7 +476,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     if threads:
         torch.set_num_threads(threads)
 
-    dev = pick_device(device)
+    dev = torch.device("cpu") if on_graphs else pick_device(device)
     if dev.type == "cuda" and dev.index is None and world > 1:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     name = dtype if isinstance(dtype, torch.dtype) else dtype_name(dtype or "auto")
@@ -472,8 +490,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     else:
         torch_dtype = getattr(torch, name)
     precision = quantize or str(torch_dtype).removeprefix("torch.")
+    towers = ("vision", "text") if captions else ("vision",)
+    opened = None  # backend "onnx" / "openvino": (GraphModel, Processor), checked in prepare()
 
     def prepare() -> tuple[list[Part], Checkpoint, dict]:
+        nonlocal precision, opened
         for above in (out, *out.parents):  # the nearest existing one must be a folder
             if above.exists():
                 if not above.is_dir():
@@ -484,13 +505,25 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         parts = make_parts(files, shards, part_size)
         ckpt = resolve(model, revision=revision)
         cfg = ckpt.config
+        if on_graphs:
+            # Before the output folder exists: a graph of another model, or one that computes
+            # something else than this checkpoint, is refused with nothing written.
+            try:
+                opened = backends.open_graphs(graphs, backend, ckpt, towers,
+                                              dtype=str(name).removeprefix("torch.") if name else None,
+                                              log=lambda m: print(m, file=sys.stderr, flush=True))
+            except backends.GraphMismatch as e:
+                raise EmbedError(str(e)) from None
+            except backends.BackendError as e:
+                raise InputError(str(e)) from None
+            precision = opened[0].precision
         identity = {
             # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
             "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
             "revision": ckpt.revision,
             # Local weights have no commit: their path, size and mtime stand in for one.
             "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
-            "dtype": precision, "image_size": cfg.vision_config.image_size,
+            "dtype": precision, "backend": backend, "image_size": cfg.vision_config.image_size,
             "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,
             # Batches are cut at fixed positions, so another batch size may round a GPU result
             # differently; on CPU images run one by one anyway, but we keep the promise simple.
@@ -539,9 +572,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         raise EmbedError(problem)
 
     try:
-        towers = ("vision", "text") if captions else ("vision",)
-        net, processor = load(ckpt, dtype=None if quantize else torch_dtype, device=dev, towers=towers,
-                              quantize=quantize)
+        if opened is not None:
+            net, processor = opened
+        else:
+            net, processor = load(ckpt, dtype=None if quantize else torch_dtype, device=dev, towers=towers,
+                                  quantize=quantize)
         if captions and processor.tokenizer is None:
             raise EmbedError(f"{ckpt.name} has no spiece.model to tokenize captions with")
         if max_num_patches is not None:
@@ -621,8 +656,8 @@ def _check_manifest(out: Path, identity: dict) -> None:
             raise EmbedError(f"{out} holds embeddings but no {MANIFEST}; give an empty or new --output")
         return
     old = json.loads(path.read_text())
-    diff = [f"{k}: {old.get(k)!r} there, {identity[k]!r} now"
-            for k in IDENTITY_KEYS if old.get(k) != identity[k]]
+    diff = [f"{k}: {old.get(k, IDENTITY_DEFAULTS.get(k))!r} there, {identity[k]!r} now"
+            for k in IDENTITY_KEYS if old.get(k, IDENTITY_DEFAULTS.get(k)) != identity[k]]
     if diff:
         raise EmbedError(f"{out} holds a run with other settings, which this one cannot continue ("
                          + "; ".join(diff) + "); rerun with the same inputs and settings, or give "
@@ -775,6 +810,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--max-num-patches", type=int, metavar="N",
                    help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     p.add_argument("--captions", action="store_true", help="also embed the captions into text_emb/")
+    p.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch",
+                   help="what runs the towers: torch (default), or the graphs of --graphs in ONNX Runtime "
+                        "or OpenVINO, checked against eager float32 at start (docs/embed.md)")
+    p.add_argument("--graphs", metavar="DIR", help="with --backend onnx/openvino: the folder `siglip-so400m "
+                   "export` made from --model in that format")
     p.add_argument("--no-lock", action="store_true", help="do not flock DIR/.lock (for filesystems "
                    "without flock, e.g. Lustre without -o flock): make sure no other run writes to DIR")
     args = p.parse_args(argv)
@@ -786,7 +826,7 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
               device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
               threads=args.threads, workers=args.workers, part_size=args.part_size,
               recursive=args.recursive, captions=args.captions, max_num_patches=args.max_num_patches,
-              lock=not args.no_lock)
+              lock=not args.no_lock, backend=args.backend, graphs=args.graphs)
     except InputError as e:
         p.error(str(e))  # exits 2
     except (EmbedError, CheckpointError) as e:

@@ -425,10 +425,13 @@ def _eager(sig: nn.Module, tower: str, inputs: tuple[torch.Tensor, ...]) -> np.n
         return encode(inputs[0], normalize=True).float().numpy()
 
 
-def _parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path, fmt: str,
+def _parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path | Graph, fmt: str,
             dtype: str) -> TowerCheck:
+    """The gate's figures; `graph` a path, or a Graph already open (backends' start-up check runs
+    the very session the job then uses)."""
     ref3, ref1 = _eager(sig, tower, sample.batch3), _eager(sig, tower, sample.batch1)  # (3, D), (1, D)
-    run = Graph(graph, fmt, dtype)
+    run = graph if isinstance(graph, Graph) else Graph(graph, fmt, dtype)
+    graph = run.path
     got3 = run(*(x.numpy() for x in sample.batch3))
     got1 = run(*(x.numpy() for x in sample.batch1))
     if got3.shape != ref3.shape or got1.shape != ref1.shape:
@@ -441,13 +444,20 @@ def _parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path, fmt: str,
                       float(np.abs(got1[0] - got3[0]).max()), run.precision, sample.what)
 
 
-def _gate(check: TowerCheck, precision: str) -> None:
+def gate_failures(check: TowerCheck, precision: str) -> list[str]:
+    """What the parity gate finds wrong with a check at `precision` (empty: it passes); the export's
+    gate and embed/serve's start-up check on --graphs (backends.py) apply this one rule."""
     max_abs, min_cos = MAX_ABS.get(precision), MIN_COSINE[precision]
     bad = []
     if not np.isfinite(check.max_abs_diff) or (max_abs is not None and check.max_abs_diff > max_abs):
         bad.append(f"max |diff| {check.max_abs_diff:.3e} > {max_abs:g}" if max_abs else "non-finite output")
     if not check.min_cosine >= min_cos:
         bad.append(f"min cosine {check.min_cosine:.7f} < {min_cos}")
+    return bad
+
+
+def _gate(check: TowerCheck, precision: str) -> None:
+    bad = gate_failures(check, precision)
     if bad:
         raise ExportError(f"the exported {check.tower} graph {check.graph} does not match the eager model "
                           f"({precision}): {'; '.join(bad)}. Nothing was written.")

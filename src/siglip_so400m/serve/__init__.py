@@ -44,6 +44,11 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--max-num-patches", type=int, metavar="N",
                    help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
+    p.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch",
+                   help="what runs the towers: torch (default), or the graphs of --graphs in ONNX Runtime "
+                        "or OpenVINO, checked against eager float32 at start (docs/serve.md)")
+    p.add_argument("--graphs", metavar="DIR", help="with --backend onnx/openvino: the folder `siglip-so400m "
+                   "export` made from --model in that format (both towers)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="items per forward pass (default: 16)")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
@@ -111,23 +116,45 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
 
     import torch
 
+    from .. import backends
     from ..api import load, pick_device, pick_dtype
-    from ..weights import CheckpointError
+    from ..weights import CheckpointError, resolve
     from .app import Server, Settings, create_app
     from .batcher import Batcher, Metrics
     from .inputs import ImageLimits
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = pick_device(args.device)
-    quantize = "int8" if args.dtype == "int8" else None
+    try:
+        backends.check_args(args.backend, args.graphs)
+    except backends.BackendError as e:
+        p.error(str(e))
+    on_graphs = args.backend != "torch"
+    if on_graphs and args.device not in ("auto", "cpu"):
+        p.error(f"--backend {args.backend} runs the graphs on the CPU; leave --device out (or cpu)")
+    device = torch.device("cpu") if on_graphs else pick_device(args.device)
+    quantize = "int8" if args.dtype == "int8" and not on_graphs else None
     if quantize and device.type != "cpu":
         p.error("--dtype int8 runs on the CPU only (--device cpu)")
-    dtype = (torch.float32 if quantize else pick_dtype(device) if args.dtype == "auto"
+    dtype = (torch.float32 if quantize or on_graphs else pick_dtype(device) if args.dtype == "auto"
              else getattr(torch, dtype_name(args.dtype)))
     try:
-        model, processor = load(args.model, revision=args.revision, dtype=dtype, device=device,
-                                quantize=quantize)
+        if on_graphs:
+            # Both towers through the graphs, checked against the eager float32 model before the
+            # server listens; a folder of another model, a wrong format or dtype is a usage error.
+            try:
+                model, processor = backends.open_graphs(
+                    args.graphs, args.backend, resolve(args.model, revision=args.revision),
+                    ("vision", "text"), dtype=dtype_name(args.dtype),
+                    log=lambda m: print(m, file=sys.stderr, flush=True))
+            except backends.GraphMismatch as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+            except backends.BackendError as e:
+                p.error(str(e))
+        else:
+            model, processor = load(args.model, revision=args.revision, dtype=dtype, device=device,
+                                    quantize=quantize)
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
         if args.max_num_patches is not None:
@@ -142,7 +169,8 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                       max_queue=args.max_queue, metrics=metrics, collate_images=processor.image.collate,
                       delay_s=float(os.environ.get(TEST_DELAY_ENV, 0)) / 1000)
     settings = Settings(
-        model_name=ckpt.name, revision=ckpt.revision, precision=model.precision,
+        model_name=ckpt.name, revision=ckpt.revision, precision=model.precision, backend=args.backend,
+        raw_embeddings=getattr(model, "raw_embeddings", True),
         max_items=args.max_items, max_labels=args.max_labels,
         max_request_bytes=int(args.max_request_mb * (1 << 20)),
         image_limits=ImageLimits(max_pixels=args.max_image_pixels, allow_urls=args.allow_urls,

@@ -52,6 +52,8 @@ class Settings:
     model_name: str
     revision: str | None
     precision: str
+    backend: str = "torch"  # what runs the towers (--backend): torch, onnx or openvino
+    raw_embeddings: bool = True  # False: the graphs return normalized embeddings only
     max_items: int = 64
     max_labels: int = 256
     max_request_bytes: int = 32 << 20
@@ -515,6 +517,7 @@ def create_app(server: Server) -> Guard:
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": s.model_name, "revision": s.revision, "dtype": s.precision,
+                "backend": s.backend,
                 "queue_depth": sum(server.batcher.depth().values()),
                 "max_queue": server.batcher.max_queue, "search": server.index is not None}
 
@@ -551,6 +554,10 @@ def create_app(server: Server) -> Guard:
                                                  "encoding_format": "str", "dimensions": "int"})
         items = require_list(body, "input", s.max_items, "--max-items", allow_str=True)
         normalize = optional(body, "normalize", bool, True)
+        if not normalize and not s.raw_embeddings:
+            raise ApiError(422, f"normalize=false: this server runs the {s.backend} graphs (--backend), "
+                           "which return L2-normalized embeddings only; send normalize=true, or run the "
+                           "server with --backend torch for raw embeddings", "normalize")
         fmt = optional(body, "encoding_format", str, "float")
         if fmt not in ("float", "base64"):
             raise ApiError(422, f"encoding_format must be 'float' or 'base64', got {fmt!r}",
