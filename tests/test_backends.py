@@ -108,6 +108,11 @@ def test_embed_on_graphs_equals_torch_and_transformers_with_the_same_layout(back
         for mine, eager, ref in pairs:
             torch.testing.assert_close(mine, ref, atol=1e-4, rtol=0)
             torch.testing.assert_close(mine, eager, atol=1e-4, rtol=0)
+    # search reads the folder as any embed folder (queries by the manifest's model and dtype).
+    index = siglip_so400m.Index.load(tmp_path / backend)
+    (hit, *_), = index.search(images=[str(photos / "img_3.png")], k=2)
+    assert Path(hit["path"]).name == "img_3.png" and hit["score"] == pytest.approx(1, abs=1e-3)
+    assert len(index.search(texts=["a red square"], k=2)[0]) == 2
 
 
 def test_a_resume_with_another_backend_is_refused_and_old_manifests_still_resume(tiny_ckpt, exports, photos,
