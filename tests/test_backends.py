@@ -339,3 +339,28 @@ def test_serve_cli_refuses_wrong_graphs_with_usage_errors(tiny_ckpt, exports, ca
             serve_main(["--model", str(tiny_ckpt), *argv])
         assert e.value.code == 2
         assert says in capsys.readouterr().err
+
+
+def test_naflex_embed_on_an_onnx_graph_equals_torch_and_transformers_siglip2(naflex_ckpt, tmp_path):
+    _needs_runtimes()
+    from transformers import Siglip2ImageProcessorPil, Siglip2Model
+
+    siglip_so400m.export(naflex_ckpt, tmp_path / "g", format="onnx", towers=("vision",))
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    images = []
+    for i, (h, w) in enumerate(((20, 90), (80, 30), (50, 50))):  # three grids, three paddings
+        images.append(Image.fromarray(np.random.default_rng(i).integers(0, 256, (h, w, 3), dtype=np.uint8)))
+        images[-1].save(photos / f"{i}.png")
+    kw = {"model": str(naflex_ckpt), "workers": 0, "batch_size": 3}
+    got = siglip_so400m.embed(photos, tmp_path / "onnx", backend="onnx", graphs=tmp_path / "g", **kw)
+    siglip_so400m.embed(photos, tmp_path / "torch", dtype="float32", **kw)
+    assert got["backend"] == "onnx" and got["counts"]["images"] == 3
+    a, b = (np.load(tmp_path / d / "img_emb" / "img_emb_000000.npy").astype(np.float32)
+            for d in ("onnx", "torch"))
+    assert np.abs(a - b).max() <= 2**-11
+    inputs = Siglip2ImageProcessorPil.from_pretrained(str(naflex_ckpt))(images=images, return_tensors="pt")
+    with torch.inference_mode():
+        ref = Siglip2Model.from_pretrained(str(naflex_ckpt)).eval().get_image_features(**inputs)
+    ref = F.normalize(ref if torch.is_tensor(ref) else ref.pooler_output, dim=-1)
+    np.testing.assert_allclose(a, ref.numpy(), atol=2**-11, rtol=0)
