@@ -11,6 +11,7 @@ import asyncio
 import base64
 import io
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -326,7 +327,8 @@ def test_serve_on_graphs_answers_embeddings_and_classify_as_torch_does(backend, 
     assert s3 == 422 and "normalized embeddings only" in raw["error"]["message"]
 
 
-def test_serve_cli_refuses_wrong_graphs_with_usage_errors(tiny_ckpt, exports, capsys):
+def test_serve_cli_refuses_wrong_graphs_with_usage_errors_and_a_perturbed_one_with_numbers(
+        tiny_ckpt, exports, capsys, monkeypatch):
     pytest.importorskip("fastapi", reason="the server needs the [serve] extra")
     from siglip_so400m.serve import serve_main
 
@@ -339,6 +341,14 @@ def test_serve_cli_refuses_wrong_graphs_with_usage_errors(tiny_ckpt, exports, ca
             serve_main(["--model", str(tiny_ckpt), *argv])
         assert e.value.code == 2
         assert says in capsys.readouterr().err
+    # The start-up check, before the port opens: exit 1 with the numbers.
+    real = exporting.Graph.__call__
+    monkeypatch.setattr(exporting.Graph, "__call__", lambda self, *x: real(self, *x) * np.float32(0.999))
+    assert serve_main(["--model", str(tiny_ckpt), "--backend", "openvino", "--graphs",
+                       str(exports["openvino"]), "--port", "0"]) == 1
+    err = capsys.readouterr().err
+    assert re.search(r"vision graph vision\.xml \(OpenVINO, float32\) does not compute what --model .* "
+                     r"max \|diff\| \d\.\d+e-0[34] > 0\.0001", err), err
 
 
 def test_naflex_embed_on_an_onnx_graph_equals_torch_and_transformers_siglip2(naflex_ckpt, tmp_path):

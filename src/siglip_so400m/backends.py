@@ -129,7 +129,11 @@ def read_export(folder: str | Path, backend: str, towers: Sequence[str]) -> dict
             raise BackendError(f"--graphs {folder} has no {tower} graph (export.json lists "
                                f"{', '.join(graphs) or 'none'}); this job needs the {' and '.join(towers)} "
                                "tower(s): export with --towers " + " ".join(towers))
-        name = graphs[tower]["file"]
+        try:
+            name = graphs[tower]["file"]
+        except (KeyError, TypeError) as e:
+            raise BackendError(f"--graphs {folder}: export.json is damaged (the {tower} graph has no "
+                               f"file: {type(e).__name__}: {e}); export again with `{make}`") from None
         names = [name] + ([name.removesuffix(".xml") + ".bin"] if backend == "openvino" else [])
         for n in names:  # (an ONNX graph's external data: ONNX Runtime names it if it is missing)
             if not (folder / n).is_file():
