@@ -226,17 +226,6 @@ def test_wrong_folders_and_flags_are_usage_errors_with_one_message_each(tiny_ckp
     assert not (tmp_path / "out").exists()  # nothing was written by any of them
 
 
-def test_import_siglip_so400m_and_the_jobs_import_no_runtime():
-    import subprocess
-
-    code = ("import sys, siglip_so400m, siglip_so400m.embedding, siglip_so400m.backends, "
-            "siglip_so400m.serve; "
-            "print(sorted(m for m in ('onnx', 'onnxruntime', 'openvino') if m in sys.modules))")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    assert r.stdout.strip() == "[]"
-
-
 # ---- serve ----
 
 def _server(model, processor, backend: str = "torch"):

@@ -246,7 +246,10 @@ def test_bf16_openvino_says_what_the_cpu_computed_in(family, tmp_path):
 
 
 def test_import_siglip_so400m_imports_no_runtime_until_export_runs():
-    code = ("import sys, siglip_so400m, siglip_so400m.cli, siglip_so400m.exporting; "
+    """Neither the package, the CLI, export itself, nor the jobs that take --backend (embed, serve,
+    backends) import a runtime until a graph is run."""
+    code = ("import sys, siglip_so400m, siglip_so400m.cli, siglip_so400m.exporting, siglip_so400m.embedding, "
+            "siglip_so400m.backends, siglip_so400m.serve; "
             "assert siglip_so400m.export is siglip_so400m.exporting.export; "
             "print(sorted(m for m in ('onnx', 'onnxscript', 'onnxruntime', 'openvino') if m in sys.modules))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
