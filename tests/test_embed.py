@@ -230,13 +230,14 @@ def test_output_that_is_a_file_is_a_usage_error_and_the_summary_counts_in_englis
 def test_a_filesystem_without_flock_says_so_and_no_lock_runs(tiny_ckpt, photos, tmp_path, capsys,
                                                              monkeypatch):
     import errno
+    import fcntl
 
     from siglip_so400m import embedding
 
     def no_flock(*_):
         raise OSError(errno.ENOSYS, "Function not implemented")  # Lustre without -o flock
 
-    monkeypatch.setattr(embedding.fcntl, "flock", no_flock)
+    monkeypatch.setattr(fcntl, "flock", no_flock)
     args = [str(photos / "img_001.jpg"), *common(tiny_ckpt, tmp_path / "out"), "--workers", "0"]
     assert embedding.main(args) == 1
     err = capsys.readouterr().err

@@ -82,6 +82,20 @@ class Processor:
             raise ValueError(f"size must be a positive int or (height, width), got {size!r}")
         return dataclasses.replace(self.image, height=H, width=W)
 
+    def sized(self, size: int | tuple[int, int] | None = None,
+              max_num_patches: int | None = None) -> Processor:
+        """A new processor whose images are resized to `size`, or for NaFlex within
+        `max_num_patches` patches (see at_size); this one is left as it is."""
+        return Processor(self.at_size(size, max_num_patches), self.tokenizer, self._source)
+
+    def image_record(self) -> dict:
+        """What decides the image embeddings beside the weights, as stored outputs record it: the
+        fixed size (image_size, [H, W] when not square), or SigLIP 2 NaFlex's patch budget."""
+        if isinstance(self.image, NaFlexImageProcessor):
+            return {"max_num_patches": self.image.max_num_patches}
+        H, W = self.image.height, self.image.width
+        return {"image_size": H if H == W else [H, W], "max_num_patches": None}
+
     def texts(self, texts: str | list[str]) -> torch.Tensor:
         """Strings -> (B, L) int64 token ids, padded as the checkpoint was trained (L = 64 or 16)."""
         if self.tokenizer is None:

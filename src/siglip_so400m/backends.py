@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import dtype_name
+from .errors import SiglipError
 from .image import NaFlexPixels
 from .model import match_logits
 from .weights import Checkpoint
@@ -35,7 +36,7 @@ RUNTIME_MODULE = {"onnx": "onnxruntime", "openvino": "openvino"}
 RUNTIME_NAME = {"onnx": "ONNX Runtime", "openvino": "OpenVINO"}
 
 
-class BackendError(ValueError):
+class BackendError(SiglipError, ValueError):
     """A --backend / --graphs combination that cannot run: a usage error (exit 2), found before
     anything is written."""
 

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .config import SiglipConfig, TextConfig, VisionConfig
+from .errors import SiglipError
 
 # Within one encoder block: our (HF) name -> big_vision name.
 _BLOCK = {
@@ -70,7 +71,7 @@ _QKV = ("query", "key", "value")
 _OPTIONAL = {"txt/head/kernel", "txt/head/bias"}  # absent in the i18n checkpoint
 
 
-class BigVisionError(ValueError):
+class BigVisionError(SiglipError, ValueError):
     """A .npz whose arrays are not a big_vision SigLIP parameter tree."""
 
 

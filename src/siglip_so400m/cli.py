@@ -10,9 +10,10 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import DEFAULT_TEMPLATE, DTYPES
+from .config import DEFAULT_TEMPLATE
+from .errors import SiglipError, UsageError
 from .image import expand_images
-from .weights import DEFAULT_REPO
+from .modelspec import ModelSpec, add_model_arguments
 
 SCORE_NOTES = {
     "sigmoid": "sigmoid: SigLIP's own probability that the label matches, each label on its own; "
@@ -22,17 +23,11 @@ SCORE_NOTES = {
 }
 
 
-class UsageError(Exception):
-    """Bad command-line input: exit status 2."""
-
-
 def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("images", nargs="+", metavar="IMAGE",
                    help="image files, folders (their images, not recursive) or glob patterns")
     p.add_argument("--labels", nargs="+", metavar="LABEL", help="the candidate labels")
     p.add_argument("--labels-file", type=Path, help="labels, one a line (blank lines are skipped)")
-    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
     p.add_argument("--template", default=DEFAULT_TEMPLATE,
                    help="prompt with {} for the label (default: %(default)r)")
     p.add_argument("--templates-file", type=Path,
@@ -45,24 +40,10 @@ def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
     out = p.add_mutually_exclusive_group()
     out.add_argument("--json", action="store_true", help="one JSON list of per-image results")
     out.add_argument("--jsonl", action="store_true", help="one JSON object a line, as images finish")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="auto",
-                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32; int8: "
-                        "linear layers quantized on the fly, CPU only (speed: docs/performance.md)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    add_model_arguments(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--image-size", type=int, metavar="N", help="run the image tower at NxN pixels "
-                   "(position embeddings resized as transformers does; default: the checkpoint's size)")
-    add_max_num_patches_argument(p)
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--cache-dir", type=Path, help="label-embedding cache (default: ~/.cache/siglip_so400m)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write the label cache")
-
-
-def add_max_num_patches_argument(p: argparse.ArgumentParser) -> None:
-    """--max-num-patches, for every command that reads images."""
-    p.add_argument("--max-num-patches", type=int, metavar="N",
-                   help="SigLIP 2 NaFlex: resize each image, at its own aspect ratio, to at most N "
-                        "patches (default: the checkpoint's preprocessor_config.json, 256)")
 
 
 def read_lines(path: Path, what: str) -> list[str]:
@@ -107,10 +88,6 @@ def parse_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
         raise UsageError("--threshold is a sigmoid probability, between 0 and 1")
     if args.batch_size < 1:
         raise UsageError("--batch-size must be at least 1")
-    if args.image_size is not None and args.image_size < 1:
-        raise UsageError("--image-size must be a positive number of pixels")
-    if args.max_num_patches is not None and args.max_num_patches < 1:
-        raise UsageError("--max-num-patches must be a positive number of patches")
     return labels, templates
 
 
@@ -126,33 +103,18 @@ def run_zero_shot(args: argparse.Namespace) -> int:
     # Heavy imports after the arguments are known to be good, so usage errors come back at once.
     import torch
 
-    from .api import Processor, load, pick_device, pick_dtype
     from .image import ImageReadError
-    from .weights import CheckpointError, resolve
+    from .weights import CheckpointError
     from .zeroshot import LabelCache, ZeroShotClassifier, default_cache_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
-        device = pick_device(args.device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError(f"--device {args.device}: CUDA is not available here")
-    except RuntimeError as e:
-        raise UsageError(f"--device {args.device}: {e}") from None
-    quantize = "int8" if args.dtype == "int8" else None
-    if quantize and device.type != "cpu":
-        raise UsageError("--dtype int8 runs on the CPU only (--device cpu)")
-    # int8: load() picks the dtype of the layers it does not quantize (bf16 where the CPU has it).
-    dtype = None if quantize else getattr(torch, DTYPES[args.dtype]) if DTYPES[args.dtype] \
-        else pick_dtype(device)
-    precision = quantize or str(dtype).removeprefix("torch.")
-    if args.dtype == "auto" and dtype not in (None, torch.float32):
-        print(f"note: computing in {precision}, the default on this {device.type}; "
+    run = ModelSpec.from_args(args).resolve()
+    precision = run.precision
+    if args.dtype == "auto" and run.dtype != torch.float32:
+        print(f"note: computing in {precision}, the default on this {run.device.type}; "
               "--dtype float32 gives transformers' numbers exactly", file=sys.stderr)
-
     try:
-        ckpt = resolve(args.model, revision=args.revision)
-        processor = Processor.from_checkpoint(ckpt)
+        ckpt = run.checkpoint()
+        processor = run.processor(ckpt)
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no tokenizer (spiece.model, tokenizer.json or "
                                   "tokenizer.model) to tokenize the labels with")
@@ -162,15 +124,12 @@ def run_zero_shot(args: argparse.Namespace) -> int:
                                templates, precision)
         # With every label cached, the text tower is neither read nor run.
         towers = ("vision",) if cache and not cache.missing(labels) else ("vision", "text")
-        model, processor = load(ckpt, dtype=dtype, device=device, towers=towers, quantize=quantize)
+        model, processor = run.open(towers, ckpt=ckpt)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     classifier = ZeroShotClassifier(model, processor, labels, templates, cache=cache)
-    try:
-        image_proc = processor.at_size(args.image_size, args.max_num_patches)
-    except ValueError as e:
-        raise UsageError(str(e)) from None
+    image_proc = processor.image
 
     meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": precision, "templates": templates}
     specs = list(expand_images(args.images))
@@ -244,8 +203,7 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
 
     p = argparse.ArgumentParser(prog=prog, description="Fine-tune SigLIP with the sigmoid loss, in one "
                                 "process or under torchrun --nproc_per_node N (same command).")
-    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
+    add_model_arguments(p, only=("model", "revision", "device", "image_size", "max_num_patches"))
     p.add_argument("--data", required=True, help="a CSV/JSONL of (image path, caption), or a folder")
     p.add_argument("--output-dir", required=True, help="where checkpoints and the result go; a run "
                    "there is resumed")
@@ -264,19 +222,13 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                    help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
-    p.add_argument("--image-size", type=int, metavar="N", help="train at NxN pixels: the position "
-                   "embeddings are resized once at load and the saved config says N")
-    add_max_num_patches_argument(p)
     p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     args = vars(p.parse_args(argv))
     args["max_grad_norm"] = args["max_grad_norm"] or None
-    from .data import DataError
     from .train import train
-    from .weights import CheckpointError
 
     try:
         cfg = TrainConfig(**args)
@@ -284,7 +236,9 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
         p.error(str(e))
     try:
         train(cfg)
-    except (CheckpointError, DataError) as e:
+    except UsageError as e:
+        p.error(str(e))
+    except SiglipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
@@ -307,6 +261,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("export", help="each tower as an ONNX or OpenVINO graph, checked", add_help=False)
     args, rest = p.parse_known_args(argv)
     prog = f"siglip-so400m {args.command}"
+    # The one place that turns an error into an exit status: each command reports its own errors,
+    # and whatever reaches here is still one line, never a traceback.
+    try:
+        return _run_command(args.command, rest, prog)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except SiglipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _run_command(command: str, rest: list[str], prog: str) -> int:
+    args = argparse.Namespace(command=command)
     if args.command == "zero-shot":
         return zero_shot_main(rest, prog=prog)
     if args.command == "finetune":

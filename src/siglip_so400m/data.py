@@ -17,10 +17,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .api import Processor
+from .errors import SiglipError
 from .image import CAPTION_COLUMNS, IMAGE_COLUMNS, IMAGE_SUFFIXES, ImageReadError, list_columns
 
 
-class DataError(ValueError):
+class DataError(SiglipError, ValueError):
     """A dataset that cannot be used at all (as opposed to single bad images, which are skipped)."""
 
 

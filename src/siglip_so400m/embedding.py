@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import errno
-import fcntl
 import hashlib
 import json
 import math
@@ -52,8 +50,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import DTYPES, dtype_name
+from .errors import SiglipError, UsageError
 from .image import IMAGE_COLUMNS, IMAGE_SUFFIXES, ImageReadError, list_columns, load_image
+from .modelspec import add_model_arguments
 from .weights import DEFAULT_REPO, atomic_write
 
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
@@ -72,11 +71,11 @@ IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "backend", "
 IDENTITY_DEFAULTS = {"backend": "torch"}
 
 
-class EmbedError(RuntimeError):
+class EmbedError(SiglipError, RuntimeError):
     """A run that cannot start: bad inputs, a locked or incompatible output folder, no pyarrow."""
 
 
-class InputError(EmbedError):
+class InputError(EmbedError, UsageError):
     """A command that names something wrong (a missing input, a file as --output): a usage error,
     found before anything is written."""
 
@@ -317,30 +316,13 @@ def _worker_init(_: int) -> None:
 
 # --- the run --------------------------------------------------------------------------------
 
-class _Lock:
-    """An exclusive flock on DIR/.lock: the OS drops it when the process dies, so a killed run never
-    blocks its rerun."""
+def _Lock(out: Path):
+    from .weights import FolderInUse, FolderLock
 
-    def __init__(self, out: Path):
-        self.file = open(out / LOCK, "a+")  # noqa: SIM115 -- held for the run
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            self.file.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise EmbedError(f"{out} is in use by another embed run (it holds {out / LOCK}); wait for "
-                                 "it to end, or give another --output") from None
-            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK):
-                raise EmbedError(
-                    f"{out}: its filesystem does not support flock ([Errno {e.errno}] {e.strerror}; e.g. "
-                    "Lustre mounted without -o flock, or NFS without a lock daemon), so this run cannot "
-                    "make sure it is the only one writing there. If no other embed run writes to it, "
-                    "run again with --no-lock (lock=False); or give an --output on a filesystem with "
-                    "locks") from None
-            raise
-
-    def release(self) -> None:
-        self.file.close()
+    try:
+        return FolderLock(out, "embed run", "run again with --no-lock (lock=False)")
+    except FolderInUse as e:
+        raise EmbedError(str(e)) from None
 
 
 def part_digits(parts: int) -> int:
@@ -433,7 +415,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
           device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
           workers: int = 2, part_size: int = 10_000, recursive: bool = False, captions: bool = False,
           progress: bool | None = None, max_num_patches: int | None = None, lock: bool = True,
-          backend: str = "torch", graphs: str | os.PathLike | None = None) -> dict:
+          backend: str = "torch", graphs: str | os.PathLike | None = None,
+          image_size: int | None = None) -> dict:
     """Embed every image of `inputs` into `output` (clip-retrieval's layout); returns the manifest.
 
     inputs: folders, image files, glob patterns, .txt/.csv/.parquet lists of paths (with an
@@ -452,20 +435,21 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     """
     import torch.distributed as dist
 
-    from . import backends
-    from .api import load, pick_device, pick_dtype
-    from .weights import Checkpoint, CheckpointError, logit_params, resolve
+    from .modelspec import ModelSpec
+    from .weights import Checkpoint, logit_params
 
     _pyarrow()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
         raise InputError("batch_size and part_size must be at least 1, workers at least 0")
+    if isinstance(dtype, torch.dtype):
+        dtype = str(dtype).removeprefix("torch.")
+    spec = ModelSpec(model=model, revision=revision, dtype=dtype or "auto", device=device or "auto",
+                     threads=threads, image_size=image_size, max_num_patches=max_num_patches,
+                     backend=backend, graphs=graphs)
     try:
-        backends.check_args(backend, graphs)
-    except backends.BackendError as e:
+        run = spec.resolve()
+    except UsageError as e:
         raise InputError(str(e)) from None
-    on_graphs = backend != "torch"
-    if on_graphs and device is not None and torch.device(device).type != "cpu":
-        raise InputError(f"--backend {backend} runs the graphs on the CPU; leave --device out (or cpu)")
     specs = [inputs] if isinstance(inputs, (str, os.PathLike)) else list(inputs)
     out = Path(output)
 
@@ -473,28 +457,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # only flags and barriers travel; the data stays on disk
     rank = dist.get_rank() if dist.is_initialized() else 0
-    if threads:
-        torch.set_num_threads(threads)
-
-    dev = torch.device("cpu") if on_graphs else pick_device(device)
-    if dev.type == "cuda" and dev.index is None and world > 1:
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    name = dtype if isinstance(dtype, torch.dtype) else dtype_name(dtype or "auto")
-    quantize = "int8" if name == "int8" else None
-    if quantize:
-        torch_dtype = torch.float32
-    elif isinstance(name, torch.dtype):
-        torch_dtype = name
-    elif name is None:
-        torch_dtype = pick_dtype(dev)
-    else:
-        torch_dtype = getattr(torch, name)
-    precision = quantize or str(torch_dtype).removeprefix("torch.")
     towers = ("vision", "text") if captions else ("vision",)
-    opened = None  # backend "onnx" / "openvino": (GraphModel, Processor), checked in prepare()
+    opened = None  # (model, processor): a graph backend's are opened (and checked) in prepare()
 
     def prepare() -> tuple[list[Part], Checkpoint, dict]:
-        nonlocal precision, opened
+        nonlocal opened
         for above in (out, *out.parents):  # the nearest existing one must be a folder
             if above.exists():
                 if not above.is_dir():
@@ -503,35 +470,27 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                 break
         files, shards = expand_inputs(specs, recursive)
         parts = make_parts(files, shards, part_size)
-        ckpt = resolve(model, revision=revision)
+        ckpt = run.checkpoint(towers)
         cfg = ckpt.config
+        # Sized before the output folder exists: a budget this checkpoint cannot take is refused
+        # with nothing written.
+        processor = run.processor(ckpt)
         if on_graphs:
-            # Before the output folder exists: a graph of another model, or one that computes
+            # Before the output folder exists too: a graph of another model, or one that computes
             # something else than this checkpoint, is refused with nothing written.
-            try:
-                opened = backends.open_graphs(graphs, backend, ckpt, towers,
-                                              dtype=str(name).removeprefix("torch.") if name else None,
-                                              log=lambda m: print(m, file=sys.stderr, flush=True))
-            except backends.GraphMismatch as e:
-                raise EmbedError(str(e)) from None
-            except backends.BackendError as e:
-                raise InputError(str(e)) from None
-            precision = opened[0].precision
+            opened = run.open(towers, ckpt=ckpt, log=lambda m: print(m, file=sys.stderr, flush=True))
         identity = {
-            # A local model is recorded by its absolute path, so that `search` finds it from anywhere.
-            "format": FORMAT, "model": str(Path(model).resolve()) if ckpt.revision is None else ckpt.name,
-            "revision": ckpt.revision,
-            # Local weights have no commit: their path, size and mtime stand in for one.
-            "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16],
-            "dtype": precision, "backend": backend, "image_size": cfg.vision_config.image_size,
+            "format": FORMAT, **run.record(ckpt, processor),
             "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,
             # Batches are cut at fixed positions, so another batch size may round a GPU result
             # differently; on CPU images run one by one anyway, but we keep the promise simple.
             "batch_size": batch_size, "inputs_sha256": _inputs_sha256(parts), "parts": len(parts),
-            "max_num_patches": max_num_patches,  # NaFlex only; None: the checkpoint's own
         }
+        # NaFlex has no fixed size: the field keeps the config's value, as runs before the record did.
+        identity.setdefault("image_size", cfg.vision_config.image_size)
         return parts, ckpt, identity
 
+    on_graphs = backend != "torch"
     if world == 1:
         parts, ckpt, identity = prepare()
     else:
@@ -541,7 +500,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         failure, parts, ckpt, identity = None, [], None, None
         try:
             parts, ckpt, identity = prepare()
-        except (EmbedError, CheckpointError) as e:
+        except SiglipError as e:
             failure = str(e)
         _agree_across_ranks(failure, identity, world)
     scale, bias = logit_params(ckpt)
@@ -553,7 +512,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         try:
             out.mkdir(parents=True, exist_ok=True)
             held = _Lock(out) if lock else None
-            _check_manifest(out, identity)
+            _check_manifest(out, identity, ckpt)
             _pad_old_names(out, parts, captions, digits)
             already = sum(part_done(out, p.index, captions, digits) for p in parts)
             for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a killed run's unfinished files
@@ -572,18 +531,9 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         raise EmbedError(problem)
 
     try:
-        if opened is not None:
-            net, processor = opened
-        else:
-            net, processor = load(ckpt, dtype=None if quantize else torch_dtype, device=dev, towers=towers,
-                                  quantize=quantize)
+        net, processor = opened or run.open(towers, ckpt=ckpt)
         if captions and processor.tokenizer is None:
             raise EmbedError(f"{ckpt.name} has no spiece.model to tokenize captions with")
-        if max_num_patches is not None:
-            try:
-                processor.image = processor.at_size(None, max_num_patches)
-            except ValueError as e:
-                raise EmbedError(str(e)) from None
         mine = [p for p in parts if p.index % world == rank
                 and not part_done(out, p.index, captions, digits)]
         for p in mine:
@@ -591,7 +541,8 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                 p.items, error = scan_shard(p.shard)
                 if error:  # the whole shard is one bad input: recorded, not fatal
                     p.items = [Item(shard=p.shard, key="", error=f"{p.shard}: {error}")]
-        stats = _run(net, processor, mine, out, captions, digits, batch_size, workers, dev, rank, progress)
+        stats = _run(net, processor, mine, out, captions, digits, batch_size, workers, run.device, rank,
+                     progress)
         if world > 1:
             done = torch.tensor([stats["done"]], dtype=torch.int64)
             dist.all_reduce(done)  # also the barrier before rank 0 reads every part
@@ -649,15 +600,22 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def _check_manifest(out: Path, identity: dict) -> None:
+def _check_manifest(out: Path, identity: dict, ckpt) -> None:
+    from .api import Processor
+
     path = out / MANIFEST
     if not path.is_file():
         if any((out / d).is_dir() and any((out / d).iterdir()) for d in ("img_emb", "metadata")):
             raise EmbedError(f"{out} holds embeddings but no {MANIFEST}; give an empty or new --output")
         return
     old = json.loads(path.read_text())
-    diff = [f"{k}: {old.get(k, IDENTITY_DEFAULTS.get(k))!r} there, {identity[k]!r} now"
-            for k in IDENTITY_KEYS if old.get(k, IDENTITY_DEFAULTS.get(k)) != identity[k]]
+    defaults = dict(IDENTITY_DEFAULTS)
+    if old.get("max_num_patches") is None and identity["max_num_patches"] is not None:
+        # Runs that recorded no budget (None) took the checkpoint's own.
+        defaults["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+        old.pop("max_num_patches", None)
+    diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {identity[k]!r} now"
+            for k in IDENTITY_KEYS if old.get(k, defaults.get(k)) != identity[k]]
     if diff:
         raise EmbedError(f"{out} holds a run with other settings, which this one cannot continue ("
                          + "; ".join(diff) + "); rerun with the same inputs and settings, or give "
@@ -796,41 +754,31 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    ".txt/.csv/.parquet lists of paths (optional caption column), webdataset .tar shards")
     p.add_argument("--output", "-o", required=True, metavar="DIR", help="where the parts go; a run there "
                    "is continued")
-    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--workers", type=int, default=2, help="decoding processes (default: 2; 0: none)")
     p.add_argument("--part-size", type=int, default=10_000, help="images per part file (default: 10000; "
                    "each .tar shard is one part)")
     p.add_argument("--recursive", action="store_true", help="look into sub-folders of folder inputs")
-    p.add_argument("--max-num-patches", type=int, metavar="N",
-                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
     p.add_argument("--captions", action="store_true", help="also embed the captions into text_emb/")
-    p.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch",
-                   help="what runs the towers: torch (default), or the graphs of --graphs in ONNX Runtime "
-                        "or OpenVINO, checked against eager float32 at start (docs/embed.md)")
-    p.add_argument("--graphs", metavar="DIR", help="with --backend onnx/openvino: the folder `siglip-so400m "
-                   "export` made from --model in that format")
+    add_model_arguments(p.add_argument_group("model"), backend=True)
     p.add_argument("--no-lock", action="store_true", help="do not flock DIR/.lock (for filesystems "
                    "without flock, e.g. Lustre without -o flock): make sure no other run writes to DIR")
     args = p.parse_args(argv)
-    from .weights import CheckpointError
-
     try:
         embed(args.inputs, args.output, model=args.model, revision=args.revision,
               dtype=None if args.dtype == "auto" else args.dtype,
               device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
               threads=args.threads, workers=args.workers, part_size=args.part_size,
               recursive=args.recursive, captions=args.captions, max_num_patches=args.max_num_patches,
-              lock=not args.no_lock, backend=args.backend, graphs=args.graphs)
-    except InputError as e:
+              image_size=args.image_size, lock=not args.no_lock, backend=args.backend, graphs=args.graphs)
+    except UsageError as e:
         p.error(str(e))  # exits 2
-    except (EmbedError, CheckpointError) as e:
+    except SiglipError as e:
         if not isinstance(e, RanksDisagree) or os.environ.get("RANK", "0") == "0":  # said once
             print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the finished parts are kept; run the same command again to continue "
+              f"{args.output}", file=sys.stderr)
+        return 130
     return 0

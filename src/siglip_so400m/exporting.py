@@ -55,6 +55,7 @@ from PIL import Image
 from torch import nn
 
 from .config import DTYPES, dtype_name
+from .errors import SiglipError
 from .image import NaFlexPixels
 from .model import naflex_positions
 from .weights import DEFAULT_REPO, TOKENIZER_FILES, Checkpoint, CheckpointError
@@ -79,7 +80,7 @@ MIN_COSINE = {"float32": 0.99999, "fp16": 0.999, "bfloat16": 0.99, "int8": 0.98}
 SAMPLE_TEXTS = ("a photo of 2 cats", "a plane in the sky", "une télécommande rouge")
 
 
-class ExportError(RuntimeError):
+class ExportError(SiglipError, RuntimeError):
     """An export that cannot be made or that failed its parity check; the message says why."""
 
 

@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from .errors import SiglipError
+
 ImageInput = Image.Image | str | os.PathLike | np.ndarray
 
 # The one list of formats every entry point decodes (the server, embed, zero-shot, fine-tuning data):
@@ -42,7 +44,7 @@ IMAGE_SUFFIXES = frozenset(".jpg .jpeg .png .webp .gif .bmp .tif .tiff .avif .he
 _UNSUPPORTED_FLAGS = ("do_center_crop", "do_pad")
 
 
-class ImageReadError(ValueError):
+class ImageReadError(SiglipError, ValueError):
     """An image file that is missing, unreadable, truncated, too large or not an image."""
 
 

@@ -28,12 +28,14 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SiglipError
+
 INDEX_DIR = "index"
 INDEX_FILE = "knn.index"
 INDEX_INFO = "index.json"
 
 
-class SearchError(RuntimeError):
+class SearchError(SiglipError, RuntimeError):
     """A folder that cannot be searched or indexed; the message says what to change."""
 
 

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from . import bigvision
 from .config import FP32_KEYS, SiglipConfig
+from .errors import SiglipError
 
 DEFAULT_REPO = "google/siglip-so400m-patch14-384"
 WEIGHTS = "model.safetensors"
@@ -39,7 +40,7 @@ _SLICE_BYTES = 64 * 2**20  # per mmap while converting dtypes: bounds the fp32 p
 _MAX_LISTED = 8
 
 
-class CheckpointError(ValueError):
+class CheckpointError(SiglipError, ValueError):
     """A checkpoint that cannot be found or does not fit; the message says what to do."""
 
 
@@ -382,6 +383,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, du
     tmp = Path(name)
     try:
         write(tmp)
+        # mkstemp makes the file 0600 whatever the umask; the output gets the mode open() would give
+        # it, so that a collection embedded for a team can be read by the team.
+        os.chmod(tmp, 0o666 & ~_umask())
         if durable:
             fsync(tmp)
         os.replace(tmp, path)
@@ -391,3 +395,52 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, du
         raise
     if durable:
         fsync(path.parent)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (another thread's
+    os.umask(0) window would make its own files world-writable)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class FolderInUse(SiglipError):
+    """Another process holds an output folder's lock."""
+
+
+class FolderLock:
+    """An exclusive flock on DIR/.lock, so that one run at a time writes an output folder (embed's,
+    fine-tuning's). The OS drops it when the process dies, so a killed run never blocks its rerun."""
+
+    def __init__(self, folder: str | os.PathLike, what: str, unlocked: str = ""):
+        import errno
+        import fcntl
+
+        folder = Path(folder)
+        self.file = open(folder / ".lock", "a+")  # noqa: SIM115 -- held for the run
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            self.file.close()
+            if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise FolderInUse(f"{folder} is in use by another {what} (it holds {folder / '.lock'}); "
+                                  "wait for it to end, or give another output folder") from None
+            if e.errno in (errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOLCK):
+                raise FolderInUse(
+                    f"{folder}: its filesystem does not support flock ([Errno {e.errno}] {e.strerror}; "
+                    "e.g. Lustre mounted without -o flock, or NFS without a lock daemon), so this run "
+                    "cannot make sure it is the only one writing there"
+                    + (f". If no other {what} writes to it, {unlocked}" if unlocked else "")
+                    + "; or give an output folder on a filesystem with locks") from None
+            raise
+
+    def release(self) -> None:
+        self.file.close()

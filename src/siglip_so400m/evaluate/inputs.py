@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_TEMPLATE
 from ..embedding import Item
+from ..errors import SiglipError
 from ..image import IMAGE_COLUMNS, IMAGE_SUFFIXES
 
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")
@@ -33,7 +34,7 @@ CLASS_LISTS = {"imagenet1k": "imagenet1k_classes.txt"}
 TEMPLATE_SETS = {"imagenet": "imagenet_templates.txt", "siglip": None}  # siglip: DEFAULT_TEMPLATE alone
 
 
-class EvalError(ValueError):
+class EvalError(SiglipError, ValueError):
     """An evaluation set, class list or template that cannot be used; the message says what to fix."""
 
 
