@@ -432,7 +432,7 @@ def test_embed_and_fine_tuning_read_the_same_columns_of_one_csv(tmp_path):
     """A CSV with several candidate columns (image and image_path, caption and text) names the same
     images and captions to embed's list reader and to fine-tuning's."""
     from siglip_so400m.data import read_pairs
-    from siglip_so400m.embedding import read_list
+    from siglip_so400m.items import read_list
 
     for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
         (tmp_path / name).write_bytes(b"")

@@ -18,6 +18,7 @@ from PIL import Image
 import siglip_so400m
 from siglip_so400m import model as model_module
 from siglip_so400m.config import SiglipConfig
+from siglip_so400m.errors import RecordMismatch
 from siglip_so400m.image import NaFlexImageProcessor, NaFlexPixels
 from siglip_so400m.testing import NAFLEX, hub_cache
 from siglip_so400m.weights import CheckpointError
@@ -486,7 +487,7 @@ def test_eval_and_the_zero_shot_api_take_a_patch_budget_as_transformers(naflex_c
                         workers=0, max_num_patches=32, progress=False)
     again = eval_zero_shot(data, max_num_patches=32, embeddings=tmp_path / "emb", **common)
     assert [p["top5"] for p in again["predictions"]] == rank[32]
-    with pytest.raises(EvalError, match="embedded with max_num_patches 32, not 64"):
+    with pytest.raises(RecordMismatch, match="max_num_patches: 32 there, 64 now"):
         eval_zero_shot(data, max_num_patches=64, embeddings=tmp_path / "emb", **common)
     with pytest.raises(EvalError, match="SigLIP 2 NaFlex"):
         eval_zero_shot(data, max_num_patches=32, **(common | {"model": siglip_so400m.load(tiny_ckpt)}))

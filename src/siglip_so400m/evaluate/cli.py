@@ -8,24 +8,16 @@ import sys
 import warnings
 from pathlib import Path
 
-from ..config import DTYPES
-from ..weights import DEFAULT_REPO
+from ..errors import SiglipError, UsageError
+from ..modelspec import add_model_arguments
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
+    add_model_arguments(p)
     p.add_argument("--embeddings", type=Path, metavar="DIR", help="an `siglip-so400m embed` output folder "
                    "holding these images (made with the same --model): they are not embedded again")
-    p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on CUDA and on CPUs "
-                   "with native bf16, else float32; float32 gives transformers' numbers")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
     p.add_argument("--workers", type=int, default=2, help="image-decoding processes (default: 2; 0: none)")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--max-num-patches", type=int, metavar="N",
-                   help="SigLIP 2 NaFlex: resize each image, at its own aspect ratio, to at most N "
-                        "patches (default: the checkpoint's preprocessor_config.json)")
     p.add_argument("--dataset-name", help="the `dataset` of the result JSON (default: DATA's name)")
     p.add_argument("--json", action="store_true", help="print clip_benchmark's result JSON (dataset, "
                    "model, task, metrics) instead of the table")
@@ -64,20 +56,23 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     args = p.parse_args(argv)
     if args.batch_size < 1 or args.workers < 0:
         p.error("--batch-size must be at least 1 and --workers at least 0")
-    if args.max_num_patches is not None and args.max_num_patches < 1:
-        p.error("--max-num-patches must be a positive number of patches")
+    for flag, value in (("--max-num-patches", args.max_num_patches), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1")
+    if args.image_size is not None and args.image_size < 1:
+        p.error("--image-size must be at least 1")
 
     import torch
 
-    from ..weights import CheckpointError
-    from . import EvalError, retrieval, zero_shot
+    from . import retrieval, zero_shot
 
     if args.threads:
         torch.set_num_threads(args.threads)
     common = dict(model=args.model, revision=args.revision, embeddings=args.embeddings,
                   dtype=None if args.dtype == "auto" else args.dtype,
                   device=None if args.device == "auto" else args.device, batch_size=args.batch_size,
-                  workers=args.workers, dataset=args.dataset_name, max_num_patches=args.max_num_patches)
+                  workers=args.workers, dataset=args.dataset_name, max_num_patches=args.max_num_patches,
+                  image_size=args.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
@@ -90,7 +85,9 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                    templates=args.templates_file or args.templates, **common)
             else:
                 result = retrieval(args.data, recall_k=args.recall_k, **common)
-        except (EvalError, CheckpointError) as e:
+        except UsageError as e:
+            p.error(str(e))
+        except SiglipError as e:
             print(f"error: {e}", file=sys.stderr)
             return 1
     predictions = result.pop("predictions", None)

@@ -15,9 +15,9 @@ from importlib import resources
 from pathlib import Path
 
 from ..config import DEFAULT_TEMPLATE
-from ..embedding import Item
 from ..errors import SiglipError
 from ..image import IMAGE_COLUMNS, IMAGE_SUFFIXES
+from ..items import Item
 
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")
 CAPTION_COLUMNS = ("caption", "captions", "text")

@@ -3,7 +3,6 @@ workers, or read from an `embed` output folder), the texts embedded, the metrics
 
 from __future__ import annotations
 
-import copy
 import os
 import sys
 from collections.abc import Sequence
@@ -15,57 +14,67 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..api import Processor
-from ..embedding import Item, _Decode, _worker_init
+from ..items import Decode, Item, worker_init
 from ..model import SigLIP
 from ..weights import DEFAULT_REPO
 from ..zeroshot import embed_labels
 from .inputs import EvalError, item_name, read_classes, read_labelled, read_pairs, read_templates
 from .metrics import classification_metrics, retrieval_metrics
 
-ModelSpec = str | os.PathLike | tuple[SigLIP, Processor]
+ModelOrName = str | os.PathLike | tuple[SigLIP, Processor]
 
 
 class Loaded:
-    """The model and processor, with the names the result JSON reports."""
+    """The model and processor, with the record of what they compute (the result JSON reports it)."""
 
-    def __init__(self, model: ModelSpec, revision: str | None, dtype: str | torch.dtype | None,
+    def __init__(self, model: ModelOrName, revision: str | None, dtype: str | torch.dtype | None,
                  device: str | torch.device | None, towers: tuple[str, ...],
-                 max_num_patches: int | None = None):
-        from ..api import load, pick_device, pick_dtype
-        from ..config import dtype_name
-        from ..weights import resolve
+                 max_num_patches: int | None = None, embeddings: str | os.PathLike | None = None,
+                 image_size: int | None = None):
+        from ..api import Processor
+        from ..modelspec import ModelSpec, computed_with
 
+        self.collection = _collection(embeddings) if embeddings is not None else None
+        if isinstance(dtype, torch.dtype):
+            dtype = str(dtype).removeprefix("torch.")
+        if self.collection is not None and dtype in (None, "auto"):
+            # The texts in the precision the images were embedded in: the collection's record is
+            # the default, as it is for search.
+            dtype = self.collection.manifest.get("dtype")
         if isinstance(model, tuple):
             self.net, self.processor = model
             ckpt = getattr(self.net, "checkpoint", None)
+            if max_num_patches is not None or image_size is not None:  # on a new processor
+                try:
+                    self.processor = self.processor.sized(image_size, max_num_patches)
+                except ValueError as e:
+                    raise EvalError(str(e)) from None
         else:
-            dev = pick_device(None if device in (None, "auto") else str(device))
-            name = dtype if isinstance(dtype, torch.dtype) else dtype_name(dtype or "auto")
-            quantize = "int8" if name == "int8" else None
-            if quantize:
-                torch_dtype = None
-            elif isinstance(name, torch.dtype):
-                torch_dtype = name
-            elif name is None:
-                torch_dtype = pick_dtype(dev)  # embed's fast default: bf16 on CUDA and AMX CPUs
-            else:
-                torch_dtype = getattr(torch, name)
-            ckpt = resolve(model, revision=revision)
-            self.net, self.processor = load(ckpt, dtype=torch_dtype, device=dev, towers=towers,
-                                            quantize=quantize)
-        # embed records a local model by its absolute path and a Hub model by its name and commit.
-        self.name = None if ckpt is None else ckpt.name if ckpt.revision else str(Path(ckpt.name).resolve())
-        self.revision = None if ckpt is None else ckpt.revision
+            run = ModelSpec(model=model, revision=revision, dtype=dtype or "auto",
+                            device=str(device or "auto"), image_size=image_size,
+                            max_num_patches=max_num_patches).resolve()
+            ckpt = run.checkpoint(towers)
+            self.net, self.processor = run.open(towers, ckpt=ckpt)
         self.device = next(self.net.parameters()).device
         self.precision = self.net.precision
-        self.max_num_patches = max_num_patches
-        if max_num_patches is not None:  # SigLIP 2 NaFlex's patch budget, on a copy of the processor
-            try:
-                image = self.processor.at_size(None, max_num_patches)
-            except ValueError as e:
-                raise EvalError(str(e)) from None
-            self.processor = copy.copy(self.processor)
-            self.processor.image = image
+        # What the results were computed with: checkpoint, precision, image size or patch budget.
+        self.record = None if ckpt is None else computed_with(ckpt, self.processor, self.precision)
+        # embed records a local model by its absolute path and a Hub model by its name and commit.
+        self.name = None if ckpt is None else self.record["model"]
+        self.revision = None if ckpt is None else ckpt.revision
+        # What a collection that recorded no patch budget was embedded at: the checkpoint's own.
+        self.default_budget = None if ckpt is None else \
+            Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+        self.max_num_patches = self.processor.image_record()["max_num_patches"]
+
+
+def _collection(folder: str | os.PathLike):
+    from ..search import Collection, SearchError
+
+    try:
+        return Collection(folder)
+    except SearchError as e:
+        raise EvalError(str(e)) from None
 
 
 def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, batch_size: int = 32,
@@ -78,8 +87,8 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
     device = next(net.parameters()).device
     work = [(0, pos, item) for pos, item in enumerate(items)]
     loader = torch.utils.data.DataLoader(
-        _Decode(work, processor.image), batch_size=None, shuffle=False, num_workers=workers,
-        worker_init_fn=_worker_init if workers else None, prefetch_factor=4 if workers else None)
+        Decode(work, processor.image), batch_size=None, shuffle=False, num_workers=workers,
+        worker_init_fn=worker_init if workers else None, prefetch_factor=4 if workers else None)
     bar = tqdm(total=len(work), unit="img", desc="images", file=sys.stderr, disable=not _shown(progress))
     out, pending, errors = [], [], []
 
@@ -112,20 +121,18 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
 def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loaded: Loaded) -> Tensor:
     """The items' rows of an `embed` output folder, (N, D) float32 (stored float16) on the model's
     device. The folder must come from the same model; every item must be in it."""
-    from ..search import Collection, SearchError
+    from ..modelspec import check_record
 
-    try:
-        coll = Collection(folder)
-    except SearchError as e:
-        raise EvalError(str(e)) from None
-    made = coll.manifest.get("model"), coll.manifest.get("revision")
-    if loaded.name is not None and made != (loaded.name, loaded.revision):
-        raise EvalError(f"{folder} holds embeddings of {made[0]} (revision {made[1]}), not of "
-                        f"{loaded.name} (revision {loaded.revision}): pass the same --model, or embed again")
-    budget = coll.manifest.get("max_num_patches")
-    if loaded.max_num_patches is not None and budget != loaded.max_num_patches:
-        raise EvalError(f"{folder} was embedded with max_num_patches {budget or 'of the checkpoint'}, not "
-                        f"{loaded.max_num_patches}: pass the same --max-num-patches, or embed again")
+    coll = loaded.collection if loaded.collection is not None else _collection(folder)
+    if loaded.record is not None:
+        stored = dict(coll.manifest)
+        if stored.get("max_num_patches") is None and "max_num_patches" in stored:
+            stored["max_num_patches"] = loaded.default_budget  # recorded as None: the checkpoint's own
+        # Not the backend: a graph backend's embeddings were checked against eager float32 at start.
+        check_record(stored, loaded.record, str(folder),
+                     fields=("model", "revision", "weights", "dtype", "image_size", "max_num_patches"),
+                     advice="evaluate with the settings it was embedded with (--model, --dtype, "
+                            "--max-num-patches), or embed again")
 
     def key(path: str | None, shard: str | None, k: str | None) -> tuple:
         # Absolute paths, so that an embed run from another working directory still matches; a shard
@@ -207,16 +214,19 @@ def _result(task: str, loaded: Loaded, dataset: str, metrics: dict, **extra) -> 
     # clip_benchmark's result JSON (dataset, model, pretrained, task, metrics, language), so that our
     # numbers sit beside open_clip's tables; what we add comes after.
     return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.revision, "task": task,
-            "metrics": metrics, "language": "en", "dtype": loaded.precision, **extra}
+            "metrics": metrics, "language": "en", "dtype": loaded.precision,
+            "image_size": loaded.record and loaded.record.get("image_size"),
+            "max_num_patches": loaded.max_num_patches, **extra}
 
 
-def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revision: str | None = None,
+def zero_shot(data: str | os.PathLike, *, model: ModelOrName = DEFAULT_REPO, revision: str | None = None,
               classes: str | os.PathLike | Sequence[str] | None = None,
               templates: str | os.PathLike | Sequence[str] | None = None,
               embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, batch_size: int = 32, text_batch_size: int = 256,
               workers: int = 2, progress: bool | None = None, dataset: str | None = None,
-              cache_dir: str | os.PathLike | None = None, max_num_patches: int | None = None) -> dict:
+              cache_dir: str | os.PathLike | None = None, max_num_patches: int | None = None,
+              image_size: int | None = None) -> dict:
     """Zero-shot classification accuracy on a labelled set (see inputs.read_labelled).
 
     Each class is embedded as the normalized mean of the normalized embeddings of its name in every
@@ -233,7 +243,7 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
     templates = read_templates(templates)
     labelled = read_labelled(data, read_classes(classes))
     towers = ("text",) if embeddings is not None else ("vision", "text")
-    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches)
+    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches, embeddings, image_size)
     if loaded.processor.tokenizer is None:
         raise EvalError("the checkpoint has no tokenizer to embed the class names with")
     class_emb = embed_classes(loaded, labelled.classes, templates, text_batch_size, cache_dir,
@@ -250,12 +260,12 @@ def zero_shot(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
                    per_class=per_class, predictions=predictions)
 
 
-def retrieval(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revision: str | None = None,
+def retrieval(data: str | os.PathLike, *, model: ModelOrName = DEFAULT_REPO, revision: str | None = None,
               embeddings: str | os.PathLike | None = None, dtype: str | torch.dtype | None = None,
               device: str | torch.device | None = None, recall_k: Sequence[int] = (1, 5, 10),
               batch_size: int = 32, text_batch_size: int = 256, workers: int = 2,
               progress: bool | None = None, dataset: str | None = None,
-              max_num_patches: int | None = None) -> dict:
+              max_num_patches: int | None = None, image_size: int | None = None) -> dict:
     """Text -> image and image -> text recall@k on image-caption pairs (see inputs.read_pairs), with
     clip_benchmark's keys image_retrieval_recall@k and text_retrieval_recall@k. max_num_patches:
     SigLIP 2 NaFlex's patch budget per image (default: the checkpoint's)."""
@@ -263,7 +273,7 @@ def retrieval(data: str | os.PathLike, *, model: ModelSpec = DEFAULT_REPO, revis
         raise EvalError("recall@k needs k of at least 1")
     pairs = read_pairs(data)
     towers = ("text",) if embeddings is not None else ("vision", "text")
-    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches)
+    loaded = Loaded(model, revision, dtype, device, towers, max_num_patches, embeddings, image_size)
     texts = [c for caps in pairs.captions for c in caps]
     text_image = torch.tensor([i for i, caps in enumerate(pairs.captions) for _ in caps])  # (T,)
     text_emb = _texts(loaded, texts, text_batch_size, progress)  # (T, D)
