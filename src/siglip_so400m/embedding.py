@@ -280,7 +280,12 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         if on_graphs:
             # Before the output folder exists too: a graph of another model, or one that computes
             # something else than this checkpoint, is refused with nothing written.
-            opened = run.open(towers, ckpt=ckpt, log=lambda m: print(m, file=sys.stderr, flush=True))
+            try:
+                opened = run.open(towers, ckpt=ckpt, log=lambda m: print(m, file=sys.stderr, flush=True))
+            except UsageError as e:
+                raise InputError(str(e)) from None
+            except SiglipError as e:  # the graphs' numbers
+                raise EmbedError(str(e)) from None
         identity = {
             "format": FORMAT, **run.record(ckpt, processor),
             "embedding_dim": cfg.vision_config.hidden_size, "part_size": part_size, "captions": captions,

@@ -135,16 +135,10 @@ class ModelSpec:
         except backends.BackendError as e:
             raise UsageError(str(e)) from None
         on_graphs = self.backend != "torch"
-        device = _device(self.device)
-        if on_graphs and device.type != "cpu":
+        if on_graphs and self.device not in (None, "auto", "cpu"):
             raise UsageError(f"--backend {self.backend} runs the graphs on the CPU; leave --device out "
                              "(or give cpu)")
-        if on_graphs and self.device in (None, "auto"):
-            device = torch.device("cpu")
-        if name == "int8" and on_graphs:
-            raise UsageError(f"--dtype int8 quantizes the checkpoint's linear layers; --backend "
-                             f"{self.backend} runs the graphs in their own precision (export with "
-                             "--dtype int8 for an int8 graph)")
+        device = torch.device("cpu") if on_graphs else _device(self.device)
         if name == "int8" and device.type != "cpu":
             raise UsageError(f"--dtype int8 runs on the CPU only, not on {device} (--device cpu; or "
                              f"--dtype bfloat16 on {device.type})")
@@ -159,7 +153,7 @@ class ModelSpec:
         else:
             torch_dtype = getattr(torch, name)
         precision = "int8" if name == "int8" else str(torch_dtype).removeprefix("torch.")
-        return ResolvedSpec(self, device, torch_dtype, "int8" if name == "int8" else None,
+        return ResolvedSpec(self, device, torch_dtype, "int8" if name == "int8" and not on_graphs else None,
                             precision, graph_dtype=name if on_graphs else None)
 
 

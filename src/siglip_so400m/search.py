@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import SiglipError
+from .errors import SiglipError, UsageError
+from .modelspec import add_model_arguments
 
 INDEX_DIR = "index"
 INDEX_FILE = "knn.index"
@@ -259,12 +260,12 @@ class Index:
     """
 
     def __init__(self, folder: str | os.PathLike, *, model: str | None = None,
-                 device: str | None = None, dtype: str | None = None):
+                 device: str | None = None, dtype: str | None = None, revision: str | None = None):
         self.collection = Collection(folder)
         self.folder = self.collection.folder
         self.manifest = self.collection.manifest
         self._model_name = model or self.manifest["model"]
-        self._device, self._dtype = device, dtype
+        self._device, self._dtype, self._revision = device, dtype, revision
         self.max_num_patches: int | None = None  # NaFlex image queries; None: the manifest's
         self._model = self._processor = None
         # t' and b: from the manifest, or (clip-retrieval's layout) from the model once loaded.
@@ -310,21 +311,18 @@ class Index:
 
     @classmethod
     def load(cls, folder: str | os.PathLike, *, model: str | None = None, device: str | None = None,
-             dtype: str | None = None) -> Index:
+             dtype: str | None = None, revision: str | None = None) -> Index:
         """Open an embedded folder. model: the checkpoint for text and image queries (default the
         one in manifest.json), loaded on the first such query. dtype: as in embed (default the
         manifest's)."""
-        return cls(folder, model=model, device=device, dtype=dtype)
+        return cls(folder, model=model, device=device, dtype=dtype, revision=revision)
 
     def __len__(self) -> int:
         return len(self.collection)
 
     def _load_model(self, tower: str):
-        import torch
-
-        from .api import load
-        from .config import dtype_name
-        from .weights import resolve
+        from .api import Processor
+        from .modelspec import ModelSpec, check_record, computed_with
 
         if self._model is not None and tower in self._model.towers:
             return self._model, self._processor
@@ -332,15 +330,28 @@ class Index:
             raise SearchError(f"{self.folder} has no manifest.json naming its model (clip-retrieval's "
                               "layout): give the checkpoint that embedded it for text and image queries "
                               "(--model, or Index.load(..., model=...))")
-        revision = self.manifest.get("revision") if self._model_name == self.manifest["model"] else None
-        ckpt = resolve(self._model_name, revision=revision)
-        # Queries in the collection's own dtype unless told otherwise ("auto" too: the manifest's).
-        precision = dtype_name(self._dtype or "auto") or dtype_name(self.manifest.get("dtype") or "float32")
+        m = self.manifest
+        revision = self._revision or (m.get("revision") if self._model_name == m["model"] else None)
+        # Queries in the collection's own precision and patch budget unless told otherwise; told
+        # otherwise, the record check below refuses what would not match the collection.
+        dtype = self._dtype if self._dtype not in (None, "auto") else m.get("dtype") or "float32"
+        budget = self.max_num_patches or m.get("max_num_patches")
+        run = ModelSpec(model=self._model_name, revision=revision, dtype=dtype,
+                        device=str(self._device or "auto"), max_num_patches=budget).resolve()
         towers = tuple({tower, *(self._model.towers if self._model is not None else ())})
-        quantize = "int8" if precision == "int8" else None
-        self._model, self._processor = load(
-            ckpt, dtype=None if quantize else getattr(torch, precision), device=self._device,
-            towers=towers, quantize=quantize)
+        ckpt = run.checkpoint(towers)
+        processor = run.processor(ckpt)
+        if m.get("model") is not None:
+            # A query embedded by another checkpoint, precision or budget lives in another space
+            # than the collection's rows: every hit would be wrong without a word.
+            stored = dict(m)
+            if stored.get("max_num_patches") is None and "max_num_patches" in stored:
+                stored["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+            check_record(stored, computed_with(ckpt, processor, run.precision), str(self.folder),
+                         fields=("model", "revision", "weights", "dtype", "max_num_patches"),
+                         advice="query it with the model and settings that embedded it (leave --model, "
+                                "--dtype and --max-num-patches out to take them from its manifest.json)")
+        self._model, self._processor = run.open(towers, ckpt=ckpt)
         # t' and b as the checkpoint stores them: every load keeps them in float32.
         self._logit = (self._model.logit_scale.item(), self._model.logit_bias.item())
         return self._model, self._processor
@@ -365,9 +376,7 @@ class Index:
         images = [load_image("<image bytes>", data=bytes(im)) if isinstance(im, (bytes, bytearray)) else im
                   for im in images]
         with torch.inference_mode():
-            # NaFlex: queries within the patch budget the collection was embedded with.
-            budget = self.max_num_patches or self.manifest.get("max_num_patches")
-            pixels = proc.images(list(images), max_num_patches=budget)
+            pixels = proc.images(list(images))  # NaFlex: within the budget checked in _load_model
             x = model.encode_image(pixels.to(model.logit_scale.device)).float()
             return F.normalize(x, dim=-1).cpu().numpy()
 
@@ -522,11 +531,7 @@ def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--threshold", type=float, metavar="P", help="only hits scoring at least P (a "
                    "probability for text, a cosine for images)")
     p.add_argument("--json", action="store_true", help="one JSON list of per-query results")
-    p.add_argument("--model", help="the checkpoint for queries (default: the one in manifest.json)")
-    p.add_argument("--dtype", help="as in embed (default: the manifest's)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
-    p.add_argument("--max-num-patches", type=int, metavar="N", help="SigLIP 2 NaFlex image queries "
-                   "within N patches (default: what the collection was embedded with)")
+    add_model_arguments(p.add_argument_group("model"), from_record=True)
     a = p.parse_args(argv)
     if not a.texts and not a.image:
         p.error("give a TEXT query or --image FILE")
@@ -540,11 +545,17 @@ def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--{e}")
     from .image import ImageReadError
 
+    if a.threads:
+        import torch
+
+        torch.set_num_threads(a.threads)
     try:
-        index = Index.load(a.folder, model=a.model, device=a.device, dtype=a.dtype)
+        index = Index.load(a.folder, model=a.model, device=a.device, dtype=a.dtype, revision=a.revision)
         index.max_num_patches = a.max_num_patches
         results = index.search(texts=a.texts, images=a.image, k=a.top_k, threshold=a.threshold)
-    except (SearchError, ValueError, ImageReadError) as e:  # CheckpointError is a ValueError
+    except UsageError as e:
+        p.error(str(e))
+    except (SiglipError, ValueError, ImageReadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     queries = [{"text": t} for t in a.texts] + [{"image": i} for i in a.image]

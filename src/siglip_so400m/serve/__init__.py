@@ -13,8 +13,7 @@ import os
 import sys
 import warnings
 
-from ..config import DTYPES, dtype_name
-from ..weights import DEFAULT_REPO
+from ..modelspec import add_model_arguments
 
 API_KEY_ENV = "SIGLIP_SO400M_API_KEY"
 # Test hook, not a setting: milliseconds the model thread sleeps before each batch, so tests can
@@ -32,23 +31,11 @@ class _Parser(argparse.ArgumentParser):
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Serve SigLIP So400m over HTTP: /v1/embeddings, "
                                 "/v1/classify, /v1/search, /health, /metrics (see docs/serve.md).")
-    p.add_argument("--model", default=DEFAULT_REPO, help="Hub id or local folder (default: %(default)s)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
+    add_model_arguments(p.add_argument_group("model"), backend=True)
     p.add_argument("--index", help="a search index folder (siglip-so400m index); enables /v1/search")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this "
                    "machine only; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default: %(default)s)")
-    p.add_argument("--dtype", choices=DTYPES, default="auto",
-                   help="auto: bfloat16 on CUDA and on CPUs with native bf16, else float32")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--threads", type=int, help="CPU threads for torch (default: torch's choice)")
-    p.add_argument("--max-num-patches", type=int, metavar="N",
-                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
-    p.add_argument("--backend", choices=("torch", "onnx", "openvino"), default="torch",
-                   help="what runs the towers: torch (default), or the graphs of --graphs in ONNX Runtime "
-                        "or OpenVINO, checked against eager float32 at start (docs/serve.md)")
-    p.add_argument("--graphs", metavar="DIR", help="with --backend onnx/openvino: the folder `siglip-so400m "
-                   "export` made from --model in that format (both towers)")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=16, help="items per forward pass (default: 16)")
     g.add_argument("--max-wait-ms", type=float, default=10.0,
@@ -114,53 +101,30 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
               "missing): pip install 'siglip_so400m[serve]'", file=sys.stderr)
         return 1
 
-    import torch
-
-    from .. import backends
-    from ..api import load, pick_device, pick_dtype
-    from ..weights import CheckpointError, resolve
+    from ..errors import SiglipError, UsageError
+    from ..modelspec import ModelSpec, computed_with
+    from ..weights import CheckpointError
     from .app import Server, Settings, create_app
     from .batcher import Batcher, Metrics
     from .inputs import ImageLimits
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        backends.check_args(args.backend, args.graphs)
-    except backends.BackendError as e:
+        run = ModelSpec.from_args(args).resolve()
+    except UsageError as e:
         p.error(str(e))
-    on_graphs = args.backend != "torch"
-    if on_graphs and args.device not in ("auto", "cpu"):
-        p.error(f"--backend {args.backend} runs the graphs on the CPU; leave --device out (or cpu)")
-    device = torch.device("cpu") if on_graphs else pick_device(args.device)
-    quantize = "int8" if args.dtype == "int8" and not on_graphs else None
-    if quantize and device.type != "cpu":
-        p.error("--dtype int8 runs on the CPU only (--device cpu)")
-    dtype = (torch.float32 if quantize or on_graphs else pick_dtype(device) if args.dtype == "auto"
-             else getattr(torch, dtype_name(args.dtype)))
     try:
-        if on_graphs:
-            # Both towers through the graphs, checked against the eager float32 model before the
-            # server listens; a folder of another model, a wrong format or dtype is a usage error.
-            try:
-                model, processor = backends.open_graphs(
-                    args.graphs, args.backend, resolve(args.model, revision=args.revision),
-                    ("vision", "text"), dtype=dtype_name(args.dtype),
-                    log=lambda m: print(m, file=sys.stderr, flush=True))
-            except backends.GraphMismatch as e:
-                print(f"error: {e}", file=sys.stderr)
-                return 1
-            except backends.BackendError as e:
-                p.error(str(e))
-        else:
-            model, processor = load(args.model, revision=args.revision, dtype=dtype, device=device,
-                                    quantize=quantize)
+        # A graph backend: both towers through the graphs, checked against the eager float32 model
+        # before the server listens.
+        ckpt = run.checkpoint()
+        model, processor = run.open(("vision", "text"), ckpt=ckpt,
+                                    log=lambda m: print(m, file=sys.stderr, flush=True))
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
-        if args.max_num_patches is not None:
-            processor.image = processor.at_size(None, args.max_num_patches)
-        index = _load_index(args.index, model.checkpoint) if args.index else None
-    except (CheckpointError, OSError, ValueError) as e:
+        index = _load_index(args.index, computed_with(ckpt, processor, model.precision, args.backend)) \
+            if args.index else None
+    except UsageError as e:
+        p.error(str(e))
+    except (SiglipError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     ckpt = model.checkpoint
@@ -219,11 +183,13 @@ def _server_class():
     return Server
 
 
-def _load_index(folder: str, ckpt):
-    """The search index (the [search] extra). Queries are embedded by the server's own model, so
-    the index must come from the same checkpoint: another model's embeddings would live in another
-    space, and every hit would be wrong without any error."""
-    import hashlib
+def _load_index(folder: str, record: dict):
+    """The search index (the [search] extra). Queries are embedded by the server's own model and
+    processor, so the index must come from the same checkpoint, precision and patch budget: another
+    model's embeddings would live in another space, and every hit would be wrong without any error."""
+    from ..api import Processor
+    from ..modelspec import check_record
+    from ..weights import resolve
 
     try:
         from ..search import Index, SearchError
@@ -234,17 +200,19 @@ def _load_index(folder: str, ckpt):
         index = Index.load(folder)
     except SearchError as e:
         raise ValueError(f"--index {folder}: {e}") from None
-    m = index.manifest
+    m = dict(index.manifest)
     if m.get("model") is None:
         raise ValueError(f"--index {folder} has no manifest.json naming the model that embedded it "
                          "(clip-retrieval's layout), so the server cannot check that its --model did; "
                          f"search it with `siglip-so400m search {folder} --model CHECKPOINT`")
-    if ckpt.revision is not None:
-        same = m.get("revision") == ckpt.revision
-    else:  # a local checkpoint: embed records a hash of its path, size and mtime
-        same = m.get("weights") == hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16]
-    if not same:
-        raise ValueError(f"--index {folder} was embedded with {m.get('model')} (revision "
-                         f"{m.get('revision')}, weights {m.get('weights')}), not with the server's "
-                         f"--model {ckpt.name}: start the server with --model {m.get('model')}")
+    if m.get("max_num_patches") is None and "max_num_patches" in m and record["max_num_patches"] is not None:
+        # Recorded as None: the checkpoint's own budget.
+        ckpt = resolve(record["model"], revision=record["revision"])
+        m["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+    check_record(m, record, f"--index {folder}",
+                 fields=("model", "revision", "weights", "dtype", "max_num_patches"),
+                 advice=f"start the server with the settings it was embedded with (--model {m['model']}"
+                        + (f" --dtype {m['dtype']}" if m.get("dtype") else "")
+                        + (f" --max-num-patches {m['max_num_patches']}" if m.get("max_num_patches") else "")
+                        + ")")
     return index
