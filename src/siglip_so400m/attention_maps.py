@@ -18,9 +18,9 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .config import DTYPES, dtype_name
 from .image import NaFlexPixels
 from .model import SigLIP
+from .modelspec import add_model_arguments
 
 # Anchors of a perceptually ordered dark-to-bright scale (matplotlib's "inferno" at 0, 1/6, ..., 1),
 # so that more attention reads as brighter, also in greyscale print.
@@ -116,33 +116,22 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
     p.add_argument("--output", required=True, type=Path, help="folder for the PNGs (made if missing)")
     p.add_argument("--per-head", action="store_true", help="also a grid with every head's map")
-    p.add_argument("--model", default=None, help="Hub id or local folder (default: the so400m checkpoint)")
-    p.add_argument("--revision", help="Hub branch, tag or commit")
-    p.add_argument("--image-size", type=int, metavar="N",
-                   help="run the model at NxN pixels (default: the checkpoint's own size)")
-    p.add_argument("--max-num-patches", type=int, metavar="N",
-                   help="SigLIP 2 NaFlex: each image within N patches (default: the checkpoint's)")
-    p.add_argument("--dtype", choices=[k for k, v in DTYPES.items() if v in ("float32", "bfloat16")],
-                   default="float32")
-    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or mps (default: cpu)")
+    add_model_arguments(p.add_argument_group("model"), dtypes=("float32", "bfloat16"))
     args = p.parse_args(argv)
-    if args.image_size is not None and args.image_size < 1:
-        p.error("--image-size must be a positive number of pixels")
 
-    from .api import load
+    from .errors import SiglipError, UsageError
     from .image import ImageReadError, NaFlexImageProcessor, expand_images, load_image, to_rgb
-    from .weights import DEFAULT_REPO, CheckpointError
+    from .modelspec import ModelSpec
 
     try:
-        model, processor = load(args.model or DEFAULT_REPO, revision=args.revision, towers=("vision",),
-                                dtype=getattr(torch, dtype_name(args.dtype)), device=args.device)
-    except CheckpointError as e:
+        model, processor = ModelSpec.from_args(args).resolve().open(towers=("vision",))
+    except UsageError as e:
+        p.error(str(e))
+    except SiglipError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    try:
-        image_proc = processor.at_size(args.image_size, args.max_num_patches)
-    except ValueError as e:
-        p.error(str(e))
+    image_proc = processor.image
+    device = model.vision_model.post_layernorm.weight.device
     P = model.vision_model.config.patch_size
     if isinstance(image_proc, NaFlexImageProcessor):
         cover = (1.0, 1.0)  # NaFlex resizes each image to whole patches: the grid covers it all
@@ -156,7 +145,7 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
             if error is not None:
                 raise ImageReadError(f"{path}: {error}")
             original = to_rgb(load_image(path))  # the overlay goes on the image as it is
-            pixels = image_proc.collate([image_proc.to_tensor(image_proc.prepare(original))]).to(args.device)
+            pixels = image_proc.collate([image_proc.to_tensor(image_proc.prepare(original))]).to(device)
         except ImageReadError as e:
             print(f"error: {e}", file=sys.stderr)
             failed += 1

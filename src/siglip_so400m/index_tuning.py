@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UsageError
 from .search import (
     INDEX_DIR,
     INDEX_FILE,
@@ -44,6 +45,7 @@ from .search import (
     _set_search_params,
     exact_topk,
     part_files,
+    parts_record,
 )
 from .weights import atomic_write, fsync
 
@@ -167,7 +169,15 @@ def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, m
     what they are). See the module docstring for the order of the sources."""
     n, d = len(coll), coll.dim
     if file is not None:
-        q = np.load(file, mmap_mode="r")
+        try:
+            q = np.load(file, mmap_mode="r")
+        except FileNotFoundError:
+            raise UsageError(f"--tune-queries {file}: no such file") from None
+        except (OSError, ValueError) as e:
+            raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors "
+                             f"({type(e).__name__}: {e})") from None
+        if not isinstance(q, np.ndarray):  # an .npz archive
+            raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors")
         if q.ndim != 2 or q.shape[1] != d:
             raise SearchError(f"--tune-queries {file}: expected (Q, {d}) vectors, found shape {q.shape}")
         pick = np.sort(rng.choice(len(q), size=min(count, len(q)), replace=False))
@@ -410,7 +420,7 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
     flat = spec["kind"] == "flat"  # 1M exact scans take a third of a second each: fewer rounds
     one = latency(coll, index, search, q, kk, rounds=20 if flat else min(200, max(20, len(q))))
     b64 = latency(coll, index, search, q, kk, batch=min(64, len(q)), rounds=3 if flat else 10)
-    info = {"kind": spec["kind"], "n": n, "dim": d, "row_order": "name",
+    info = {"kind": spec["kind"], "n": n, "dim": d, "row_order": "name", "parts": parts_record(coll.folder),
             **{a: spec[a] for a in ("hnsw_m", "nlist", "pq_m", "pq_bits") if a in spec}, **search,
             "memory_bytes": spec["memory_bytes"], "max_memory_bytes": budget,
             "build_seconds": round(win["build_s"], 3), "min_recall": min_recall, "k": k,
@@ -516,6 +526,8 @@ def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                            queries=a.queries, tune_queries=a.tune_queries, model=a.model, hnsw_m=a.hnsw_m,
                            ef_search=a.ef_search, nlist=a.nlist, nprobe=a.nprobe, pq_m=a.pq_m,
                            rerank=a.rerank, shard=shard, log=lambda m: print(m, file=sys.stderr))
+    except UsageError as e:
+        p.error(str(e))
     except (SearchError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

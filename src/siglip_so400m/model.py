@@ -362,7 +362,9 @@ class VisionTower(nn.Module):
         """The (B, N, D) tokens after each block count in `depths`, and what the attention masks
         with: None, the (B, 1, 1, N) key mask of a padded NaFlex batch, or, for a NaFlex batch
         packed on CPU, the images' lengths (the tokens then (1, T, D), T their sum)."""
-        weight = self.embeddings.patch_embedding.weight
+        # Where and in what the tokens live: the position table's, which int8 never releases (a
+        # NaFlex patch embedding is a Linear, quantized and its float weight left on the meta device).
+        weight = self.embeddings.position_embedding.weight
         mask = None
         if isinstance(pixel_values, NaFlexPixels):
             if not self.config.naflex:

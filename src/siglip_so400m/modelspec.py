@@ -138,7 +138,7 @@ class ModelSpec:
         if on_graphs and self.device not in (None, "auto", "cpu"):
             raise UsageError(f"--backend {self.backend} runs the graphs on the CPU; leave --device out "
                              "(or give cpu)")
-        device = torch.device("cpu") if on_graphs else _device(self.device)
+        device = torch.device("cpu") if on_graphs else resolve_device(self.device)
         if name == "int8" and device.type != "cpu":
             raise UsageError(f"--dtype int8 runs on the CPU only, not on {device} (--device cpu; or "
                              f"--dtype bfloat16 on {device.type})")
@@ -157,7 +157,7 @@ class ModelSpec:
                             precision, graph_dtype=name if on_graphs else None)
 
 
-def _device(flag: str | None) -> torch.device:
+def resolve_device(flag: str | None) -> torch.device:
     """--device as a torch.device, refused at once where it cannot run (CUDA on a CPU-only torch)."""
     import torch
 

@@ -64,6 +64,12 @@ def part_files(folder: Path, kind: str = "img_emb") -> list[Path]:
     return sorted((folder / kind).glob(f"{kind}_*.npy"), key=lambda p: p.name)
 
 
+def parts_record(folder: Path) -> list[list]:
+    """[[file name, rows], ...] of img_emb/ in name order: what an index's row ids point into. An
+    index records it and is refused once it changes (parts renamed, added or rewritten)."""
+    return [[p.name, int(np.load(p, mmap_mode="r").shape[0])] for p in part_files(folder)]
+
+
 def shard_dirs(folder: Path) -> list[Path]:
     """index/shard-R-of-W folders (`siglip-so400m index --shard R/W`), in shard order."""
     found = [d for d in (folder / INDEX_DIR).glob("shard-*-of-*") if (d / INDEX_INFO).is_file()]
@@ -302,6 +308,20 @@ class Index:
         if data["n"] != len(coll):
             raise SearchError(f"{info} covers {data['n']} embeddings but the folder holds "
                               f"{len(coll)}: run `siglip-so400m index {self.folder}` again")
+        # Row ids are positions in the parts' name order: the same count over renamed parts (an
+        # embed run that padded old part numbers) would point every id at another image.
+        now = parts_record(self.folder)
+        if data.get("parts") is None:
+            raise SearchError(f"{info} does not record which parts it was built over (an index made "
+                              "before indexes recorded them), so its row ids cannot be checked against "
+                              f"img_emb/: run `siglip-so400m index {self.folder}` again")
+        if data["parts"] != now:
+            was = {n: r for n, r in data["parts"]}
+            diff = [f"{n} ({r} rows) not indexed" for n, r in now if was.get(n) != r][:3] + \
+                   [f"{n} indexed but gone" for n in was if n not in dict(now)][:3]
+            raise SearchError(f"{info} was built over other img_emb/ parts than the folder holds now ("
+                              + ", ".join(diff) + f"): its row ids would point at other images; run "
+                              f"`siglip-so400m index {self.folder}` again")
         if data.get("row_order") != "name" and not coll.name_order_is_part_order:
             # Built when ids followed part numbers, which unpadded names sort apart from.
             raise SearchError(f"{info} was built with row ids in part-number order, which the "

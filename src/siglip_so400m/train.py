@@ -31,11 +31,13 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .api import load, pick_device, pick_dtype
+from .api import load, pick_dtype
 from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
+from .errors import UsageError
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
-from .weights import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, resolve
+from .modelspec import resolve_device
+from .weights import TOKENIZER_FILES, CheckpointError, FolderLock, atomic_write, fsync, resolve
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
 
@@ -96,7 +98,7 @@ def _setup_distributed(device: str) -> tuple[int, int, torch.device]:
     """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; without them this is one process."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = pick_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
     if world > 1 and not dist.is_initialized():
@@ -149,10 +151,16 @@ def _trainable(model: SigLIP, lock_image: bool, lock_text: bool) -> dict[str, nn
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Run (or resume) a fine-tuning; returns the output folder with the model in the Hub layout."""
-    rank, world, device = _setup_distributed(cfg.device)
+    """Run (or resume) a fine-tuning; returns the output folder with the model in the Hub layout.
+    One run at a time writes an output folder: a second one is refused (FolderInUse)."""
     out = Path(cfg.output_dir)
-    log = _Log(rank, out)
+    for above in (out, *out.parents):  # the nearest existing one must be a folder
+        if above.exists():
+            if not above.is_dir():
+                raise UsageError(f"--output-dir {out}: {above} is a file, not a folder; give a new folder "
+                                 "or one a fine-tuning run wrote")
+            break
+    rank, world, device = _setup_distributed(cfg.device)
     pairs = read_pairs(cfg.data)
     if cfg.batch_size > len(pairs):
         # Step s takes positions [s*B, (s+1)*B) of the stream of epochs: with B > N a batch holds
@@ -160,7 +168,19 @@ def train(cfg: TrainConfig) -> Path:
         raise DataError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(pairs)} pairs "
                         f"in {cfg.data}): a batch would hold the same pair more than once, each copy a "
                         f"negative of the other; use --batch-size {len(pairs)} or less, or more data")
-    settings = _schedule_settings(cfg, len(pairs))
+    held = None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        held = FolderLock(out, "fine-tuning run")
+    try:
+        return _train(cfg, out, rank, world, device, pairs)
+    finally:
+        if held is not None:
+            held.release()
+
+
+def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.device, pairs) -> Path:
+    log = _Log(rank, out)
     ckpt = resolve(cfg.model, revision=cfg.revision)
     model, processor = load(ckpt, dtype=torch.float32, device=device)
     if cfg.image_size is not None and cfg.image_size != model.config.vision_config.image_size:
@@ -168,12 +188,15 @@ def train(cfg: TrainConfig) -> Path:
             raise CheckpointError("a SigLIP 2 NaFlex checkpoint trains at each image's own size: pass "
                                   "max_num_patches (--max-num-patches) instead of image_size")
         model.set_image_size(cfg.image_size)  # a new position parameter at the new grid, trained from here
-        processor.image = processor.at_size(cfg.image_size)
+        processor = processor.sized(cfg.image_size)
     if cfg.max_num_patches is not None:
         try:
-            processor.image = processor.at_size(None, cfg.max_num_patches)
+            processor = processor.sized(None, cfg.max_num_patches)
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+    # The patch budget a NaFlex run trains at is part of what it continues.
+    settings = {**_schedule_settings(cfg, len(pairs)),
+                "max_num_patches": processor.image_record()["max_num_patches"]}
     model.train()
     if cfg.grad_checkpointing:
         for tower in (model.vision_model, model.text_model):
