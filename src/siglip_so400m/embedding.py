@@ -276,7 +276,10 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
         cfg = ckpt.config
         # Sized before the output folder exists: a budget this checkpoint cannot take is refused
         # with nothing written.
-        processor = run.processor(ckpt)
+        try:
+            processor = run.processor(ckpt)
+        except UsageError as e:
+            raise InputError(str(e)) from None
         if on_graphs:
             # Before the output folder exists too: a graph of another model, or one that computes
             # something else than this checkpoint, is refused with nothing written.

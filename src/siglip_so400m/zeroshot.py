@@ -8,7 +8,6 @@ independent of the other labels) and the softmax (relative among the labels give
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import os
@@ -203,9 +202,7 @@ def zero_shot(model: SigLIP, processor: Processor, images: ImageInput | list[Ima
     image (default: the checkpoint's); `processor` itself is left as it is."""
     templates = list(templates) if templates is not None else [template]
     if max_num_patches is not None:
-        image = processor.at_size(None, max_num_patches)  # ValueError for a fixed-size checkpoint
-        processor = copy.copy(processor)
-        processor.image = image
+        processor = processor.sized(None, max_num_patches)  # ValueError for a fixed-size checkpoint
     cache = None
     if cache_dir is not None:
         ckpt = getattr(model, "checkpoint", None)
