@@ -309,6 +309,41 @@ def test_texts_labels_and_templates_over_the_limit_are_422_before_tokenizing(api
         server.batcher.close()
 
 
+def test_a_template_with_a_format_spec_is_422_before_any_label_is_formatted(api, monkeypatch):
+    """`{:>40000000}` is 12 characters that expand every label to 40 MB on the model thread; only a
+    bare {} is accepted, checked by its shape. The specs here expand just past MAX_TEXT_CHARS, so the
+    old check (which formatted them) would have let them through without hurting the test."""
+    from siglip_so400m import zeroshot
+
+    made = []
+    real = app_module.ZeroShotClassifier
+    monkeypatch.setattr(app_module, "ZeroShotClassifier", lambda *a, **k: made.append(a) or real(*a, **k))
+    server = make_server(api)
+    app = create_app(server)
+    img = data_uri(encoded("PNG"))
+    wide = "{:>" + str(MAX_TEXT_CHARS + 1) + "}"
+    bad = [wide, "a photo of {:^5000}.", "{0:>5000}", "{!r:>5000}", "{label}", "{}{}", "{", "} {}"]
+
+    async def go():
+        for t in bad:
+            error(await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"], "template": t}),
+                  422, "templates", "one {}", "no format spec")
+            error(await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"],
+                                                   "templates": ["a photo of {}.", t]}), 422, "templates")
+        assert made == []  # refused before any label was embedded
+        for ok in ("{}", "a photo of {}.", "{{braces}} and {}"):
+            resp = await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"], "template": ok})
+            assert resp.status_code == 200, resp.content[:300]
+
+    try:
+        run(go())
+    finally:
+        server.batcher.close()
+    for t in bad:  # the zero-shot API and CLI share the check
+        with pytest.raises(ValueError, match="one {}"):
+            zeroshot.check_templates([t])
+
+
 def test_zero_shot_cli_refuses_an_overlong_label_or_template_with_a_usage_error(tiny_ckpt, tmp_path, capsys):
     from siglip_so400m.cli import zero_shot_main
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from ..config import DEFAULT_TEMPLATE
 from ..embedding import Item
 from ..image import IMAGE_COLUMNS, IMAGE_SUFFIXES
+from ..text import is_prompt_template
 
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")
 CAPTION_COLUMNS = ("caption", "captions", "text")
@@ -90,11 +91,7 @@ def read_templates(templates: str | Path | Sequence[str] | None) -> list[str]:
         if not out:
             raise EvalError("no templates given")
     for t in out:
-        try:
-            ok = t.count("{}") == 1 and t.format("x") != t.format("y")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
+        if not is_prompt_template(t):
             raise EvalError(f"template {t!r} must hold one {{}} where the class name goes (and no other "
                             "braces), e.g. 'a photo of a {}.'")
     return out
