@@ -595,6 +595,58 @@ def test_urls_to_loopback_are_refused_without_allow_private_urls_and_fetched_wit
     assert inputs.address_refusal(ipaddress.ip_address("93.184.216.34")) is None
 
 
+def test_ipv6_spellings_of_private_ipv4_and_site_local_addresses_are_refused():
+    """6to4 (2002::/16) and Teredo (2001::/32, the client's IPv4 stored bit-inverted) reach the IPv4
+    they embed through a relay; Python 3.11 calls 2002:7f00:1:: global. fec0::/10 is site-local."""
+    refused = {
+        "fec0::1": "site-local", "fec0:1234::5": "site-local", "feff::1": "site-local",
+        "2002:7f00:1::": "embeds 127.0.0.1, a loopback",
+        "2002:a9fe:a9fe::": "embeds 169.254.169.254, a link-local",
+        "2002:a00:1::1": "embeds 10.0.0.1, a private", "2002:c0a8:101::": "embeds 192.168.1.1, a private",
+        "2002:6440:1::": "embeds 100.64.0.1, not a public",
+        # Teredo: server 65.54.227.120, client ~0x80fffffe = 127.0.0.1 and ~0xf5fefefe = 10.1.1.1
+        "2001:0:4136:e378:8000:63bf:80ff:fffe": "127.0.0.1",
+        "2001:0:4136:e378:8000:63bf:f5fe:fefe": "10.1.1.1",
+        "::ffff:169.254.169.254": "link-local", "::127.0.0.1": "", "::a00:1": "",
+        "64:ff9b::7f00:1": "",
+    }
+    for addr, says in refused.items():
+        why = inputs.address_refusal(ipaddress.ip_address(addr))
+        assert why is not None and says in why, (addr, why)
+    for addr in ("2002:5db8:d822::1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e"):
+        assert inputs.address_refusal(ipaddress.ip_address(addr)) is None, addr
+
+
+def test_name_resolution_is_bounded_by_the_url_timeout(api, monkeypatch):
+    """A name server that never answers: getaddrinfo cannot be interrupted, so the fetch stops
+    waiting for it at --url-timeout and answers 400."""
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *a, **k):
+        if host == "hangs.test":
+            answer.wait(30)
+            raise socket.gaierror("no answer")
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    server = url_server(api, url_timeout_s=0.5)
+    app = create_app(server)
+
+    async def go():
+        start = time.monotonic()
+        error(await post(app, "/v1/embeddings", {"input": [{"image_url": "http://hangs.test/a.png"}]}), 400,
+              "input[0]", "took over 0.5 s", "--url-timeout")
+        return time.monotonic() - start
+
+    try:
+        took = run(go(), timeout=60)
+    finally:
+        answer.set()
+        server.batcher.close()
+    assert took < 5, took  # 0.5 s and its margins, not the resolver's 30 s
+
+
 def test_every_redirect_is_checked_and_the_connection_is_pinned_to_the_checked_address(api, www, monkeypatch):
     """Here 127.0.0.1 plays a public host and 127.0.0.2 a private one."""
     monkeypatch.setattr(inputs, "address_refusal",

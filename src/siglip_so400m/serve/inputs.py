@@ -97,8 +97,20 @@ MAX_REDIRECTS = 5
 def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why the server must not connect to this address for a client (None: a public address).
     A client could otherwise make it read cloud metadata (169.254.169.254) or internal services."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return address_refusal(ip.ipv4_mapped)  # ::ffff:127.0.0.1 is 127.0.0.1
+        if ip in _SITE_LOCAL:  # deprecated (RFC 3879) but still routed inside some networks
+            return "a site-local address"
+        # 6to4 (2002::/16) and Teredo (2001::/32) carry an IPv4 address that relays route to;
+        # Python 3.11 calls 2002:7f00:1:: global. Teredo's client address is stored bit-inverted,
+        # which ipaddress undoes. (IPv4-compatible ::a.b.c.d and NAT64 64:ff9b::/96 are reserved.)
+        embedded = [("6to4", ip.sixtofour)] if ip.sixtofour else []
+        embedded += [("Teredo", v4) for v4 in ip.teredo or ()]
+        for kind, v4 in embedded:
+            why = address_refusal(v4)
+            if why is not None:
+                return f"a {kind} address that embeds {v4}, {why}"
     # Most specific first: 127.0.0.1 and 169.254.169.254 are "private" to Python as well.
     for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
@@ -106,6 +118,9 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     if not ip.is_global:  # shared (100.64/10), documentation and other special ranges
         return "not a public address"
     return None
+
+
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 
 
 def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
@@ -122,7 +137,7 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         raise ApiError(400, f"{param}: invalid URL ({e})", param) from None
     if not host:
         raise ApiError(400, f"{param}: the URL names no host", param)
-    address = _checked_address(host, port, param, limits)
+    address = _checked_address(host, port, param, limits, deadline)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise _timeout(param, limits)
@@ -187,10 +202,12 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         conn.close()
 
 
-def _checked_address(host: str, port: int, param: str, limits: ImageLimits) -> str:
+def _checked_address(host: str, port: int, param: str, limits: ImageLimits, deadline: float) -> str:
     """The address to connect to: the first the host resolves to that may be fetched."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, deadline)
+    except TimeoutError:
+        raise _timeout(param, limits) from None
     except (OSError, UnicodeError) as e:
         raise ApiError(400, f"{param}: cannot fetch the URL (cannot resolve {host}: {e})", param) from None
     refused = []
@@ -202,6 +219,38 @@ def _checked_address(host: str, port: int, param: str, limits: ImageLimits) -> s
         refused.append(f"{ip} is {why}")
     raise ApiError(400, f"{param}: refused to fetch from {host}: {'; '.join(dict.fromkeys(refused))} "
                    "(the server fetches public addresses only; --allow-private-urls lifts this)", param)
+
+
+# Name lookups in flight. getaddrinfo cannot be interrupted, and a resolver that never answers
+# would hold a fetch past --url-timeout (and the server's exit past SIGTERM), so each lookup runs
+# in a daemon thread that the fetch stops waiting for at its deadline; this bounds how many such
+# threads a hostile name server can leave waiting.
+MAX_LOOKUPS = 64
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
+def _resolve(host: str, port: int, deadline: float) -> list:
+    """socket.getaddrinfo(host, port), within the deadline (else TimeoutError)."""
+    if not _lookups.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise TimeoutError
+    result: list = []
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as e:  # handed to the fetch, which may have gone already
+            result.append(e)
+        finally:
+            _lookups.release()
+
+    thread = threading.Thread(target=lookup, name="siglip-resolve", daemon=True)
+    thread.start()
+    thread.join(max(0.0, deadline - time.monotonic()))
+    if not result:
+        raise TimeoutError
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _shut(sockets: list[socket.socket]) -> None:
