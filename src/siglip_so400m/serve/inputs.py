@@ -73,16 +73,52 @@ def data_uri_bytes(uri: str, param: str) -> bytes:
     return data
 
 
-def fetch_url(url: str, param: str, limits: ImageLimits) -> bytes:
+class Aborted(Exception):
+    """A fetch stopped by its Aborter: another item of its request failed, or the server stops."""
+
+
+class Aborter:
+    """Stops the URL fetches of one request at once, from any thread: their sockets are shut (which
+    wakes a blocked read), a name lookup is no longer waited for, and new fetches do not start."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted.set()
+            _shut(list(self._sockets))
+
+    def check(self) -> None:
+        if self.aborted.is_set():
+            raise Aborted
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+            if self.aborted.is_set():
+                _shut([sock])
+
+    def discard(self, socks: list[socket.socket]) -> None:
+        with self._lock:
+            self._sockets.difference_update(socks)
+
+
+def fetch_url(url: str, param: str, limits: ImageLimits, aborter: Aborter | None = None) -> bytes:
     """An http(s) URL's body, at most url_max_bytes, within url_timeout_s in all (redirects, a
     slow host and a trickling body included); only with --allow-urls, never another scheme, and,
-    unless --allow-private-urls, never a loopback, private, link-local or reserved address."""
+    unless --allow-private-urls, never a loopback, private, link-local or reserved address.
+    Raises Aborted once `aborter` is aborted."""
     if not limits.allow_urls:
         raise ApiError(400, f"{param}: this server does not fetch URLs (start it with --allow-urls); "
                        "send the image as a base64 data URI or a multipart upload", param)
     deadline = time.monotonic() + limits.url_timeout_s
+    aborter = aborter or Aborter()
     for _ in range(MAX_REDIRECTS + 1):
-        status, location, body = _fetch_once(url, param, limits, deadline)
+        aborter.check()
+        status, location, body = _fetch_once(url, param, limits, deadline, aborter)
         if location is None:
             if status != 200:
                 raise ApiError(400, f"{param}: cannot fetch the URL (HTTP {status})", param)
@@ -123,7 +159,7 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
 _SITE_LOCAL = ipaddress.ip_network("fec0::/10")
 
 
-def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
+def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float, aborter: Aborter
                 ) -> tuple[int, str | None, bytes]:
     """One request: (status, the redirect's Location or None, the body of a 200)."""
     parts = urllib.parse.urlsplit(url)
@@ -137,7 +173,7 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         raise ApiError(400, f"{param}: invalid URL ({e})", param) from None
     if not host:
         raise ApiError(400, f"{param}: the URL names no host", param)
-    address = _checked_address(host, port, param, limits, deadline)
+    address = _checked_address(host, port, param, limits, deadline, aborter)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise _timeout(param, limits)
@@ -148,11 +184,23 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
     sockets: list[socket.socket] = []
 
     def connect(_, *args, **kwargs) -> socket.socket:
-        sock = socket.create_connection((address, port), *args, **kwargs)
+        aborter.check()
+        # Not create_connection((address, port)): the socket must be the aborter's before the
+        # connect, which may itself hang on a host that drops packets.
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sockets.append(sock)
+        aborter.add(sock)
+        sock.settimeout(remaining)
+        try:
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
         if scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
             sockets.append(sock)
+            aborter.add(sock)
         return sock
 
     conn = http.client.HTTPConnection(address, port, timeout=remaining)
@@ -188,9 +236,10 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         if r.length:  # the host closed before the Content-Length it announced
             raise http.client.IncompleteRead(b"".join(chunks), r.length)
         return 200, None, b"".join(chunks)
-    except ApiError:
+    except (ApiError, Aborted):
         raise
     except (OSError, http.client.HTTPException, ValueError) as e:
+        aborter.check()  # the shut socket's error is not the host's
         if time.monotonic() >= deadline:
             raise _timeout(param, limits) from None
         # http.client.HTTPException: the host answered something that is not HTTP.
@@ -200,12 +249,14 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
     finally:
         timer.cancel()
         conn.close()
+        aborter.discard(sockets)
 
 
-def _checked_address(host: str, port: int, param: str, limits: ImageLimits, deadline: float) -> str:
+def _checked_address(host: str, port: int, param: str, limits: ImageLimits, deadline: float,
+                     aborter: Aborter) -> str:
     """The address to connect to: the first the host resolves to that may be fetched."""
     try:
-        infos = _resolve(host, port, deadline)
+        infos = _resolve(host, port, deadline, aborter)
     except TimeoutError:
         raise _timeout(param, limits) from None
     except (OSError, UnicodeError) as e:
@@ -229,11 +280,12 @@ MAX_LOOKUPS = 64
 _lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
 
 
-def _resolve(host: str, port: int, deadline: float) -> list:
-    """socket.getaddrinfo(host, port), within the deadline (else TimeoutError)."""
+def _resolve(host: str, port: int, deadline: float, aborter: Aborter) -> list:
+    """socket.getaddrinfo(host, port), within the deadline (else TimeoutError) and until aborted."""
     if not _lookups.acquire(timeout=max(0.0, deadline - time.monotonic())):
         raise TimeoutError
     result: list = []
+    done = threading.Event()
 
     def lookup() -> None:
         try:
@@ -242,10 +294,14 @@ def _resolve(host: str, port: int, deadline: float) -> list:
             result.append(e)
         finally:
             _lookups.release()
+            done.set()
 
-    thread = threading.Thread(target=lookup, name="siglip-resolve", daemon=True)
-    thread.start()
-    thread.join(max(0.0, deadline - time.monotonic()))
+    threading.Thread(target=lookup, name="siglip-resolve", daemon=True).start()
+    # Waits in steps, to notice an abort (a second Event cannot be waited on together with this one).
+    while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+        aborter.check()
+        if time.monotonic() >= deadline:
+            break
     if not result:
         raise TimeoutError
     if isinstance(result[0], BaseException):
