@@ -442,7 +442,7 @@ def test_retry_after_comes_from_the_settings(api):
     assert resp.headers["retry-after"] == "7"
 
 
-# ---- memory under concurrency: bodies read and decoded at once ----
+# ---- memory under concurrency: bodies received, parsed and decoded at once ----
 
 def test_concurrent_bodies_hold_at_most_their_byte_budget_and_decode_max_concurrent_bodies(api, monkeypatch):
     """16 requests at once, with decoding held: max_bodies of them decode, and the bodies the
