@@ -14,6 +14,7 @@ import http.server
 import io
 import ipaddress
 import json
+import signal
 import socket
 import struct
 import threading
@@ -111,6 +112,33 @@ async def post(app, path: str, body: dict | None = None, content: bytes | None =
             return {"type": "http.request", "body": content, "more_body": False}
         await given.wait()  # no disconnect
         return {"type": "http.disconnect"}
+
+    async def send(msg):
+        if msg["type"] == "http.response.start":
+            out["status"] = msg["status"]
+            out["headers"] = {k.decode(): v.decode() for k, v in msg["headers"]}
+        elif msg["type"] == "http.response.body":
+            out["body"] += msg.get("body", b"")
+
+    await app(scope, receive, send)
+    return Reply(out["status"], out["headers"], out["body"])
+
+
+async def stalled_post(app, path: str, sent: bytes = b"{") -> Reply:
+    """A POST that announces Content-Length: 100, sends `sent` and then nothing, as a slow or
+    hostile client does, until the server answers (or the test cancels it)."""
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
+             "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50001),
+             "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
+    first, out, never = True, {"headers": {}, "body": b""}, asyncio.Event()
+
+    async def receive():
+        nonlocal first
+        if first:
+            first = False
+            return {"type": "http.request", "body": sent, "more_body": True}
+        await never.wait()
 
     async def send(msg):
         if msg["type"] == "http.response.start":
@@ -309,6 +337,41 @@ def test_texts_labels_and_templates_over_the_limit_are_422_before_tokenizing(api
         server.batcher.close()
 
 
+def test_a_template_with_a_format_spec_is_422_before_any_label_is_formatted(api, monkeypatch):
+    """`{:>40000000}` is 12 characters that expand every label to 40 MB on the model thread; only a
+    bare {} is accepted, checked by its shape. The specs here expand just past MAX_TEXT_CHARS, so the
+    old check (which formatted them) would have let them through without hurting the test."""
+    from siglip_so400m import zeroshot
+
+    made = []
+    real = app_module.ZeroShotClassifier
+    monkeypatch.setattr(app_module, "ZeroShotClassifier", lambda *a, **k: made.append(a) or real(*a, **k))
+    server = make_server(api)
+    app = create_app(server)
+    img = data_uri(encoded("PNG"))
+    wide = "{:>" + str(MAX_TEXT_CHARS + 1) + "}"
+    bad = [wide, "a photo of {:^5000}.", "{0:>5000}", "{!r:>5000}", "{label}", "{}{}", "{", "} {}"]
+
+    async def go():
+        for t in bad:
+            error(await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"], "template": t}),
+                  422, "templates", "one {}", "no format spec")
+            error(await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"],
+                                                   "templates": ["a photo of {}.", t]}), 422, "templates")
+        assert made == []  # refused before any label was embedded
+        for ok in ("{}", "a photo of {}.", "{{braces}} and {}"):
+            resp = await post(app, "/v1/classify", {"images": [img], "labels": ["a cat"], "template": ok})
+            assert resp.status_code == 200, resp.content[:300]
+
+    try:
+        run(go())
+    finally:
+        server.batcher.close()
+    for t in bad:  # the zero-shot API and CLI share the check
+        with pytest.raises(ValueError, match="one {}"):
+            zeroshot.check_templates([t])
+
+
 def test_zero_shot_cli_refuses_an_overlong_label_or_template_with_a_usage_error(tiny_ckpt, tmp_path, capsys):
     from siglip_so400m.cli import zero_shot_main
 
@@ -379,24 +442,26 @@ def test_retry_after_comes_from_the_settings(api):
     assert resp.headers["retry-after"] == "7"
 
 
-# ---- memory under concurrency: bodies read and decoded at once ----
+# ---- memory under concurrency: bodies received, parsed and decoded at once ----
 
-def test_concurrent_requests_hold_at_most_max_concurrent_bodies(api, monkeypatch):
-    """16 requests at once, with decoding held: only max_bodies of them have had their body read;
-    the others wait unread. Released, every one is answered."""
-    server = make_server(api, max_bodies=2, decode_threads=4)
+def test_concurrent_bodies_hold_at_most_their_byte_budget_and_decode_max_concurrent_bodies(api, monkeypatch):
+    """16 requests at once, with decoding held: max_bodies of them decode, and the bodies the
+    server holds stay within max_bodies x max_request_bytes bytes; the others wait with at most the
+    chunk in hand (here a whole body: uvicorn's are at most 64 KiB). Released, every one is answered."""
+    big = data_uri(encoded("PNG", (256, 256)))  # ~200 KB of base64 per body
+    size = len(json.dumps({"input": [big]}))
+    server = make_server(api, max_bodies=2, decode_threads=4, max_request_bytes=2 * size)  # 4 bodies' budget
     app = create_app(server)
     release, decoding = threading.Event(), []
     real = server.image_tensor
 
-    def held(item, param):
+    def held(item, param, *args):
         decoding.append(param)
         release.wait(20)
-        return real(item, param)
+        return real(item, param, *args)
 
     monkeypatch.setattr(server, "image_tensor", held)
     consumed: list[str] = []
-    big = data_uri(encoded("PNG", (256, 256)))  # ~200 KB of base64 per body
 
     async def go():
         tasks = [asyncio.create_task(post(app, "/v1/embeddings", {"input": [big]}, consumed=consumed))
@@ -404,18 +469,53 @@ def test_concurrent_requests_hold_at_most_max_concurrent_bodies(api, monkeypatch
         while len(decoding) < 2:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.3)  # time for more bodies to be taken, if anything would take them
-        held_bodies = len(consumed)
+        budget = server.body_bytes
+        held_bodies, held_bytes, decoders = len(consumed), budget.capacity - budget.free, len(decoding)
         release.set()
         replies = await asyncio.gather(*tasks)
-        return held_bodies, replies
+        return held_bodies, held_bytes, decoders, replies
 
     try:
-        held_bodies, replies = run(go())
+        held_bodies, held_bytes, decoders, replies = run(go())
     finally:
         release.set()
         server.batcher.close()
-    assert held_bodies == 2, held_bodies
+    assert decoders == 2, decoders
+    assert held_bytes == 4 * size, (held_bytes, held_bodies)  # the budget, full
     assert [r.status_code for r in replies] == [200] * 16 and len(consumed) == 16
+    assert server.body_bytes.free == server.body_bytes.capacity  # every byte given back
+
+
+def test_stalled_uploads_hold_no_slot_good_requests_need_and_end_with_408_at_body_timeout(api, index):
+    """Twice --max-concurrent-bodies connections that send one byte of a 100-byte body and stall,
+    on every POST endpoint: a good request is still answered at once (the stalled ones hold one
+    byte each, not a slot), and each stalled one gets 408 at --body-timeout."""
+    server = make_server(api, index=index, max_bodies=2, body_timeout_s=4.0)
+    app = create_app(server)
+    img = data_uri(encoded("PNG"))
+
+    async def go():
+        paths = ["/v1/embeddings", "/v1/classify", "/v1/search", "/v1/embeddings"]
+        start = time.monotonic()
+        stalled = [asyncio.create_task(stalled_post(app, p)) for p in paths]
+        await asyncio.sleep(0.2)  # every stalled request is in, holding what it holds
+        good = [await asyncio.wait_for(post(app, "/v1/embeddings", {"input": ["a cat"]}), 30),
+                await asyncio.wait_for(post(app, "/v1/classify", {"images": [img], "labels": ["a"]}), 30),
+                await asyncio.wait_for(post(app, "/v1/search", {"texts": ["a cat"], "k": 2}), 30)]
+        pending = sum(not t.done() for t in stalled)  # the good ones did not wait for the deadline
+        replies = await asyncio.gather(*stalled)
+        return good, pending, replies, time.monotonic() - start
+
+    try:
+        good, pending, replies, took = run(go(), timeout=60)
+    finally:
+        server.batcher.close()
+    assert [r.status_code for r in good] == [200] * 3, [r.content[:200] for r in good]
+    assert pending == 4
+    for r in replies:
+        error(r, 408, None, "did not arrive within 4 s", "--body-timeout")
+    assert 4 <= took < 30, took  # the deadline, not the clients, ended them
+    assert server.body_bytes.free == server.body_bytes.capacity
 
 
 # ---- untrusted JSON and images ----
@@ -458,6 +558,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     image = encoded("JPEG", (32, 24))
     hits: ClassVar[list[str]] = []
+    cut = 0  # trickles the fetcher hung up on
 
     def log_message(self, *args):
         pass
@@ -488,14 +589,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                     self.wfile.flush()
                     time.sleep(0.1)
             except OSError:
-                pass  # the fetcher hung up, as it should
+                type(self).cut += 1  # the fetcher hung up, as it should
         elif self.path == "/garbage":
             self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n")
 
 
 @pytest.fixture
 def www():
-    _Handler.hits = []
+    _Handler.hits, _Handler.cut = [], 0
     servers = []
     for host in ("127.0.0.1", "127.0.0.2"):
         try:
@@ -512,8 +613,9 @@ def www():
         s.server_close()
 
 
-def url_server(api, **limits) -> Server:
-    return make_server(api, image_limits=ImageLimits(max_pixels=40_000_000, allow_urls=True, **limits))
+def url_server(api, settings: dict | None = None, **limits) -> Server:
+    return make_server(api, image_limits=ImageLimits(max_pixels=40_000_000, allow_urls=True, **limits),
+                       **(settings or {}))
 
 
 def test_url_reads_have_a_total_deadline_and_non_http_replies_are_400(api, www):
@@ -558,6 +660,151 @@ def test_urls_to_loopback_are_refused_without_allow_private_urls_and_fetched_wit
                  "fe80::1", "::1"):
         assert inputs.address_refusal(ipaddress.ip_address(addr)) is not None, addr
     assert inputs.address_refusal(ipaddress.ip_address("93.184.216.34")) is None
+
+
+def test_a_text_never_waits_behind_url_fetches(api, www):
+    """One request with 8 URLs that trickle for 100 s takes the only decode thread's place in the
+    old design and its body slot; URLs have their own pool now, and a request fetches outside the
+    slots that texts need. The text is answered while the URLs are still being fetched."""
+    server = url_server(api, {"decode_threads": 1, "max_bodies": 1}, url_timeout_s=20.0,
+                        allow_private_urls=True)
+    app = create_app(server)
+
+    async def go():
+        slow = asyncio.create_task(post(app, "/v1/embeddings",
+                                        {"input": [{"image_url": www[0] + "/trickle"}] * 8}))
+        while _Handler.hits.count("/trickle") < 2:  # fetches under way
+            await asyncio.sleep(0.01)
+        text = await asyncio.wait_for(post(app, "/v1/embeddings", {"input": ["a cat"]}), 15)
+        still_fetching = not slow.done()
+        slow.cancel()
+        return text, still_fetching
+
+    try:
+        text, still_fetching = run(go(), timeout=60)
+    finally:
+        server.batcher.close()
+        server.fetch_pool.shutdown(wait=False, cancel_futures=True)
+    assert text.status_code == 200 and still_fetching
+
+
+def test_a_requests_first_failed_fetch_stops_its_other_fetches(api, www):
+    """Three URLs that would trickle for 100 s and one that fails at once: the answer is the failure,
+    at once, not after --url-timeout; the trickling fetches are stopped (their connections shut), and
+    the fetch threads are free again."""
+    server = url_server(api, {"url_threads": 4}, url_timeout_s=20.0, allow_private_urls=True)
+    app = create_app(server)
+    body = {"input": [{"image_url": www[0] + "/trickle"}] * 3 + [{"image_url": www[0] + "/garbage"}]}
+
+    async def go():
+        start = time.monotonic()
+        first = await post(app, "/v1/embeddings", body)
+        took = time.monotonic() - start
+        # Every fetch thread free again: four good fetches are answered without waiting.
+        again = await asyncio.wait_for(post(app, "/v1/embeddings",
+                                            {"input": [{"image_url": www[0] + "/img"}] * 4}), 15)
+        return first, took, again
+
+    try:
+        first, took, again = run(go(), timeout=60)
+    finally:
+        server.batcher.close()
+    error(first, 400, "input[3]", "not an HTTP reply")
+    assert took < 10, took  # not the 20 s of --url-timeout
+    assert again.status_code == 200
+    cut_by = time.monotonic() + 10  # the host notices at its next write, 0.1 s later
+    while _Handler.cut < _Handler.hits.count("/trickle") and time.monotonic() < cut_by:
+        time.sleep(0.05)
+    # Each trickle that had started was cut off (one not started yet never starts).
+    assert _Handler.cut == _Handler.hits.count("/trickle") >= 1, (_Handler.cut, _Handler.hits)
+
+
+def test_sigterm_is_bounded_by_the_graceful_timeout_with_a_url_fetch_in_flight(tiny_ckpt, tmp_path, www):
+    """A URL that trickles for 100 s, fetched with --url-timeout 30, and SIGTERM with
+    --graceful-timeout 2: the request had its 2 s, then its fetch is stopped and the server exits
+    (it used to wait for the fetch's own deadline, 29 s, past an orchestrator's 30 s kill)."""
+    from test_serve import Served
+
+    s = Served(tiny_ckpt, tmp_path / "log.txt", "--allow-urls", "--allow-private-urls", "--url-timeout",
+               "30", "--graceful-timeout", "2")
+    replies: list = []
+
+    def client() -> None:
+        try:
+            replies.append(httpx.post(f"{s.url}/v1/embeddings", timeout=60,
+                                      json={"input": [{"image_url": www[0] + "/trickle"}]}).status_code)
+        except httpx.HTTPError as e:
+            replies.append(type(e).__name__)
+
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        by = time.monotonic() + 30
+        while "/trickle" not in _Handler.hits and time.monotonic() < by:
+            time.sleep(0.05)
+        assert "/trickle" in _Handler.hits, s.log()
+        start = time.monotonic()
+        s.proc.send_signal(signal.SIGTERM)
+        rc = s.proc.wait(60)
+        took = time.monotonic() - start
+    finally:
+        s.stop()
+        thread.join(60)
+    assert took < 10, (took, s.log())  # 2 s of grace and margins, not the fetch's 30 s
+    assert rc == 0, s.log()
+    assert replies and replies[0] != 200, replies  # the request was given up, not answered
+
+
+def test_ipv6_spellings_of_private_ipv4_and_site_local_addresses_are_refused():
+    """6to4 (2002::/16) and Teredo (2001::/32, the client's IPv4 stored bit-inverted) reach the IPv4
+    they embed through a relay; Python 3.11 calls 2002:7f00:1:: global. fec0::/10 is site-local."""
+    refused = {
+        "fec0::1": "site-local", "fec0:1234::5": "site-local", "feff::1": "site-local",
+        "2002:7f00:1::": "embeds 127.0.0.1, a loopback",
+        "2002:a9fe:a9fe::": "embeds 169.254.169.254, a link-local",
+        "2002:a00:1::1": "embeds 10.0.0.1, a private", "2002:c0a8:101::": "embeds 192.168.1.1, a private",
+        "2002:6440:1::": "embeds 100.64.0.1, not a public",
+        # Teredo: server 65.54.227.120, client ~0x80fffffe = 127.0.0.1 and ~0xf5fefefe = 10.1.1.1
+        "2001:0:4136:e378:8000:63bf:80ff:fffe": "127.0.0.1",
+        "2001:0:4136:e378:8000:63bf:f5fe:fefe": "10.1.1.1",
+        "::ffff:169.254.169.254": "link-local", "::127.0.0.1": "", "::a00:1": "",
+        "64:ff9b::7f00:1": "",
+    }
+    for addr, says in refused.items():
+        why = inputs.address_refusal(ipaddress.ip_address(addr))
+        assert why is not None and says in why, (addr, why)
+    for addr in ("2002:5db8:d822::1", "2606:4700:4700::1111", "2a00:1450:4001:80b::200e"):
+        assert inputs.address_refusal(ipaddress.ip_address(addr)) is None, addr
+
+
+def test_name_resolution_is_bounded_by_the_url_timeout(api, monkeypatch):
+    """A name server that never answers: getaddrinfo cannot be interrupted, so the fetch stops
+    waiting for it at --url-timeout and answers 400."""
+    answer = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *a, **k):
+        if host == "hangs.test":
+            answer.wait(30)
+            raise socket.gaierror("no answer")
+        return real(host, *a, **k)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    server = url_server(api, url_timeout_s=0.5)
+    app = create_app(server)
+
+    async def go():
+        start = time.monotonic()
+        error(await post(app, "/v1/embeddings", {"input": [{"image_url": "http://hangs.test/a.png"}]}), 400,
+              "input[0]", "took over 0.5 s", "--url-timeout")
+        return time.monotonic() - start
+
+    try:
+        took = run(go(), timeout=60)
+    finally:
+        answer.set()
+        server.batcher.close()
+    assert took < 5, took  # 0.5 s and its margins, not the resolver's 30 s
 
 
 def test_every_redirect_is_checked_and_the_connection_is_pinned_to_the_checked_address(api, www, monkeypatch):

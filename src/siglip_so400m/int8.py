@@ -1,11 +1,15 @@
-"""int8 inference for the linear layers: int8 weights per output channel, int8 activations per tensor.
+"""int8 inference for the linear layers: int8 weights per output channel, int8 activations per row.
 
-    y = (s_x * s_w[n]) * sum_k q_x[m, k] q_w[n, k] + b[n]      q = round(v / s)
-    s_w[n] = max_k |w[n, k]| / 127 (or 63, below)   s_x = max |x| / (127 (1 - 2^-8))   (never 128)
+    y[m, n] = s_x[m] * (s_w[n] * sum_k q_x[m, k] q_w[n, k]) + b[n]      q = round(v / s)
+    s_w[n] = max_k |w[n, k]| / 127 (or 63, below)   s_x[m] = max_k |x[m, k]| / (127 (1 - 2^-8))
 
 Weights are quantized once, at load, symmetrically with one scale per output channel. Activations are
-quantized on the fly (dynamic quantization: no calibration data), symmetrically with one scale for the
-whole tensor, which is what lets the scale, the bias and the GELU run inside the matmul's epilogue.
+quantized on the fly (dynamic quantization: no calibration data), symmetrically with one scale per row
+(a token of one input). Not one scale for the whole tensor, although that would let the activation
+scale, the bias and the GELU run inside the matmul's epilogue: the server batches inputs from
+different clients, and with a tensor-wide scale one client's input moved another's embedding (cosine
+0.99974 alone against batched on the tiny model). Per row, a row's int8 operands and its exact
+integer sums depend on that row alone, so an embedding is bit-identical whatever it is batched with.
 
 Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API, whose
 `torch.quantize_per_channel` and `torch.ops.quantized.*` functions torch 2.14 warns will be removed):
@@ -19,7 +23,7 @@ Two kernels, both on plain int8 tensors (not the deprecated quantized-tensor API
   get 7 bits (|q| <= 63, ONNX Runtime's `reduce_range`), which keeps every sum exact at fp32 speed.
 - elsewhere (no oneDNN: ARM, builds without mkldnn; or where a one-time probe finds oneDNN's result
   wrong for the activations' dtype with either weight range), `torch._int_mm` (int8 x int8 ->
-  int32) on the pre-transposed weight, then the scale and bias in one `addcmul`. Without VNNI or
+  int32) on the pre-transposed weight, then the scales and bias as for oneDNN. Without VNNI or
   AMX that kernel is about 50x slower than a float32 matmul.
 """
 
@@ -30,7 +34,6 @@ import threading
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import FP32_KEYS
@@ -122,20 +125,25 @@ def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = N
     return Int8Weight(q, scale, b, torch.zeros(w.shape[0], dtype=torch.long), onednn, w.shape[0], weight_max)
 
 
-# Activations are scaled to at most 127 * (1 - 2^-8), not 127: rounding x / scale to bf16 (steps of
-# 0.5 near 127) can then reach 127 but never 128, which the int8 cast would wrap to -128, and no
-# clamp pass is needed. The step is 0.4% coarser, far below the rounding error itself.
+# Activations are scaled to at most 127 * (1 - 2^-8), not 127: x / s_x, even with s_x and the
+# product each rounded to bf16 (steps of 0.5 near 127), can then reach 127 but never 128, which the
+# int8 cast would wrap to -128, and no clamp pass is needed. The step is 0.4% coarser, far below the
+# rounding error itself.
 _FULL_SCALE = 127 * (1 - 2**-8)
 
 
 def quantize_activation(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(M, K) float -> (M, K) int8 and its scale, symmetric, one scale for the whole tensor.
+    """(M, K) float -> (M, K) int8 and its (M, 1) float32 scales, symmetric, one scale per row.
 
-    Three passes over x (min and max together, scale and round, cast): on AMX the int8 matmul is so
-    fast that these passes cost about as much as it does for the MLP's 4304-wide input."""
-    lo, hi = torch.aminmax(x)
-    scale = (torch.maximum(-lo, hi).float() / _FULL_SCALE).clamp_(min=1e-12)  # () float32
-    return x.mul(1 / scale).round_().to(torch.int8), scale
+    The row's 1 / s_x is rounded to x's dtype first and s_x is its exact inverse, so that x / s_x is
+    one multiply in x's dtype (a float32 product of bf16 x would be a new (M, K) float32 tensor,
+    which cost 5x the whole quantization in page faults) and a value comes back within half a step
+    plus the product's own rounding. Three passes over x (max and min per row, which need no (M, K)
+    temporary as |x| would; scale and round; cast): on AMX the int8 matmul is so fast that these
+    passes cost about as much as it does for the MLP's 4304-wide input."""
+    peak = torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True)).float()  # (M, 1)
+    inv = (_FULL_SCALE / peak.clamp_(min=1e-10)).to(x.dtype)  # (M, 1) 1 / s_x
+    return x.mul(inv).round_().to(torch.int8), 1 / inv.float()
 
 
 # The last activation quantized, (x, its version, q, scale): attention's q, k and v projections read
@@ -161,17 +169,22 @@ def linear(x: Tensor, w: Int8Weight, gelu: bool = False) -> Tensor:
 
 
 def _matmul(x: Tensor, w: Int8Weight, gelu: bool = False, qs: tuple[Tensor, Tensor] | None = None) -> Tensor:
-    q, s = qs or quantize_activation(x.reshape(-1, x.shape[-1]))  # (M, K) int8, () scale
+    q, s = qs or quantize_activation(x.reshape(-1, x.shape[-1]))  # (M, K) int8, (M, 1) scales
     if w.onednn:
-        y = torch.ops.onednn.qlinear_pointwise(
-            q, s.item(), 0, w.weight, w.scale, w.zero_points, w.bias, 1.0, 0, x.dtype,
-            "gelu" if gelu else "none", [], "tanh" if gelu else "")
+        # s_w[n] * sum_k q_x q_w in float32; oneDNN takes one activation scale, so 1 here, and the
+        # rows' own scales below.
+        acc = torch.ops.onednn.qlinear_pointwise(
+            q, 1.0, 0, w.weight, w.scale, w.zero_points, None, 1.0, 0, torch.float32, "none", [], "")
     else:
-        acc = torch._int_mm(q, w.weight)  # (M, N) int32
-        scale = s * w.scale
-        y = torch.addcmul(w.bias, acc, scale) if w.bias is not None else acc * scale
-        y = (F.gelu(y, approximate="tanh") if gelu else y).to(x.dtype)
-    return y  # (M, N)
+        acc = torch._int_mm(q, w.weight) * w.scale  # (M, N) int32 sums -> float32, s_w[n] applied
+    # In place: a new (M, N) tensor costs more in page faults than these passes cost in arithmetic
+    # (at the image MLP's 2916 x 4304, addcmul took 24 ms where mul_ and add_ took 2).
+    y = acc.mul_(s)  # s_x[m] per row
+    if w.bias is not None:
+        y.add_(w.bias)
+    if gelu:
+        torch.ops.aten.gelu_(y, approximate="tanh")
+    return y.to(x.dtype)  # (M, N)
 
 
 def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn: bool | None = None) -> int:

@@ -46,6 +46,17 @@ def check_text_length(text: str, what: str) -> None:
                                "the model reads only its first 64 tokens (a few hundred characters)")
 
 
+def is_prompt_template(template: str) -> bool:
+    """Whether a prompt template holds exactly one bare `{}` where the label goes (and `{{`, `}}`
+    for literal braces). No format spec, conversion or field name: `{:>40000000}` would expand every
+    label to 40 MB before anything could check its length, so the shape is checked, never formatted."""
+    try:
+        fields = [f[1:] for f in string.Formatter().parse(template) if f[1] is not None]
+    except ValueError:  # a lone { or }
+        return False
+    return fields == [("", "", None)]
+
+
 def shorten(text: str, width: int = 60) -> str:
     """The text's start, for messages: never a whole long label."""
     return repr(text) if len(text) <= width else f"{text[:width]!r}... ({len(text)} characters)"

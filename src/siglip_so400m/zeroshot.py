@@ -25,7 +25,7 @@ from .api import Processor
 from .config import DEFAULT_TEMPLATE
 from .image import ImageInput
 from .model import SigLIP
-from .text import Tokenizer, check_text_length, shorten, warn_if_truncated
+from .text import Tokenizer, check_text_length, is_prompt_template, shorten, warn_if_truncated
 from .weights import Checkpoint, atomic_write
 
 
@@ -57,15 +57,12 @@ def check_templates(templates: Sequence[str]) -> list[str]:
     if isinstance(templates, str) or not templates:
         raise ValueError("templates must be a non-empty list of strings")
     for t in templates:
-        if isinstance(t, str):
-            check_text_length(t, f"the template {shorten(t)}")
-        try:
-            ok = t.format("x") != t.format("y")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            raise ValueError(f"template {t!r} must contain one {{}} where the label goes "
-                             "(and no other braces)")
+        if not isinstance(t, str):
+            raise ValueError(f"templates must be strings, got {t!r}")
+        check_text_length(t, f"the template {shorten(t)}")
+        if not is_prompt_template(t):
+            raise ValueError(f"template {shorten(t)} must contain one {{}} where the label goes "
+                             "(and no other braces: no format spec such as {:>10}, no field name)")
     return list(dict.fromkeys(templates))
 
 

@@ -18,6 +18,7 @@ from ..config import DEFAULT_TEMPLATE
 from ..errors import SiglipError
 from ..image import IMAGE_COLUMNS, IMAGE_SUFFIXES
 from ..items import Item
+from ..text import is_prompt_template
 
 LABEL_COLUMNS = ("label", "class", "cls", "target", "category")
 CAPTION_COLUMNS = ("caption", "captions", "text")
@@ -91,11 +92,7 @@ def read_templates(templates: str | Path | Sequence[str] | None) -> list[str]:
         if not out:
             raise EvalError("no templates given")
     for t in out:
-        try:
-            ok = t.count("{}") == 1 and t.format("x") != t.format("y")
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
+        if not is_prompt_template(t):
             raise EvalError(f"template {t!r} must hold one {{}} where the class name goes (and no other "
                             "braces), e.g. 'a photo of a {}.'")
     return out

@@ -49,9 +49,12 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
     g.add_argument("--max-labels", type=int, default=256, help="labels per classify request (default: 256)")
     g.add_argument("--max-k", type=int, default=1000, help="hits per /v1/search query (default: 1000)")
     g.add_argument("--max-concurrent-bodies", type=int, default=4,
-                   help="requests whose body is read and decoded at once; the others wait unread, so "
-                        "memory stays bounded (default: 4)")
+                   help="requests whose body is parsed and decoded at once (as many fetch URLs at "
+                        "once); bodies being received hold their bytes within this many times "
+                        "--max-request-mb in all, the others wait unread (default: 4)")
     g.add_argument("--max-request-mb", type=float, default=32.0, help="request body size (default: 32)")
+    g.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds from a request's start to its body's last byte, else 408 (default: 30)")
     g.add_argument("--max-image-pixels", type=int, default=40_000_000,
                    help="width x height above which an image is refused unread (default: 40e6)")
     g.add_argument("--label-cache-size", type=int, default=10_000,
@@ -64,9 +67,12 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="with --allow-urls, also fetch from loopback, private, link-local and reserved "
                         "addresses (refused by default: a client could reach internal services)")
     g.add_argument("--url-timeout", type=float, default=10.0,
-                   help="seconds per URL fetch in all, redirects included (default: 10)")
+                   help="seconds per URL fetch in all, name lookup and redirects included (default: 10)")
+    g.add_argument("--url-threads", type=int, default=8,
+                   help="URL fetches at once, in threads of their own (default: 8)")
     g.add_argument("--graceful-timeout", type=float, default=60.0,
-                   help="on SIGTERM, seconds to finish open requests before exiting (default: 60)")
+                   help="on SIGTERM, seconds to finish open requests before exiting; URL fetches "
+                        "still running then are stopped (default: 60)")
     p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     return p
 
@@ -85,11 +91,11 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = parser(prog)
     args = p.parse_args(argv)
     for name in ("max_batch", "max_queue", "max_items", "max_labels", "decode_threads",
-                 "label_cache_size", "max_image_pixels", "max_k", "max_concurrent_bodies"):
+                 "label_cache_size", "max_image_pixels", "max_k", "max_concurrent_bodies", "url_threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if args.max_wait_ms < 0 or args.max_request_mb <= 0 or args.url_timeout <= 0:
-        p.error("--max-wait-ms must be >= 0, --max-request-mb and --url-timeout > 0")
+    if args.max_wait_ms < 0 or args.max_request_mb <= 0 or args.url_timeout <= 0 or args.body_timeout <= 0:
+        p.error("--max-wait-ms must be >= 0, --max-request-mb, --url-timeout and --body-timeout > 0")
     if args.allow_private_urls and not args.allow_urls:
         p.error("--allow-private-urls needs --allow-urls")
     try:
@@ -143,7 +149,8 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                  allow_private_urls=args.allow_private_urls),
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         label_cache_size=args.label_cache_size, decode_threads=args.decode_threads,
-        max_k=args.max_k, max_bodies=args.max_concurrent_bodies)
+        max_k=args.max_k, max_bodies=args.max_concurrent_bodies, body_timeout_s=args.body_timeout,
+        url_threads=args.url_threads)
     app = create_app(Server(model, processor, settings, batcher, metrics, index))
     # Our own check refuses big images per request; PIL's process-wide warning would only be noise.
     # PIL's own refusal (at twice its limit) follows ours, so --max-image-pixels above PIL's

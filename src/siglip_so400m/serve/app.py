@@ -9,8 +9,8 @@ import hmac
 import json
 import sys
 import threading
-from collections import OrderedDict
-from collections.abc import Sequence
+from collections import OrderedDict, deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -32,7 +32,16 @@ from ..model import SigLIP
 from ..text import check_text_length, warn_if_truncated
 from ..zeroshot import ZeroShotClassifier, check_labels, check_templates
 from .batcher import Batcher, Closed, Metrics, QueueFull
-from .inputs import ApiError, ImageLimits, data_uri_bytes, decode_image, fetch_url, is_image_uri
+from .inputs import (
+    Aborted,
+    Aborter,
+    ApiError,
+    ImageLimits,
+    data_uri_bytes,
+    decode_image,
+    fetch_url,
+    is_image_uri,
+)
 
 ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/search", "/health", "/metrics", "/docs",
              "/openapi.json")
@@ -63,7 +72,9 @@ class Settings:
     decode_threads: int = 4
     retry_after_s: int = 1
     max_k: int = 1000  # hits per /v1/search query
-    max_bodies: int = 4  # requests whose body is read and decoded at once (--max-concurrent-bodies)
+    max_bodies: int = 4  # requests parsed and decoded at once (--max-concurrent-bodies)
+    body_timeout_s: float = 30.0  # from a request's start to its body's last byte (--body-timeout)
+    url_threads: int = 8  # URL fetches at once (--url-threads)
 
 
 class LabelMemory:
@@ -107,6 +118,48 @@ class _LabelView:
                 m._lru.popitem(last=False)
 
 
+class ByteBudget:
+    """Bytes of request bodies the server holds, bounded: a body takes its bytes as they arrive and
+    gives them back once its items are decoded; past the bound, reading waits. On the event loop
+    only. A chunk that fits is taken even while others wait: the waiting ones may be bodies that
+    hold budget already, and none must wait behind another (chunks are at most uvicorn's 64 KiB,
+    so none starves). Bodies that fill the budget and all stall end at --body-timeout."""
+
+    def __init__(self, capacity: int):
+        self.capacity = self.free = capacity
+        self._waiters: deque[tuple[int, asyncio.Future]] = deque()
+
+    async def take(self, n: int) -> int:
+        n = min(n, self.capacity)
+        if self.free >= n:
+            self.free -= n
+            return n
+        granted = asyncio.get_running_loop().create_future()
+        self._waiters.append((n, granted))
+        try:
+            await granted
+        except BaseException:
+            if granted.done() and not granted.cancelled():
+                self.give(n)  # granted, then cancelled before it could use them
+            else:
+                granted.cancel()  # give() skips it
+            raise
+        return n
+
+    def give(self, n: int) -> None:
+        self.free += n
+        waiting = self._waiters
+        self._waiters = deque()
+        for n, granted in waiting:
+            if granted.done():
+                continue
+            if n <= self.free:
+                self.free -= n
+                granted.set_result(None)
+            else:
+                self._waiters.append((n, granted))
+
+
 class Server:
     """What the endpoints share: the model, its batcher, limits, metrics and the search index."""
 
@@ -119,18 +172,26 @@ class Server:
         self.labels = LabelMemory(settings.label_cache_size)
         self.precision = model.precision  # the label memory's key; model.precision walks the modules
         self.pool = ThreadPoolExecutor(settings.decode_threads, thread_name_prefix="siglip-decode")
+        # URL fetches have their own threads: a host that never answers holds one of these for
+        # --url-timeout, never a thread that texts and uploads need.
+        self.fetch_pool = ThreadPoolExecutor(settings.url_threads, thread_name_prefix="siglip-fetch")
+        self.aborters: set[Aborter] = set()  # the fetches in flight, stopped at shutdown
         self.index_lock = threading.Lock()
-        # Bounds the memory that concurrent requests cost: a request holds its body (up to
-        # --max-request-mb, about twice that once parsed) and its decoded images only inside this
-        # semaphore; the others wait with their bodies unread (uvicorn stops reading a socket
-        # after 64 KiB), and what leaves the semaphore is the items' tensors, which the bounded
-        # queue holds.
+        # What concurrent requests may cost in memory. Bodies being received hold only the bytes
+        # that arrived, within one budget (a client that sends one byte and stalls holds one
+        # byte, not a slot); a body is parsed, and its images decoded, only inside `reading`
+        # (--max-concurrent-bodies at once, each about twice its body once parsed, plus its
+        # tensors). A request that fetches URLs does so outside `reading`, in `fetching`, with
+        # as many slots: a URL never makes a text wait. What leaves both is the items' tensors,
+        # which the bounded batch queue holds.
+        self.body_bytes = ByteBudget(settings.max_bodies * settings.max_request_bytes)
         self.reading = asyncio.Semaphore(settings.max_bodies)
+        self.fetching = asyncio.Semaphore(settings.max_bodies)
         self.width = model.config.text_config.projection_size  # the embedding's dimensions
 
     # ---- turning request items into model inputs (in the decode threads) ----
 
-    def image_tensor(self, item: Any, param: str) -> Tensor:
+    def image_tensor(self, item: Any, param: str, aborter: Aborter | None = None) -> Tensor:
         """A data URI, {"image_url": ...} or Upload -> (3, S, S) float32 pixels."""
         limits = self.settings.image_limits
         if isinstance(item, Upload):
@@ -139,7 +200,7 @@ class Server:
             data = data_uri_bytes(item, param)
         elif isinstance(item, dict):
             url = item["image_url"]
-            data = data_uri_bytes(url, param) if is_image_uri(url) else fetch_url(url, param, limits)
+            data = data_uri_bytes(url, param) if is_image_uri(url) else fetch_url(url, param, limits, aborter)
         else:
             raise ApiError(400, f"{param}: expected an image as a data:image/...;base64 URI, an "
                            "{\"image_url\": ...} object or a multipart file (paths are never read)", param)
@@ -184,6 +245,86 @@ class Server:
                 raise r
         return results
 
+    async def fetch_items(self, jobs: list) -> list:
+        """Run one URL job per item in the fetch pool; the first to fail stops the others (those
+        not started never start, the running ones' sockets are shut) and is the answer."""
+        aborter = Aborter()
+        self.aborters.add(aborter)
+        loop = asyncio.get_running_loop()
+        futures = [loop.run_in_executor(self.fetch_pool, fn, server, item, param, aborter)
+                   for fn, server, item, param in jobs]
+        try:
+            done, _ = await asyncio.wait(futures, return_when=asyncio.FIRST_EXCEPTION)
+            failed = [f for f in futures if f in done and f.exception() is not None]
+            if failed:
+                raise failed[0].exception()
+            return [f.result() for f in futures]
+        finally:  # also when this request is cancelled (client gone, or the shutdown's grace over)
+            aborter.abort()
+            for f in futures:
+                f.cancel()
+                if f.done() and not f.cancelled():
+                    f.exception()  # retrieved: an aborted fetch is no error to log
+            self.aborters.discard(aborter)
+
+    def abort_fetches(self) -> None:
+        """Stop every URL fetch in flight (at shutdown, once open requests had their grace)."""
+        for aborter in list(self.aborters):
+            aborter.abort()
+
+    @asynccontextmanager
+    async def receiving(self, request: Request) -> AsyncIterator[tuple[Request, bytes]]:
+        """The request's whole body, received within --body-timeout holding only the bytes that
+        arrived (ByteBudget), and a request that reads it again from memory; the bytes are the
+        budget's again when the block ends."""
+        raw, taken = bytearray(), 0
+
+        async def receive_all() -> None:
+            nonlocal taken
+            async for chunk in request.stream():
+                if chunk:
+                    taken += await self.body_bytes.take(len(chunk))
+                    raw.extend(chunk)
+
+        try:
+            try:
+                await asyncio.wait_for(receive_all(), self.settings.body_timeout_s)
+            except asyncio.TimeoutError:
+                t = self.settings.body_timeout_s
+                raise ApiError(408, f"the request body did not arrive within {t:g} s (--body-timeout)",
+                               headers={"Connection": "close"}) from None
+            body, sent = bytes(raw), False
+            del raw[:]
+
+            async def replay() -> dict:
+                nonlocal sent
+                if sent:
+                    return await request.receive()  # a disconnect, when it comes
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            yield Request(request.scope, replay), body
+        finally:
+            self.body_bytes.give(taken)
+
+    async def read(self, request: Request, parse: Callable[[Request, bytes], Awaitable[tuple[list, Any]]]
+                   ) -> tuple[list, Any]:
+        """A request's items ready for the batcher, and what else `parse` read from its body.
+        parse(request, body) -> (jobs, rest) validates the body and gives one job per item."""
+        async with self.receiving(request) as (request, body):
+            async with self.reading:
+                jobs, rest = await parse(request, body)
+                if not any(_is_fetch(job) for job in jobs):
+                    return await self.gather_items(jobs), rest
+            # The other items first (a bad one fails without a fetch), then the URLs, outside
+            # `reading`; the decoded items wait in a `fetching` slot, which bounds their memory.
+            urls = [i for i, job in enumerate(jobs) if _is_fetch(job)]
+            async with self.fetching:
+                async with self.reading:
+                    local = iter(await self.gather_items([j for j in jobs if not _is_fetch(j)]))
+                fetched = dict(zip(urls, await self.fetch_items([jobs[i] for i in urls]), strict=True))
+            return [fetched[i] if i in fetched else next(local) for i in range(len(jobs))], rest
+
     def overloaded(self, e: Exception) -> ApiError:
         s = self.settings.retry_after_s
         return ApiError(503, f"{e}; retry after {s} s", headers={"Retry-After": str(s)})
@@ -227,9 +368,10 @@ async def collect(futures: list[Future]) -> list[Tensor]:
 
 # ---- request parsing and validation ----
 
-async def read_body(request: Request, server: Server, fields: dict[str, str]) -> dict[str, Any]:
-    """The JSON object, or the multipart form turned into the same shape. `fields` tells, for a
-    form, which names are lists ("list") and which single values ("str", "int", "float", "bool")."""
+async def read_body(request: Request, raw: bytes, server: Server, fields: dict[str, str]) -> dict[str, Any]:
+    """The JSON object, or the multipart form turned into the same shape, from the body `raw` that
+    Server.receiving read (`request` reads it again). `fields` tells, for a form, which names are
+    lists ("list") and which single values ("str", "int", "float", "bool")."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype == "multipart/form-data":
         s = server.settings
@@ -255,11 +397,6 @@ async def read_body(request: Request, server: Server, fields: dict[str, str]) ->
     if ctype not in ("", "application/json"):
         raise ApiError(415, f"unsupported content type {ctype!r}: send "
                        "application/json or multipart/form-data")
-    # Read here, not with request.body(), which would keep the bytes on the request object until
-    # the response went out; this way they go as soon as they are parsed.
-    raw = bytearray()
-    async for chunk in request.stream():
-        raw += chunk
     if not raw:
         raise ApiError(422, "empty request body: send a JSON object")
     try:
@@ -268,7 +405,6 @@ async def read_body(request: Request, server: Server, fields: dict[str, str]) ->
         raise ApiError(400, f"the body is not valid JSON ({e})") from None
     except RecursionError:  # [[[[... 100k deep: json's C parser gives up; a bad body, not a bug
         raise ApiError(400, "the body is not valid JSON (nested too deeply)") from None
-    del raw
     if not isinstance(body, dict):
         raise ApiError(422, "the body must be a JSON object")
     return body
@@ -482,9 +618,12 @@ def create_app(server: Server) -> Guard:
         # uvicorn calls this after it stopped listening and every open request was answered; the
         # batcher then finishes what is queued (nothing should be) and the worker stops.
         server.batcher.close()
-        # Decode jobs of requests that uvicorn gave up on are dropped, not run: a queue of slow
-        # URL fetches would otherwise hold the exit for minutes. A running job ends within its
-        # bounds (--url-timeout, --max-image-pixels).
+        # Jobs of requests that uvicorn gave up on are dropped, not run, and fetches still in
+        # flight are stopped (their requests' cancellation stopped most already): a URL that
+        # trickles would otherwise hold the exit for --url-timeout. A running decode job ends
+        # within its bounds (--max-image-pixels).
+        server.abort_fetches()
+        server.fetch_pool.shutdown(wait=True, cancel_futures=True)
         server.pool.shutdown(wait=True, cancel_futures=True)
         m = server.metrics
         counts = ", ".join(f"{e} {m.answered(e)}" for e in ENDPOINTS[:3] if m.answered(e))
@@ -529,8 +668,7 @@ def create_app(server: Server) -> Guard:
     @app.post("/v1/embeddings", openapi_extra=_body_doc(EMBEDDINGS_SCHEMA))
     async def embeddings(request: Request):
         """OpenAI's embeddings request and response; texts and images in one `input` list."""
-        async with server.reading:  # the body and its decoding, a bounded number at a time
-            prepared, normalize, fmt = await read_embeddings(request)  # [(kind, tensor, tokens)]
+        prepared, (normalize, fmt) = await server.read(request, read_embeddings)  # [(kind, tensor, tokens)]
         rows = await server.embed([(kind, x) for kind, x, _ in prepared])
         tokens = sum(t for _, _, t in prepared)
         n_images = sum(kind == "image" for kind, _, _ in prepared)
@@ -549,8 +687,8 @@ def create_app(server: Server) -> Guard:
 
         return Response(await server.in_pool(build), media_type="application/json")
 
-    async def read_embeddings(request: Request) -> tuple[list, bool, str]:
-        body = await read_body(request, server, {"input": "list", "model": "str", "normalize": "bool",
+    async def read_embeddings(request: Request, raw: bytes) -> tuple[list, tuple[bool, str]]:
+        body = await read_body(request, raw, server, {"input": "list", "model": "str", "normalize": "bool",
                                                  "encoding_format": "str", "dimensions": "int"})
         items = require_list(body, "input", s.max_items, "--max-items", allow_str=True)
         normalize = optional(body, "normalize", bool, True)
@@ -582,14 +720,13 @@ def create_app(server: Server) -> Guard:
             else:
                 check_image_item(item, param)
                 jobs.append((_image_job, server, item, param))
-        return await server.gather_items(jobs), normalize, fmt
+        return jobs, (normalize, fmt)
 
     @app.post("/v1/classify", openapi_extra=_body_doc(CLASSIFY_SCHEMA))
     async def classify(request: Request):
         """Zero-shot classification: per image, the labels best first with score (= sigmoid),
         logit and softmax, as `siglip-so400m zero-shot --json` prints them."""
-        async with server.reading:
-            prepared, labels, templates, top_k, threshold = await read_classify(request)
+        prepared, (labels, templates, top_k, threshold) = await server.read(request, read_classify)
         # The images take their place in the queue first: if it is full, the answer is 503 before
         # any model work is spent on new labels.
         futures = server.submit([(kind, x) for kind, x, _ in prepared])
@@ -622,8 +759,9 @@ def create_app(server: Server) -> Guard:
 
         return Response(await server.in_pool(build), media_type="application/json")
 
-    async def read_classify(request: Request) -> tuple[list, list[str], list[str], int | None, float | None]:
-        body = await read_body(request, server, {"images": "list", "labels": "list", "template": "str",
+    async def read_classify(request: Request, raw: bytes
+                            ) -> tuple[list, tuple[list[str], list[str], int | None, float | None]]:
+        body = await read_body(request, raw, server, {"images": "list", "labels": "list", "template": "str",
                                                  "templates": "list", "top_k": "int", "threshold": "float"})
         images = require_list(body, "images", s.max_items, "--max-items")
         labels = require_list(body, "labels", s.max_labels, "--max-labels")
@@ -651,9 +789,8 @@ def create_app(server: Server) -> Guard:
             raise ApiError(422, "threshold is a sigmoid probability, between 0 and 1", "threshold")
         for i, item in enumerate(images):
             check_image_item(item, f"images[{i}]")
-        prepared = await server.gather_items([(_image_job, server, item, f"images[{i}]")
-                                              for i, item in enumerate(images)])
-        return prepared, labels, templates, top_k, threshold
+        jobs = [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
+        return jobs, (labels, templates, top_k, threshold)
 
     @app.post("/v1/search", openapi_extra=_body_doc(SEARCH_SCHEMA))
     async def search(request: Request):
@@ -661,8 +798,7 @@ def create_app(server: Server) -> Guard:
         `siglip-so400m search` does."""
         if server.index is None:
             raise ApiError(404, "no index: start the server with --index DIR to search")
-        async with server.reading:
-            prepared, texts, n_images, k, threshold = await read_search(request)
+        prepared, (texts, n_images, k, threshold) = await server.read(request, read_search)
         rows = await server.embed([(kind, x) for kind, x, _ in prepared])
 
         def build() -> bytes:
@@ -675,8 +811,9 @@ def create_app(server: Server) -> Guard:
 
         return Response(await server.in_pool(build), media_type="application/json")
 
-    async def read_search(request: Request) -> tuple[list, list[str], int, int, float | None]:
-        body = await read_body(request, server, {"texts": "list", "images": "list", "k": "int",
+    async def read_search(request: Request, raw: bytes
+                          ) -> tuple[list, tuple[list[str], int, int, float | None]]:
+        body = await read_body(request, raw, server, {"texts": "list", "images": "list", "k": "int",
                                                  "threshold": "float"})
         texts = body.get("texts") or []
         images = body.get("images") or []
@@ -704,7 +841,7 @@ def create_app(server: Server) -> Guard:
         threshold = optional(body, "threshold", (int, float), None)
         jobs = [(_text_job, server, t) for t in texts]
         jobs += [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
-        return await server.gather_items(jobs), texts, len(images), k, threshold
+        return jobs, (texts, len(images), k, threshold)
 
     return Guard(app, server)
 
@@ -714,5 +851,18 @@ def _text_job(server: Server, text: str) -> tuple[str, Tensor, int]:
     return "text", ids, used
 
 
-def _image_job(server: Server, item: Any, param: str) -> tuple[str, Tensor, int]:
-    return "image", server.image_tensor(item, param), 0
+def _image_job(server: Server, item: Any, param: str, aborter: Aborter | None = None
+               ) -> tuple[str, Tensor, int]:
+    try:
+        return "image", server.image_tensor(item, param, aborter), 0
+    except Aborted:
+        raise ApiError(503, f"{param}: the fetch was stopped (another item failed, or the server is "
+                       "stopping)", param) from None
+
+
+def _is_fetch(job: tuple) -> bool:
+    """Whether a job fetches a URL (in the fetch pool), not decodes what the body holds."""
+    if job[0] is not _image_job or not isinstance(job[2], dict):
+        return False
+    url = job[2].get("image_url")
+    return isinstance(url, str) and not is_image_uri(url)

@@ -73,16 +73,52 @@ def data_uri_bytes(uri: str, param: str) -> bytes:
     return data
 
 
-def fetch_url(url: str, param: str, limits: ImageLimits) -> bytes:
+class Aborted(Exception):
+    """A fetch stopped by its Aborter: another item of its request failed, or the server stops."""
+
+
+class Aborter:
+    """Stops the URL fetches of one request at once, from any thread: their sockets are shut (which
+    wakes a blocked read), a name lookup is no longer waited for, and new fetches do not start."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._sockets: set[socket.socket] = set()
+        self.aborted = threading.Event()
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted.set()
+            _shut(list(self._sockets))
+
+    def check(self) -> None:
+        if self.aborted.is_set():
+            raise Aborted
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.add(sock)
+            if self.aborted.is_set():
+                _shut([sock])
+
+    def discard(self, socks: list[socket.socket]) -> None:
+        with self._lock:
+            self._sockets.difference_update(socks)
+
+
+def fetch_url(url: str, param: str, limits: ImageLimits, aborter: Aborter | None = None) -> bytes:
     """An http(s) URL's body, at most url_max_bytes, within url_timeout_s in all (redirects, a
     slow host and a trickling body included); only with --allow-urls, never another scheme, and,
-    unless --allow-private-urls, never a loopback, private, link-local or reserved address."""
+    unless --allow-private-urls, never a loopback, private, link-local or reserved address.
+    Raises Aborted once `aborter` is aborted."""
     if not limits.allow_urls:
         raise ApiError(400, f"{param}: this server does not fetch URLs (start it with --allow-urls); "
                        "send the image as a base64 data URI or a multipart upload", param)
     deadline = time.monotonic() + limits.url_timeout_s
+    aborter = aborter or Aborter()
     for _ in range(MAX_REDIRECTS + 1):
-        status, location, body = _fetch_once(url, param, limits, deadline)
+        aborter.check()
+        status, location, body = _fetch_once(url, param, limits, deadline, aborter)
         if location is None:
             if status != 200:
                 raise ApiError(400, f"{param}: cannot fetch the URL (HTTP {status})", param)
@@ -97,8 +133,20 @@ MAX_REDIRECTS = 5
 def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | None:
     """Why the server must not connect to this address for a client (None: a public address).
     A client could otherwise make it read cloud metadata (169.254.169.254) or internal services."""
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped  # ::ffff:127.0.0.1 is 127.0.0.1
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return address_refusal(ip.ipv4_mapped)  # ::ffff:127.0.0.1 is 127.0.0.1
+        if ip in _SITE_LOCAL:  # deprecated (RFC 3879) but still routed inside some networks
+            return "a site-local address"
+        # 6to4 (2002::/16) and Teredo (2001::/32) carry an IPv4 address that relays route to;
+        # Python 3.11 calls 2002:7f00:1:: global. Teredo's client address is stored bit-inverted,
+        # which ipaddress undoes. (IPv4-compatible ::a.b.c.d and NAT64 64:ff9b::/96 are reserved.)
+        embedded = [("6to4", ip.sixtofour)] if ip.sixtofour else []
+        embedded += [("Teredo", v4) for v4 in ip.teredo or ()]
+        for kind, v4 in embedded:
+            why = address_refusal(v4)
+            if why is not None:
+                return f"a {kind} address that embeds {v4}, {why}"
     # Most specific first: 127.0.0.1 and 169.254.169.254 are "private" to Python as well.
     for kind in ("unspecified", "loopback", "link_local", "multicast", "reserved", "private"):
         if getattr(ip, f"is_{kind}"):
@@ -108,7 +156,10 @@ def address_refusal(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> str | 
     return None
 
 
-def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
+_SITE_LOCAL = ipaddress.ip_network("fec0::/10")
+
+
+def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float, aborter: Aborter
                 ) -> tuple[int, str | None, bytes]:
     """One request: (status, the redirect's Location or None, the body of a 200)."""
     parts = urllib.parse.urlsplit(url)
@@ -122,7 +173,7 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         raise ApiError(400, f"{param}: invalid URL ({e})", param) from None
     if not host:
         raise ApiError(400, f"{param}: the URL names no host", param)
-    address = _checked_address(host, port, param, limits)
+    address = _checked_address(host, port, param, limits, deadline, aborter)
     remaining = deadline - time.monotonic()
     if remaining <= 0:
         raise _timeout(param, limits)
@@ -133,11 +184,23 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
     sockets: list[socket.socket] = []
 
     def connect(_, *args, **kwargs) -> socket.socket:
-        sock = socket.create_connection((address, port), *args, **kwargs)
+        aborter.check()
+        # Not create_connection((address, port)): the socket must be the aborter's before the
+        # connect, which may itself hang on a host that drops packets.
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
         sockets.append(sock)
+        aborter.add(sock)
+        sock.settimeout(remaining)
+        try:
+            sock.connect((address, port))
+        except BaseException:
+            sock.close()
+            raise
         if scheme == "https":
             sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
             sockets.append(sock)
+            aborter.add(sock)
         return sock
 
     conn = http.client.HTTPConnection(address, port, timeout=remaining)
@@ -173,9 +236,10 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
         if r.length:  # the host closed before the Content-Length it announced
             raise http.client.IncompleteRead(b"".join(chunks), r.length)
         return 200, None, b"".join(chunks)
-    except ApiError:
+    except (ApiError, Aborted):
         raise
     except (OSError, http.client.HTTPException, ValueError) as e:
+        aborter.check()  # the shut socket's error is not the host's
         if time.monotonic() >= deadline:
             raise _timeout(param, limits) from None
         # http.client.HTTPException: the host answered something that is not HTTP.
@@ -185,12 +249,16 @@ def _fetch_once(url: str, param: str, limits: ImageLimits, deadline: float
     finally:
         timer.cancel()
         conn.close()
+        aborter.discard(sockets)
 
 
-def _checked_address(host: str, port: int, param: str, limits: ImageLimits) -> str:
+def _checked_address(host: str, port: int, param: str, limits: ImageLimits, deadline: float,
+                     aborter: Aborter) -> str:
     """The address to connect to: the first the host resolves to that may be fetched."""
     try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _resolve(host, port, deadline, aborter)
+    except TimeoutError:
+        raise _timeout(param, limits) from None
     except (OSError, UnicodeError) as e:
         raise ApiError(400, f"{param}: cannot fetch the URL (cannot resolve {host}: {e})", param) from None
     refused = []
@@ -202,6 +270,43 @@ def _checked_address(host: str, port: int, param: str, limits: ImageLimits) -> s
         refused.append(f"{ip} is {why}")
     raise ApiError(400, f"{param}: refused to fetch from {host}: {'; '.join(dict.fromkeys(refused))} "
                    "(the server fetches public addresses only; --allow-private-urls lifts this)", param)
+
+
+# Name lookups in flight. getaddrinfo cannot be interrupted, and a resolver that never answers
+# would hold a fetch past --url-timeout (and the server's exit past SIGTERM), so each lookup runs
+# in a daemon thread that the fetch stops waiting for at its deadline; this bounds how many such
+# threads a hostile name server can leave waiting.
+MAX_LOOKUPS = 64
+_lookups = threading.BoundedSemaphore(MAX_LOOKUPS)
+
+
+def _resolve(host: str, port: int, deadline: float, aborter: Aborter) -> list:
+    """socket.getaddrinfo(host, port), within the deadline (else TimeoutError) and until aborted."""
+    if not _lookups.acquire(timeout=max(0.0, deadline - time.monotonic())):
+        raise TimeoutError
+    result: list = []
+    done = threading.Event()
+
+    def lookup() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as e:  # handed to the fetch, which may have gone already
+            result.append(e)
+        finally:
+            _lookups.release()
+            done.set()
+
+    threading.Thread(target=lookup, name="siglip-resolve", daemon=True).start()
+    # Waits in steps, to notice an abort (a second Event cannot be waited on together with this one).
+    while not done.wait(min(0.05, max(0.0, deadline - time.monotonic()))):
+        aborter.check()
+        if time.monotonic() >= deadline:
+            break
+    if not result:
+        raise TimeoutError
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
 
 
 def _shut(sockets: list[socket.socket]) -> None:
