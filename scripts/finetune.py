@@ -9,7 +9,7 @@ Same as `siglip-so400m finetune ...`; `--help` lists the options.
 
 import sys
 
-from siglip_so400m.cli import finetune_main
+from siglip_so400m.train import finetune_main
 
 if __name__ == "__main__":
     sys.exit(finetune_main(prog="finetune.py"))

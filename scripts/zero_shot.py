@@ -7,7 +7,7 @@ Same as `siglip-so400m zero-shot ...`; `--help` lists the options.
 
 import sys
 
-from siglip_so400m.cli import zero_shot_main
+from siglip_so400m.zeroshot import zero_shot_main
 
 if __name__ == "__main__":
     sys.exit(zero_shot_main(prog="zero_shot.py"))

@@ -274,7 +274,7 @@ def test_processor_resizes_to_any_size_as_transformers_does(ckpt):
 def test_zero_shot_cli_image_size_equals_transformers_at_that_size(ckpt, tmp_path, capsys):
     from transformers import SiglipImageProcessorPil, SiglipModel, SiglipTokenizer
 
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     rng = np.random.default_rng(2)
     path = tmp_path / "x.png"

@@ -231,7 +231,7 @@ SHAPE_LABELS = ["a red circle", "a blue square", "a green triangle"]
 
 
 def test_cli_with_an_unwritable_label_cache_warns_once_and_prints_the_results(tiny_ckpt, tmp_path, capsys):
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")  # the cache folder cannot be created below a file, even as root
@@ -298,7 +298,7 @@ def test_concurrent_cache_writers_lose_no_labels(tiny_ckpt, tmp_path):
 
 def test_warm_cache_reads_each_label_embedding_once(tiny_ckpt, tmp_path, capsys, record_reads):
     from siglip_so400m import zeroshot
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     args = [str(tiny_ckpt / "nothing.png"), "--labels", *SHAPE_LABELS, "--model", str(tiny_ckpt),
             "--dtype", "float32", "--cache-dir", str(tmp_path)]

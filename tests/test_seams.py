@@ -155,7 +155,7 @@ def test_search_with_another_checkpoint_is_refused_naming_the_field(tiny_ckpt, t
 def test_int8_runs_the_other_layers_in_float32_in_every_command_and_works_for_naflex(
         tiny_ckpt, naflex_ckpt, labelled, tmp_path, monkeypatch):
     from siglip_so400m import api
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     seen = []
     real = api.quantize_int8
@@ -240,7 +240,7 @@ def test_ctrl_c_during_embed_is_one_line_and_the_rerun_continues(tiny_ckpt, pict
 
 
 def test_finetune_output_that_is_a_file_or_in_use_is_refused_in_one_line(tiny_ckpt, tmp_path, capsys):
-    from siglip_so400m.cli import finetune_main
+    from siglip_so400m.train import finetune_main
 
     data = write_csv(tmp_path / "d.csv", draw_shapes(tmp_path, 4, seed=2))
     base = ["--model", str(tiny_ckpt), "--data", str(data), "--steps", "1", "--batch-size", "2",
@@ -298,7 +298,7 @@ def _parsers(monkeypatch) -> dict:
     """Each command's argparse parser, captured as it parses (the command never runs)."""
     import argparse
 
-    from siglip_so400m import attention_maps, cli, embedding, search, serve
+    from siglip_so400m import attention_maps, embedding, search, serve, train, zeroshot
     from siglip_so400m.evaluate import cli as eval_cli
 
     class Captured(Exception):
@@ -308,7 +308,7 @@ def _parsers(monkeypatch) -> dict:
         raise Captured(self)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    mains = {"zero-shot": cli.zero_shot_main, "finetune": cli.finetune_main,
+    mains = {"zero-shot": zeroshot.zero_shot_main, "finetune": train.finetune_main,
              "embed": embedding.main, "eval": eval_cli.eval_main, "serve": serve.serve_main,
              "attention-map": attention_maps.attention_map_main, "search": search.search_main}
     found = {}

@@ -234,7 +234,7 @@ def test_pcx_is_refused_by_name_by_embed_zero_shot_and_the_fine_tuning_dataset(t
     why = f"{pcx}: PCX images are not accepted"
 
     # zero-shot (the CLI): the image is reported by name, the other classified
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     code = zero_shot_main([str(pcx), str(png), "--labels", "a cat", "--model", str(tiny_ckpt), "--json",
                            "--no-cache", "--dtype", "float32"])
@@ -373,7 +373,7 @@ def test_a_template_with_a_format_spec_is_422_before_any_label_is_formatted(api,
 
 
 def test_zero_shot_cli_refuses_an_overlong_label_or_template_with_a_usage_error(tiny_ckpt, tmp_path, capsys):
-    from siglip_so400m.cli import zero_shot_main
+    from siglip_so400m.zeroshot import zero_shot_main
 
     png = tmp_path / "y.png"
     png.write_bytes(encoded("PNG"))

@@ -17,9 +17,8 @@ import torch
 from PIL import Image
 
 import siglip_so400m
-from siglip_so400m.cli import zero_shot_main
 from siglip_so400m.model import TextTower
-from siglip_so400m.zeroshot import LabelCache, ZeroShotClassifier, embed_labels
+from siglip_so400m.zeroshot import LabelCache, ZeroShotClassifier, embed_labels, zero_shot_main
 
 ROOT = Path(__file__).parents[1]
 SKIMAGE_DATA = Path(importlib.util.find_spec("skimage").submodule_search_locations[0]) / "data"

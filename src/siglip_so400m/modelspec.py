@@ -39,7 +39,8 @@ _HELP = {
     "model": "Hub id, local folder or .safetensors file (default: %(default)s)",
     "revision": "Hub branch, tag or commit",
     "dtype": "auto: bfloat16 on CUDA and on CPUs with native bf16, else float32 (transformers' numbers "
-             "exactly); int8: the linear layers quantized, the rest in float32, CPU only",
+             "exactly); int8: the linear layers quantized, the rest in float32, CPU only (speed: "
+             "docs/performance.md)",
     "device": "auto, cpu, cuda, cuda:N or mps (default: %(default)s: CUDA if there, else the CPU)",
     "threads": "CPU threads for torch (default: torch's choice)",
     "image_size": "run the image tower at NxN pixels (position embeddings resized as transformers "

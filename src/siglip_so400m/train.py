@@ -12,6 +12,7 @@ The result is saved in the Hugging Face layout, loadable by `siglip_so400m.load`
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
@@ -33,10 +34,10 @@ from tqdm import tqdm
 
 from .api import load, pick_dtype
 from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
-from .errors import UsageError
+from .errors import SiglipError, UsageError
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
-from .modelspec import resolve_device
+from .modelspec import add_model_arguments, resolve_device
 from .weights import TOKENIZER_FILES, CheckpointError, FolderLock, atomic_write, fsync, resolve
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
@@ -476,3 +477,50 @@ class _Log:
             self._write(f"step {step}: loss {values['loss']:.4f}, lr {values['lr']:.2e}, "
                         f"{values['images_per_s']:.1f} img/s, {int(values['skipped'])} skipped")
 
+
+# --- command line ---------------------------------------------------------------------------
+
+def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    from .train import TrainConfig
+
+    p = argparse.ArgumentParser(prog=prog, description="Fine-tune SigLIP with the sigmoid loss, in one "
+                                "process or under torchrun --nproc_per_node N (same command).")
+    add_model_arguments(p, only=("model", "revision", "device", "image_size", "max_num_patches"))
+    p.add_argument("--data", required=True, help="a CSV/JSONL of (image path, caption), or a folder")
+    p.add_argument("--output-dir", required=True, help="where checkpoints and the result go; a run "
+                   "there is resumed")
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch, split over processes")
+    p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
+    p.add_argument("--weight-decay", type=float, default=1e-4)
+    p.add_argument("--warmup-steps", type=int, help="linear warm-up (default: 10%% of --steps, at most "
+                   "1000), then cosine decay to 0")
+    p.add_argument("--max-grad-norm", type=float, default=1.0, help="clip gradients (0: off)")
+    lock = p.add_mutually_exclusive_group()
+    lock.add_argument("--lock-image", action="store_true", help="keep the image tower fixed (LiT)")
+    lock.add_argument("--lock-text", action="store_true", help="keep the text tower fixed")
+    lock.add_argument("--only-logit-params", action="store_true",
+                      help="train only logit_scale and logit_bias")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="auto: bf16 autocast on CUDA and on CPUs with native bf16, else fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory")
+    p.add_argument("--save-every", type=int, default=500, help="checkpoint every N steps (0: at the end)")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-workers", type=int, default=2, help="data-loading processes per rank")
+    args = vars(p.parse_args(argv))
+    args["max_grad_norm"] = args["max_grad_norm"] or None
+    from .train import train
+
+    try:
+        cfg = TrainConfig(**args)
+    except ValueError as e:
+        p.error(str(e))
+    try:
+        train(cfg)
+    except UsageError as e:
+        p.error(str(e))
+    except SiglipError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0

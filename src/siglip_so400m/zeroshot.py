@@ -8,9 +8,11 @@ independent of the other labels) and the softmax (relative among the labels give
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import os
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,8 +25,10 @@ from torch import Tensor
 
 from .api import Processor
 from .config import DEFAULT_TEMPLATE
-from .image import ImageInput
+from .errors import UsageError
+from .image import ImageInput, expand_images
 from .model import SigLIP
+from .modelspec import ModelSpec, add_model_arguments
 from .text import Tokenizer, check_text_length, is_prompt_template, shorten, warn_if_truncated
 from .weights import Checkpoint, atomic_write
 
@@ -207,3 +211,188 @@ def zero_shot(model: SigLIP, processor: Processor, images: ImageInput | list[Ima
             raise ValueError("cache_dir needs a model from siglip_so400m.load() with its tokenizer")
         cache = LabelCache(cache_dir, ckpt, processor.tokenizer, templates, model.precision)
     return ZeroShotClassifier(model, processor, labels, templates, cache=cache)(images, batch_size)
+
+
+# --- command line ---------------------------------------------------------------------------
+
+SCORE_NOTES = {
+    "sigmoid": "sigmoid: SigLIP's own probability that the label matches, each label on its own; "
+               "they need not sum to 1",
+    "softmax": "softmax: the share of each label among the labels given; sums to 1",
+    "logit": "logit: exp(t')·cos(image, text) + b, the value before the sigmoid",
+}
+
+
+def add_zero_shot_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("images", nargs="+", metavar="IMAGE",
+                   help="image files, folders (their images, not recursive) or glob patterns")
+    p.add_argument("--labels", nargs="+", metavar="LABEL", help="the candidate labels")
+    p.add_argument("--labels-file", type=Path, help="labels, one a line (blank lines are skipped)")
+    p.add_argument("--template", default=DEFAULT_TEMPLATE,
+                   help="prompt with {} for the label (default: %(default)r)")
+    p.add_argument("--templates-file", type=Path,
+                   help="several templates, one a line; their embeddings are averaged")
+    p.add_argument("--top-k", type=int, metavar="K", help="show the K best labels per image")
+    p.add_argument("--score", choices=("sigmoid", "softmax", "logit"), default="sigmoid",
+                   help="what the table shows (JSON always carries all three; default: %(default)s)")
+    p.add_argument("--threshold", type=float, metavar="P",
+                   help="multi-label: only labels whose sigmoid is at least P")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--json", action="store_true", help="one JSON list of per-image results")
+    out.add_argument("--jsonl", action="store_true", help="one JSON object a line, as images finish")
+    add_model_arguments(p)
+    p.add_argument("--batch-size", type=int, default=8, help="images per forward pass (default: 8)")
+    p.add_argument("--cache-dir", type=Path, help="label-embedding cache (default: ~/.cache/siglip_so400m)")
+    p.add_argument("--no-cache", action="store_true", help="neither read nor write the label cache")
+
+
+def read_lines(path: Path, what: str) -> list[str]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {what} {path}: {e}") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def zero_shot_main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    p = argparse.ArgumentParser(prog=prog, description="Zero-shot image classification with SigLIP "
+                                "So400m: rank LABELs for each IMAGE.")
+    add_zero_shot_arguments(p)
+    args = p.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = _show_warning  # one plain line on stderr, restored on exit
+        try:
+            return run_zero_shot(args)
+        except UsageError as e:
+            p.error(str(e))  # exits 2
+    return 2
+
+
+def parse_labels(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    labels = list(args.labels or [])
+    if args.labels_file:
+        labels += read_lines(args.labels_file, "labels file")
+    if not labels:
+        raise UsageError("no labels: give --labels L1 L2 ... or --labels-file FILE")
+    if any(not label.strip() for label in labels):
+        raise UsageError("empty label in --labels")
+    templates = read_lines(args.templates_file, "templates file") if args.templates_file else [args.template]
+    if args.top_k is not None and args.top_k < 1:
+        raise UsageError("--top-k must be at least 1")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        raise UsageError("--threshold is a sigmoid probability, between 0 and 1")
+    if args.batch_size < 1:
+        raise UsageError("--batch-size must be at least 1")
+    return labels, templates
+
+
+def run_zero_shot(args: argparse.Namespace) -> int:
+    labels, templates = parse_labels(args)
+    try:
+        from .zeroshot import check_labels, check_templates
+
+        labels, templates = check_labels(labels), check_templates(templates)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+
+    # Heavy imports after the arguments are known to be good, so usage errors come back at once.
+    import torch
+
+    from .image import ImageReadError
+    from .weights import CheckpointError
+    from .zeroshot import LabelCache, ZeroShotClassifier, default_cache_dir
+
+    run = ModelSpec.from_args(args).resolve()
+    precision = run.precision
+    if args.dtype == "auto" and run.dtype != torch.float32:
+        print(f"note: computing in {precision}, the default on this {run.device.type}; "
+              "--dtype float32 gives transformers' numbers exactly", file=sys.stderr)
+    try:
+        ckpt = run.checkpoint()
+        processor = run.processor(ckpt)
+        if processor.tokenizer is None:
+            raise CheckpointError(f"{args.model} has no tokenizer (spiece.model, tokenizer.json or "
+                                  "tokenizer.model) to tokenize the labels with")
+        cache = None
+        if not args.no_cache:
+            cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
+                               templates, precision)
+        # With every label cached, the text tower is neither read nor run.
+        towers = ("vision",) if cache and not cache.missing(labels) else ("vision", "text")
+        model, processor = run.open(towers, ckpt=ckpt)
+    except CheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    classifier = ZeroShotClassifier(model, processor, labels, templates, cache=cache)
+    image_proc = processor.image
+
+    meta = {"model": ckpt.name, "revision": ckpt.revision, "dtype": precision, "templates": templates}
+    specs = list(expand_images(args.images))
+    failed = 0
+    results: list[dict] = []
+    progress = _progress(len(specs))
+    for start in range(0, len(specs), args.batch_size):
+        batch, pixels = [], []
+        for path, error in specs[start : start + args.batch_size]:
+            if error is None:
+                try:
+                    pixels.append(image_proc.to_tensor(image_proc.prepare(path)))
+                except ImageReadError as e:
+                    error = str(e)
+            batch.append((path, error))
+        logits = classifier.logits(image_proc.collate(pixels)) if pixels else None
+        scores = iter(classifier.scores(logits)) if pixels else iter(())
+        for path, error in batch:
+            if error is not None:
+                failed += 1
+                print(f"error: {error if error.startswith(path) else f'{path}: {error}'}", file=sys.stderr)
+                record = {"image": path, "error": error}
+            else:
+                record = {"image": path, **meta, "predictions": _select(next(scores), args)}
+            results.append(record)
+            if args.jsonl:
+                print(json.dumps(record, ensure_ascii=False), flush=True)
+            elif not args.json and "error" not in record:
+                _print_table(record, args.score, args.threshold)
+        progress.update(len(batch))
+    progress.close()
+    if args.json:
+        print(json.dumps(results, indent=2, ensure_ascii=False))
+    elif not args.jsonl and len(results) > failed:
+        print(f"({SCORE_NOTES[args.score]})")
+    if failed:
+        print(f"{failed} of {len(results)} images failed", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _select(preds: list[dict], args: argparse.Namespace) -> list[dict]:
+    """The transformers pipeline's {label, score=sigmoid} extended with logit and softmax."""
+    if args.threshold is not None:
+        preds = [p for p in preds if p["sigmoid"] >= args.threshold]
+    if args.top_k is not None:
+        preds = preds[: args.top_k]
+    return [{"label": p["label"], "score": p["sigmoid"], "logit": p["logit"], "softmax": p["softmax"]}
+            for p in preds]
+
+
+def _print_table(record: dict, score: str, threshold: float | None) -> None:
+    key = {"sigmoid": "score", "softmax": "softmax", "logit": "logit"}[score]
+    print(record["image"])
+    if not record["predictions"]:
+        print(f"  (no label with sigmoid >= {threshold})")
+    for p in record["predictions"]:
+        value = f"{p[key]:9.4f}" if score == "logit" else f"{p[key]:9.2%}"
+        print(f"  {value}  {p['label']}")
+
+
+def _progress(total: int):
+    """A tqdm bar on stderr, only when stderr is a terminal (never in pipes, logs or JSON)."""
+    from tqdm import tqdm
+
+    shown = total > 1 and sys.stderr.isatty() and os.environ.get("TERM") != "dumb"
+    return tqdm(total=total, unit="img", file=sys.stderr, leave=False, disable=not shown)
