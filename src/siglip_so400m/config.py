@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# t' and b: every load keeps them in float32 whatever the dtype (t = exp(t') ~ 112 would amplify
-# bf16 rounding into points of sigmoid near 0.5). Here, not in weights.py, so that the int8 mode
+# t' and b: every load keeps them in float32 whatever the dtype, and logits are computed from them in
+# float32 (model.match_logits). The one statement of why: in bf16, t = exp(t') ~ 112 would move by up
+# to 1.6% and b ~ -16.5 by 0.03, and t amplifies any rounding of the cosines, which shifts sigmoid
+# scores near 0.5 (where thresholds work) by points. Here, not in weights.py, so that the int8 mode
 # can use it without importing the loader (which imports the model, which imports the kernels).
 FP32_KEYS = ("logit_scale", "logit_bias")
 

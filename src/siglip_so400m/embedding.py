@@ -37,7 +37,6 @@ import hashlib
 import json
 import math
 import os
-import signal
 import sys
 import time
 from collections.abc import Iterable, Sequence, Sized
@@ -50,6 +49,7 @@ import torch.nn.functional as F
 
 from . import items
 from .errors import SiglipError, UsageError
+from .faults import kill_point
 from .items import Decode, Item, expand_inputs, scan_shard, worker_init
 from .modelspec import add_model_arguments
 from .weights import DEFAULT_REPO, atomic_write
@@ -154,15 +154,6 @@ def part_done(out: Path, i: int, captions: bool, digits: int) -> bool:
     return all(p.is_file() for p in _files(out, i, captions, digits).values())
 
 
-def _fault(name: str, value: int) -> None:
-    """Tests SIGKILL the run at chosen moments (SIGLIP_SO400M_KILL_AFTER_IMAGES=N once N images are
-    embedded, SIGLIP_SO400M_KILL_IN_COMMIT=N between the renames of the N-th part), as a crash or an
-    OOM kill would: no cleanup at all."""
-    at = os.environ.get(f"SIGLIP_SO400M_KILL_{name}")
-    if at is not None and value >= int(at):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 _SCHEMA_FIELDS = (("image_path", "string"), ("shard", "string"), ("key", "string"),
                   ("caption", "string"), ("width", "int32"), ("height", "int32"))
 
@@ -201,7 +192,7 @@ def _write_part(out: Path, i: int, captions: bool, digits: int, emb: np.ndarray,
     for n, (kind, path) in enumerate(files.items()):
         atomic_write(path, writers[kind])
         if n == 0:
-            _fault("IN_COMMIT", commit_no)
+            kill_point("IN_COMMIT", commit_no)
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -516,13 +507,13 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: in
                 s["chunks"].append(encode(s["pending"]))
                 embedded += len(s["pending"])
                 s["pending"] = []
-                _fault("AFTER_IMAGES", embedded)
+                kill_point("AFTER_IMAGES", embedded)
         bar.update(1)
         if s["seen"] == len(mine[k_part].items):
             if s["pending"]:
                 s["chunks"].append(encode(s["pending"]))
                 embedded += len(s["pending"])
-                _fault("AFTER_IMAGES", embedded)
+                kill_point("AFTER_IMAGES", embedded)
             commit(k_part, s["chunks"], s["meta"], s["errors"])
             del state[k_part]
     bar.close()

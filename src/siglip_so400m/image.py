@@ -416,9 +416,6 @@ class NaFlexImageProcessor:
         return NaFlexPixels.cat(items, length=self.max_num_patches)
 
 
-        return torch.stack([self.to_tensor(self.prepare(im)) for im in images])
-
-
 def expand_images(specs: list[str]) -> Iterator[tuple[str, str | None]]:
     """(path, None) per image to try, or (spec, error) for a pattern or folder with nothing in it."""
     for spec in specs:

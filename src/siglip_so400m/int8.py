@@ -207,7 +207,7 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn:
         for name, p in module.named_parameters():
             p.requires_grad_(False)
             if not p.is_meta:
-                # t' and b stay float32 whatever the dtype, as every load keeps them (weights.py).
+                # t' and b stay float32 whatever the dtype (why: config.FP32_KEYS).
                 keep = torch.float32 if name in FP32_KEYS else dtype
                 p.data = p.data.to(keep, copy=True)
     return count

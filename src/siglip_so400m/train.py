@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from tqdm import tqdm
 from .api import load, pick_dtype
 from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
 from .errors import SiglipError, UsageError
+from .faults import kill_point
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
 from .modelspec import add_model_arguments, resolve_device
@@ -263,7 +263,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
         bar.update(1)
         if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
             _save_checkpoint(out, done, skipped, params, opt, sched, identity, settings, rank, world)
-        _fault_injection(done)
+        kill_point("AFTER_STEP", done)
     bar.close()
     if start < cfg.steps:
         _save_checkpoint(out, cfg.steps, skipped, params, opt, sched, identity, settings, rank, world)
@@ -429,13 +429,6 @@ def _restore(state_dir: Path, saved: dict, params: dict[str, nn.Parameter], opt,
     opt.load_state_dict(opt_state)
     sched.load_state_dict(state["scheduler"])
     return state["step"], state["skipped"]
-
-
-def _fault_injection(step: int) -> None:
-    """Tests kill the run mid-way with SIGLIP_SO400M_KILL_AFTER_STEP=N, as a crash or an OOM kill
-    would: no cleanup, no final save."""
-    if os.environ.get("SIGLIP_SO400M_KILL_AFTER_STEP") == str(step):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class _Log:

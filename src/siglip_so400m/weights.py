@@ -233,8 +233,7 @@ def load_weights(model: torch.nn.Module, ckpt: Checkpoint, *, dtype: torch.dtype
         for group in _slices(keys, found):
             with _open(file) as f:
                 for k in group:
-                    # t' and b stay float32 whatever the dtype: in bf16, t = exp(t') ~ 112 would move
-                    # by up to 1.6% and b ~ -16.5 by 0.03, shifting sigmoid scores near 0.5.
+                    # t' and b stay float32 whatever the dtype (why: config.FP32_KEYS).
                     dt = torch.float32 if k in FP32_KEYS else dtype
                     state[k] = f.get_tensor(k).to(device=device, dtype=dt)
     model.load_state_dict(state, strict=True, assign=True)
