@@ -419,3 +419,28 @@ def test_the_wheel_carries_the_shipped_ensembles(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("imagenet1k_classes.txt", "imagenet_templates.txt"):
         assert f"siglip_so400m/evaluate/ensembles/{name}" in names
+
+
+def test_integer_labels_sort_as_numbers_alike_in_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from siglip_so400m.evaluate.inputs import read_labelled
+
+    labels = [10, 2, 0, 1, 10, 3, 4, 5, 6, 7, 8, 9]
+    write(tmp_path / "set.csv", "image,label\n" + "".join(f"{i}.png,{v}\n" for i, v in enumerate(labels)))
+    pq.write_table(pa.table({"image": [f"{i}.png" for i in range(len(labels))], "label": labels}),
+                   tmp_path / "set.parquet")
+    got = {}
+    for name in ("set.csv", "set.parquet"):
+        with pytest.warns(UserWarning, match=r"the labels are numbers, so the prompts name the classes by "
+                          r"them \('10' where a class name goes\); give --classes FILE"):
+            got[name] = read_labelled(tmp_path / name)
+    csv_set, parquet_set = got["set.csv"], got["set.parquet"]
+    # Numbers in numeric order (not 0, 1, 10, 2, ...), so that class k is label k.
+    assert csv_set.classes == parquet_set.classes == [str(k) for k in range(11)]
+    assert csv_set.targets == parquet_set.targets == labels
+    assert [i.path for i in csv_set.items] == [i.path for i in parquet_set.items]
+    # Names as labels still sort as text, as the ImageFolder's folders do.
+    write(tmp_path / "named.csv", "image,label\na.png,b cat\nb.png,a dog\nc.png,10 pins\n")
+    assert read_labelled(tmp_path / "named.csv").classes == ["10 pins", "a dog", "b cat"]
