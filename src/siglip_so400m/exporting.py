@@ -151,6 +151,7 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
                               towers=towers, dtype=torch.float32)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
+    _clear_stale_partials(out, log)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -175,6 +176,32 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
         raise
     log(f"wrote {out}")
     return info
+
+
+def _clear_stale_partials(out: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary folders `.OUT.partial-<pid>` of exports into `out` whose process no longer
+    runs: one killed (SIGKILL, OOM, a power cut) never reached its own cleanup, and at full size left
+    gigabytes. A live process's folder is left alone: two exports into one OUT is its own conflict,
+    so a pid of another machine sharing the folder is not a case to guard."""
+    import glob
+
+    for d in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = d.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log(f"removed {d}, left by an export (process {pid}) that no longer runs")
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: keep everything
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def _stderr(message: str) -> None:
@@ -559,7 +586,9 @@ def _readme(info: dict, processor, cfg) -> str:
         lines += _naflex_readme(processor.image, cfg.vision_config)
     elif "vision" in info["graphs"]:
         im = processor.image
-        lines += [f"Pixels (preprocessor_config.json): RGB, resized to {im.height}x{im.width} with PIL "
+        lines += [f"Pixels (preprocessor_config.json): RGB, with any transparency composited onto white "
+                  "first (as transformers converts RGBA and palette images; dropping the alpha channel "
+                  f"instead gives other embeddings), resized to {im.height}x{im.width} with PIL "
                   f"filter {int(im.resample)} (no crop), times {im.rescale_factor:.6g}, minus "
                   f"{list(im.image_mean)}, divided by {list(im.image_std)}, channels first.", ""]
     if "text" in info["graphs"]:
@@ -586,7 +615,8 @@ def _naflex_readme(im, v) -> list[str]:
         f"preprocessor_config.json says max_num_patches {im.max_num_patches}, the checkpoint's default). "
         "transformers' `Siglip2ImageProcessor` makes the three inputs exactly (its `pixel_values`, "
         "`pixel_attention_mask` and `spatial_shapes`, dtypes included). Without it, per image:", "",
-        "1. RGB. Find the largest scale s (bisection on [1e-6, 100] until the interval is under 1e-5) "
+        "1. RGB, with any transparency composited onto white (as transformers converts RGBA and palette "
+        "images). Find the largest scale s (bisection on [1e-6, 100] until the interval is under 1e-5) "
         f"such that H = max({P}, ceil(height*s/{P})*{P}) and W = max({P}, ceil(width*s/{P})*{P}) give "
         f"(H/{P})*(W/{P}) <= max_num_patches; resize to W x H with PIL filter {int(im.resample)}.",
         f"2. times {im.rescale_factor:.6g} (in float64, then float32), minus {list(im.image_mean)}, "
