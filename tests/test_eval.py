@@ -444,3 +444,41 @@ def test_integer_labels_sort_as_numbers_alike_in_csv_and_parquet(tmp_path):
     # Names as labels still sort as text, as the ImageFolder's folders do.
     write(tmp_path / "named.csv", "image,label\na.png,b cat\nb.png,a dog\nc.png,10 pins\n")
     assert read_labelled(tmp_path / "named.csv").classes == ["10 pins", "a dog", "b cat"]
+
+
+def clip_benchmark_build():
+    """clip_benchmark's own `build` (cli.main_build), the reader of result JSON files, taken from its
+    installed source: importing clip_benchmark.cli needs torchvision (its dataset builders), which
+    `pip install --no-deps clip_benchmark` leaves out; main_build itself uses json, os and csv only."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_benchmark")
+    if spec is None:
+        pytest.skip("pip install --no-deps clip_benchmark (CI does, .ci/run)")
+    source = (Path(spec.origin).parent / "cli.py").read_text()
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.FunctionDef) and n.name == "main_build")
+    namespace: dict = {"json": json, "os": __import__("os"), "csv": csv}
+    exec(compile(ast.Module([node], []), "clip_benchmark/cli.py", "exec"), namespace)
+    return namespace["main_build"]
+
+
+def test_result_json_of_a_local_checkpoint_is_read_by_clip_benchmarks_build(capsys, tiny_ckpt, tmp_path):
+    import argparse
+
+    build = clip_benchmark_build()
+    path, _, _ = pairs_csv(tmp_path / "pairs", 6)
+    code, out, err = run(capsys, "retrieval", path, "--model", tiny_ckpt, "--dtype", "float32", "--json",
+                         "--workers", "0", "--recall-k", "1")
+    assert code == 0, err
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "pairs.json").write_text(out)
+    # clip_benchmark joins `model` and `pretrained` as strings (a null pretrained was a TypeError).
+    build(argparse.Namespace(files=[str(tmp_path / "results")], output=str(tmp_path / "benchmark.csv")))
+    result = json.loads(out)
+    assert result["model"] == str(Path(tiny_ckpt).resolve()) and result["pretrained"] == "local"
+    with open(tmp_path / "benchmark.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["model_fullname"] == f"{Path(tiny_ckpt).resolve()} local"
+    assert float(rows[0]["image_retrieval_recall@1"]) == result["metrics"]["image_retrieval_recall@1"]
