@@ -392,3 +392,18 @@ def test_full_size_image_tower_in_onnx_runtime_matches_transformers(so400m_ckpt,
     diff = float(np.abs(got - want.numpy()).max())
     print(f"full-size image tower, ONNX Runtime vs transformers fp32: max |diff| {diff:.2e}", file=sys.stderr)
     assert diff <= 1e-4
+
+
+def test_export_takes_the_model_as_model_flag_as_every_command_does(tiny_ckpt, tmp_path, capsys):
+    _needs_runtimes()
+    # As docs/embed.md writes it: `export --model ... --format ... --output DIR`.
+    assert main(["export", "--model", str(tiny_ckpt), "--format", "onnx", "--output", str(tmp_path / "out"),
+                 "--towers", "text"]) == 0
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert info["model"] == str(Path(tiny_ckpt).resolve()) and list(info["graphs"]) == ["text"]
+    # Two different models are a usage error, named.
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tiny_ckpt), "--model", str(tmp_path / "other"), "--format", "onnx", "--output",
+              str(tmp_path / "o2")])
+    assert e.value.code == 2
+    assert f"two models given: MODEL {tiny_ckpt} and --model {tmp_path / 'other'}" in capsys.readouterr().err

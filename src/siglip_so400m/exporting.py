@@ -635,8 +635,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description="Export the image and text towers as separate "
                                 "ONNX or OpenVINO graphs (dynamic batch, normalized embeddings), checked "
                                 "against the eager model in the target runtime (docs/export.md).")
-    p.add_argument("model", nargs="?", default=DEFAULT_REPO,
-                   help="Hub id, folder, .safetensors or big_vision .npz (default: %(default)s)")
+    p.add_argument("model", nargs="?", help="Hub id, folder, .safetensors or big_vision .npz (default: "
+                   f"{DEFAULT_REPO})")
+    # --model as every other command takes it (embed, eval, serve, ...), or the positional MODEL.
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as MODEL")
     p.add_argument("--format", required=True, help="onnx or openvino")
     p.add_argument("--output", required=True, type=Path, help="a new (or empty) folder")
     p.add_argument("--dtype", default="float32",
@@ -650,10 +652,13 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--config", type=Path, help="config.json for a bare .safetensors or .npz")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file for a checkpoint without one beside it")
     args = p.parse_args(argv)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        p.error(f"two models given: MODEL {args.model} and --model {args.model_flag}; give one")
     dtype = dtype_name(args.dtype)
     try:
-        export(args.model, args.output, format=args.format, dtype=dtype, fp16=args.fp16,
-               towers=args.towers, revision=args.revision, config=args.config, tokenizer=args.tokenizer)
+        export(args.model_flag or args.model or DEFAULT_REPO, args.output, format=args.format, dtype=dtype,
+               fp16=args.fp16, towers=args.towers, revision=args.revision, config=args.config,
+               tokenizer=args.tokenizer)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
