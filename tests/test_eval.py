@@ -482,3 +482,27 @@ def test_result_json_of_a_local_checkpoint_is_read_by_clip_benchmarks_build(caps
         rows = list(csv.DictReader(f))
     assert len(rows) == 1 and rows[0]["model_fullname"] == f"{Path(tiny_ckpt).resolve()} local"
     assert float(rows[0]["image_retrieval_recall@1"]) == result["metrics"]["image_retrieval_recall@1"]
+
+
+def test_recall_k_0_is_a_usage_error(capsys, tiny_ckpt, tmp_path):
+    path, _, _ = pairs_csv(tmp_path / "pairs", 4)
+    code, _, err = run(capsys, "retrieval", path, "--model", tiny_ckpt, "--recall-k", "1", "0")
+    assert code == 2 and "--recall-k 1 0: every k must be at least 1" in err, err  # a bad flag: 2
+
+
+def test_the_table_says_n_a_for_acc5_below_five_classes_not_nan_percent(capsys, tiny_ckpt, tmp_path):
+    # Four classes: acc@5 is NaN (clip_benchmark's value), which the table says in words.
+    folder = image_folder(tmp_path / "set", per_class=1, seed=2)
+    for d in sorted(folder.iterdir())[4:]:
+        shutil.rmtree(d)
+    code, out, err = run(capsys, "zero-shot", folder, "--model", tiny_ckpt, "--workers", "0")
+    assert code == 0, err
+    assert "nan" not in out
+    assert re.search(r"^acc@5 +n/a  \(fewer than 5 classes: every image would count\)$", out, re.M), out
+    assert re.search(r"^acc@1 +\d+\.\d\d%$", out, re.M), out
+
+
+def test_a_missing_data_path_is_named_as_missing(capsys, tiny_ckpt, tmp_path):
+    for task, name in (("zero-shot", "nope"), ("zero-shot", "nope.csv"), ("retrieval", "pairs.parquet")):
+        code, _, err = run(capsys, task, tmp_path / name, "--model", tiny_ckpt)
+        assert code == 1 and err.strip() == f"error: {tmp_path / name}: no such file or folder", err

@@ -132,13 +132,21 @@ def read_labelled(data: str | Path, classes: list[str] | dict[str, str] | None =
     shards = _shards(data)
     if shards:
         return _labelled_shards(shards, classes)
-    path = Path(data)
+    path = _existing(data)
     if path.is_dir():
         return _image_folder(path, classes)
     if path.suffix.lower() in (".csv", ".parquet") and path.is_file():
         return _labelled_table(path, classes)
     raise EvalError(f"{data}: expected an ImageFolder (one folder per class), a .csv or .parquet with an "
                     "image and a label column, or webdataset .tar shards")
+
+
+def _existing(data: str | Path) -> Path:
+    """A path that is there: a typo gets "no such file", not a list of the layouts eval reads."""
+    path = Path(data)
+    if not path.exists():
+        raise EvalError(f"{data}: no such file or folder")
+    return path
 
 
 def _shards(data: str | Path) -> list[Path]:
@@ -333,7 +341,7 @@ def read_pairs(data: str | Path) -> PairSet:
                 captions[item_name(item)] = [c.strip() for c in lines if c.strip()]
                 items[item_name(item)] = item
     else:
-        path = Path(data)
+        path = _existing(data)
         if path.suffix.lower() not in (".csv", ".parquet") or not path.is_file():
             raise EvalError(f"{data}: expected a .csv or .parquet of image-caption pairs, or webdataset "
                             ".tar shards")
