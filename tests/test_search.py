@@ -236,3 +236,14 @@ def test_text_hits_are_scored_by_the_models_match_logits_in_search_and_in_the_se
     for h in served[0]:
         logit = match_logits(torch.tensor(h["cosine"]), t, b)
         assert h["logit"] == logit.item() and h["sigmoid"] == logit.sigmoid().item() == h["score"]
+
+
+def test_a_missing_folder_is_named_as_missing(tmp_path):
+    for command in (["search", str(tmp_path / "nope"), "a cat"], ["index", str(tmp_path / "nope")]):
+        r = cli(*command)
+        assert r.returncode == 1, r.stderr
+        assert r.stderr.strip() == f"error: {tmp_path / 'nope'}: no such folder", r.stderr
+    (tmp_path / "emb.npy").write_bytes(b"")
+    r = cli("search", str(tmp_path / "emb.npy"), "a cat")
+    assert r.returncode == 1
+    assert "emb.npy is a file: give the folder that `siglip-so400m embed` wrote" in r.stderr
