@@ -587,7 +587,7 @@ def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    f"approximate index needs at least {2 * MIN_RECALL_QUERIES})")
     p.add_argument("--hnsw-m", type=int, help="HNSW links per node (default: 32)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: tuned)")
-    p.add_argument("--nlist", type=int, help="IVF cells (default: about 4·sqrt(n))")
+    p.add_argument("--nlist", type=int, help="IVF cells (default: about 2·sqrt(n))")
     p.add_argument("--nprobe", type=int, help="IVF cells visited per query (default: tuned)")
     p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: the most that fit)")
     p.add_argument("--rerank", type=int, help="candidates per result re-scored exactly (default: tuned)")
