@@ -363,3 +363,29 @@ def test_naflex_embed_on_an_onnx_graph_equals_torch_and_transformers_siglip2(naf
         ref = Siglip2Model.from_pretrained(str(naflex_ckpt)).eval().get_image_features(**inputs)
     ref = F.normalize(ref if torch.is_tensor(ref) else ref.pooler_output, dim=-1)
     np.testing.assert_allclose(a, ref.numpy(), atol=2**-11, rtol=0)
+
+
+def test_a_dtype_the_graphs_do_not_compute_in_is_refused_with_an_export_that_exists():
+    from siglip_so400m.backends import BackendError, check_dtype
+    from siglip_so400m.exporting import PRECISIONS
+
+    # bfloat16 is OpenVINO's: ONNX refuses `export --format onnx --dtype bfloat16`, so that is not
+    # the advice; the export that makes bfloat16 graphs is.
+    with pytest.raises(BackendError) as e:
+        check_dtype("bfloat16", {"precision": "float32"}, "onnx")
+    assert "export with --format openvino --dtype bfloat16 and run those graphs with --backend openvino" \
+        in str(e.value) and "--format onnx" not in str(e.value)
+    with pytest.raises(BackendError, match=r"export with --format onnx --dtype int8 and run those graphs "
+                       r"with --backend onnx"):
+        check_dtype("int8", {"precision": "float32"}, "openvino")
+    with pytest.raises(BackendError, match=r"or export them again with --dtype int8$"):
+        check_dtype("int8", {"precision": "float32"}, "onnx")
+    with pytest.raises(BackendError, match=r"export them again with --fp16"):
+        check_dtype("fp16", {"precision": "float32"}, "openvino")
+    # Every --format/--dtype pair advised is one that export takes.
+    for backend, precisions in PRECISIONS.items():
+        for dtype in {"float32", "bfloat16", "int8"} - set(precisions):
+            with pytest.raises(BackendError) as e:
+                check_dtype(dtype, {"precision": "float32"}, backend)
+            advised = re.search(r"--format (\w+) --dtype (\w+)", str(e.value))
+            assert advised and advised[2] in PRECISIONS[advised[1]], str(e.value)

@@ -420,3 +420,90 @@ def test_the_wheel_carries_the_shipped_ensembles(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for name in ("imagenet1k_classes.txt", "imagenet_templates.txt"):
         assert f"siglip_so400m/evaluate/ensembles/{name}" in names
+
+
+def test_integer_labels_sort_as_numbers_alike_in_csv_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from siglip_so400m.evaluate.inputs import read_labelled
+
+    labels = [10, 2, 0, 1, 10, 3, 4, 5, 6, 7, 8, 9]
+    write(tmp_path / "set.csv", "image,label\n" + "".join(f"{i}.png,{v}\n" for i, v in enumerate(labels)))
+    pq.write_table(pa.table({"image": [f"{i}.png" for i in range(len(labels))], "label": labels}),
+                   tmp_path / "set.parquet")
+    got = {}
+    for name in ("set.csv", "set.parquet"):
+        with pytest.warns(UserWarning, match=r"the labels are numbers, so the prompts name the classes by "
+                          r"them \('10' where a class name goes\); give --classes FILE"):
+            got[name] = read_labelled(tmp_path / name)
+    csv_set, parquet_set = got["set.csv"], got["set.parquet"]
+    # Numbers in numeric order (not 0, 1, 10, 2, ...), so that class k is label k.
+    assert csv_set.classes == parquet_set.classes == [str(k) for k in range(11)]
+    assert csv_set.targets == parquet_set.targets == labels
+    assert [i.path for i in csv_set.items] == [i.path for i in parquet_set.items]
+    # Names as labels still sort as text, as the ImageFolder's folders do.
+    write(tmp_path / "named.csv", "image,label\na.png,b cat\nb.png,a dog\nc.png,10 pins\n")
+    assert read_labelled(tmp_path / "named.csv").classes == ["10 pins", "a dog", "b cat"]
+
+
+def clip_benchmark_build():
+    """clip_benchmark's own `build` (cli.main_build), the reader of result JSON files, taken from its
+    installed source: importing clip_benchmark.cli needs torchvision (its dataset builders), which
+    `pip install --no-deps clip_benchmark` leaves out; main_build itself uses json, os and csv only."""
+    import ast
+    import importlib.util
+
+    spec = importlib.util.find_spec("clip_benchmark")
+    if spec is None:
+        pytest.skip("pip install --no-deps clip_benchmark (CI does, .ci/run)")
+    source = (Path(spec.origin).parent / "cli.py").read_text()
+    node = next(n for n in ast.parse(source).body
+                if isinstance(n, ast.FunctionDef) and n.name == "main_build")
+    namespace: dict = {"json": json, "os": __import__("os"), "csv": csv}
+    exec(compile(ast.Module([node], []), "clip_benchmark/cli.py", "exec"), namespace)
+    return namespace["main_build"]
+
+
+def test_result_json_of_a_local_checkpoint_is_read_by_clip_benchmarks_build(capsys, tiny_ckpt, tmp_path):
+    import argparse
+
+    build = clip_benchmark_build()
+    path, _, _ = pairs_csv(tmp_path / "pairs", 6)
+    code, out, err = run(capsys, "retrieval", path, "--model", tiny_ckpt, "--dtype", "float32", "--json",
+                         "--workers", "0", "--recall-k", "1")
+    assert code == 0, err
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "pairs.json").write_text(out)
+    # clip_benchmark joins `model` and `pretrained` as strings (a null pretrained was a TypeError).
+    build(argparse.Namespace(files=[str(tmp_path / "results")], output=str(tmp_path / "benchmark.csv")))
+    result = json.loads(out)
+    assert result["model"] == str(Path(tiny_ckpt).resolve()) and result["pretrained"] == "local"
+    with open(tmp_path / "benchmark.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and rows[0]["model_fullname"] == f"{Path(tiny_ckpt).resolve()} local"
+    assert float(rows[0]["image_retrieval_recall@1"]) == result["metrics"]["image_retrieval_recall@1"]
+
+
+def test_recall_k_0_is_a_usage_error(capsys, tiny_ckpt, tmp_path):
+    path, _, _ = pairs_csv(tmp_path / "pairs", 4)
+    code, _, err = run(capsys, "retrieval", path, "--model", tiny_ckpt, "--recall-k", "1", "0")
+    assert code == 2 and "--recall-k 1 0: every k must be at least 1" in err, err  # a bad flag: 2
+
+
+def test_the_table_says_n_a_for_acc5_below_five_classes_not_nan_percent(capsys, tiny_ckpt, tmp_path):
+    # Four classes: acc@5 is NaN (clip_benchmark's value), which the table says in words.
+    folder = image_folder(tmp_path / "set", per_class=1, seed=2)
+    for d in sorted(folder.iterdir())[4:]:
+        shutil.rmtree(d)
+    code, out, err = run(capsys, "zero-shot", folder, "--model", tiny_ckpt, "--workers", "0")
+    assert code == 0, err
+    assert "nan" not in out
+    assert re.search(r"^acc@5 +n/a  \(fewer than 5 classes: every image would count\)$", out, re.M), out
+    assert re.search(r"^acc@1 +\d+\.\d\d%$", out, re.M), out
+
+
+def test_a_missing_data_path_is_named_as_missing(capsys, tiny_ckpt, tmp_path):
+    for task, name in (("zero-shot", "nope"), ("zero-shot", "nope.csv"), ("retrieval", "pairs.parquet")):
+        code, _, err = run(capsys, task, tmp_path / name, "--model", tiny_ckpt)
+        assert code == 1 and err.strip() == f"error: {tmp_path / name}: no such file or folder", err

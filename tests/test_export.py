@@ -6,6 +6,7 @@ and asserts at its end that neither torch nor siglip_so400m was ever imported.""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -326,6 +327,50 @@ def test_a_graph_that_computes_something_else_fails_with_the_numbers(tiny_ckpt, 
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_exports_temporary_folder_is_cleared_by_the_next_export(tiny_ckpt, tmp_path, monkeypatch):
+    _needs_runtimes()
+    # A process that has ended (as a killed export has) and one that still runs (this test's).
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    dead, live = int(done.stdout), os.getppid()
+    stale, running = tmp_path / f".o.partial-{dead}", tmp_path / f".o.partial-{live}"
+    other = tmp_path / f".other.partial-{dead}"  # another output's: not this export's to judge
+    for d in (stale, running, other):
+        d.mkdir()
+        (d / "vision.onnx.data").write_bytes(b"\0" * 4096)
+    logged: list[str] = []
+
+    def broken(sig, tower, sample, work, fmt, dtype, fp16):
+        raise ExportError("stop here: only the clearing is under test")
+
+    monkeypatch.setattr(exporting, "_export_tower", broken)
+    with pytest.raises(ExportError, match="stop here"):
+        siglip_so400m.export(tiny_ckpt, tmp_path / "o", format="onnx", log=logged.append)
+    assert not stale.exists() and running.is_dir() and other.is_dir()
+    assert f"removed {stale}, left by an export (process {dead}) that no longer runs" in logged
+
+
+def test_the_exported_readme_says_transparency_is_composited_on_white_as_the_library_does(
+        tiny_ckpt, tmp_path):
+    _needs_runtimes()
+    from PIL import Image
+
+    siglip_so400m.export(tiny_ckpt, tmp_path / "out", format="onnx", towers=("vision",), log=lambda m: None)
+    readme = (tmp_path / "out" / "README.md").read_text()
+    assert "Pixels (preprocessor_config.json): RGB, with any transparency composited onto white first" \
+        in readme
+    # What the README says is what the library does: an RGBA PNG's pixels are those of the PNG laid
+    # on white, not of its RGB channels alone.
+    rgba = Image.new("RGBA", (40, 40), (200, 30, 30, 0))
+    rgba.paste((30, 30, 200, 128), (0, 0, 20, 40))
+    rgba.save(tmp_path / "rgba.png")
+    on_white = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    _, proc = siglip_so400m.load(tiny_ckpt, towers=("vision",))
+    got = proc.images([str(tmp_path / "rgba.png")])
+    torch.testing.assert_close(got, proc.images([on_white]), atol=0, rtol=0)
+    assert (got - proc.images([rgba.convert("RGB")])).abs().max() > 0.5
+
+
 # --- full size ------------------------------------------------------------------------------------
 
 @pytest.mark.slow
@@ -347,3 +392,18 @@ def test_full_size_image_tower_in_onnx_runtime_matches_transformers(so400m_ckpt,
     diff = float(np.abs(got - want.numpy()).max())
     print(f"full-size image tower, ONNX Runtime vs transformers fp32: max |diff| {diff:.2e}", file=sys.stderr)
     assert diff <= 1e-4
+
+
+def test_export_takes_the_model_as_model_flag_as_every_command_does(tiny_ckpt, tmp_path, capsys):
+    _needs_runtimes()
+    # As docs/embed.md writes it: `export --model ... --format ... --output DIR`.
+    assert main(["export", "--model", str(tiny_ckpt), "--format", "onnx", "--output", str(tmp_path / "out"),
+                 "--towers", "text"]) == 0
+    info = json.loads((tmp_path / "out" / "export.json").read_text())
+    assert info["model"] == str(Path(tiny_ckpt).resolve()) and list(info["graphs"]) == ["text"]
+    # Two different models are a usage error, named.
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(tiny_ckpt), "--model", str(tmp_path / "other"), "--format", "onnx", "--output",
+              str(tmp_path / "o2")])
+    assert e.value.code == 2
+    assert f"two models given: MODEL {tiny_ckpt} and --model {tmp_path / 'other'}" in capsys.readouterr().err

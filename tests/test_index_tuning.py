@@ -7,6 +7,7 @@ are searched together."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -305,3 +306,114 @@ def test_a_build_killed_while_saving_never_leaves_an_old_index_json_beside_a_new
     _, ids = index.topk(evaluation, 10)
     assert recall(ids, exact_ids(x, evaluation)) == 1.0
     assert not [p.name for p in (out / "index").iterdir() if p.name.endswith(".tmp")]
+
+
+# ---- the collections people have: copies of images, small collections ----
+
+def tie_aware_recall(ids: np.ndarray, x: np.ndarray, q: np.ndarray, k: int = 10) -> float:
+    """Recall where a hit scoring the k-th exact score (within 1e-5) counts: one of identical copies
+    is as right as another."""
+    s = q @ x.T
+    kth = -np.sort(-s, axis=1)[:, k - 1]
+    got = np.take_along_axis(s, ids, 1)
+    return float(np.mean(np.minimum((got >= kth[:, None] - 1e-5).sum(1), k) / k))
+
+
+def test_recall_counts_a_copy_scoring_the_kth_exact_score_as_found():
+    from siglip_so400m.index_tuning import recall_per_query
+
+    # Exact search listed rows 3 and 4 (copies of one image, cosine 0.5) in its last places; the
+    # index found 3 and 9, another copy at the same cosine: nothing is missing.
+    exact = (np.array([[0.9, 0.5, 0.5]], np.float32), np.array([[1, 3, 4]]))
+    found = (np.array([[0.9, 0.5, 0.5]], np.float32), np.array([[1, 9, 3]]))
+    assert recall_per_query(found, exact).tolist() == [1.0]
+    # A result below the k-th score (by more than float rounding) is a miss.
+    found = (np.array([[0.9, 0.5, 0.4999]], np.float32), np.array([[1, 3, 7]]))
+    assert recall_per_query(found, exact).tolist() == [pytest.approx(2 / 3)]
+
+
+@pytest.mark.parametrize("copies", [2, 6])
+def test_a_collection_holding_copies_of_each_image_is_indexed_exactly_and_approximately(tmp_path, copies):
+    rng = np.random.default_rng(0)
+    x, _ = clustered(6000 // copies, 32, 30, 0.6, rng)
+    x = np.repeat(x, copies, axis=0)[rng.permutation(6000)].astype(np.float16)
+    out = write_synthetic(tmp_path / "syn", [x[:3000], x[3000:]])
+    # Exact search finds every query's 10 best, whichever copies: it reports recall 1, not 0.95.
+    info = build_index(out, kind="flat", log=lambda m: None)
+    assert info["kind"] == "flat" and info["recall_at_10"] == 1.0
+    # Within a budget that rules out exact search (750 KiB), an approximate index reaches the target
+    # (it was refused, exact search included, when ties between copies counted as misses).
+    info = build_index(out, max_memory="400KB", log=lambda m: None)
+    assert info["kind"] == "ivfpq" and info["recall_at_10"] >= 0.95 and info["recall_queries"] == 300
+    xf = x.astype(np.float32)
+    q = xf[rng.integers(0, 6000, 200)] + 0.05 * rng.standard_normal((200, 32)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    _, ids = siglip_so400m.Index.load(out).topk(q, 10)
+    assert tie_aware_recall(ids, xf, q) >= 0.93
+
+
+def test_a_refusal_prints_the_recall_it_tested_and_never_advises_a_smaller_budget(tmp_path):
+    out, _, _ = tuned_collection(tmp_path, 5000, 64, clusters=50)
+    # Exact search fits 4GB (1.2 MiB), but the kind asked for is ivfpq, with parameters that miss.
+    with pytest.raises(SearchError) as e:
+        build_index(out, kind="ivfpq", nlist=32, nprobe=1, pq_m=4, rerank=1, queries=200, log=lambda m: None)
+    msg = str(e.value)
+    m = re.search(r"the best found is (0\.\d+) \(ivfpq, nprobe 1, rerank 1, [\d.]+ KiB: recall (0\.\d+) on "
+                  r"100 tuning queries less 2 standard errors", msg)
+    assert m, msg
+    assert float(m[1]) < float(m[2])  # the bound, below the mean
+    assert "give --kind flat (exact search fits this --max-memory)" in msg and "give --max-memory" not in msg
+    # Where exact search does not fit, the budget advised is larger than the one given.
+    with pytest.raises(SearchError, match=r"needs 1\.2 MiB: give --max-memory 1\.3MB"):
+        build_index(out, max_memory="1MB", kind="ivfpq", nlist=32, nprobe=1, pq_m=4, rerank=1, queries=200,
+                    log=lambda m: None)
+
+
+def test_a_small_collection_gets_exact_search_and_says_why(tmp_path):
+    rng = np.random.default_rng(5)
+    x, _ = clustered(11, 64, 3, 0.3, rng)
+    out = write_synthetic(tmp_path / "eleven", [x.astype(np.float16)])
+    r = cli("index", str(out))
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    # No recall "measured" on one held-out query: exact search has recall 1 by construction.
+    assert info["kind"] == "flat" and info["recall_at_10"] == 1.0 and info["recall_queries"] == 0
+    assert "building exact search: 11 vectors take 2.8 KiB as an exact index, at most 32.0 MiB" in r.stderr
+    assert [t["kind"] for t in info["tried"]] == ["flat"]
+    hits = siglip_so400m.Index.load(out).search(vectors=x[4], k=11)[0]
+    assert hits[0]["id"] == 4 and len(hits) == 11
+    # 1,500 so400m-wide vectors (6.6 MiB exact): no HNSW tuned for 0.01 ms a query.
+    x, _ = clustered(1500, 1152, 20, 0.6, rng)
+    out = write_synthetic(tmp_path / "small", [x.astype(np.float16)])
+    info = build_index(out, log=lambda m: None)
+    assert info["kind"] == "flat" and [t["kind"] for t in info["tried"]] == ["flat"]
+    assert "6.6 MiB" in info["exact"]
+
+
+def test_no_recall_is_reported_from_fewer_than_50_held_out_queries(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    x, _ = clustered(11, 64, 3, 0.3, rng)
+    out = write_synthetic(tmp_path / "eleven", [x.astype(np.float16)])
+    # An approximate index asked for by name: 11 rows give 5 held-out queries, too few to measure on.
+    with pytest.raises(SearchError, match=r"5 queries \(held-out image embeddings\) are too few to measure "
+                       r"an approximate index's recall on: that takes 100 \(50 to tune, 50 held out\); give "
+                       r"--queries 100 or more, --tune-queries with more vectors, or --kind flat"):
+        build_index(out, kind="hnsw", log=lambda m: None)
+    assert not (out / "index").exists()
+    # 40 query vectors given, exact search over budget: refused, with the budget exact search needs.
+    out, _, _ = tuned_collection(tmp_path, 3000, 32, clusters=30)
+    np.save(tmp_path / "few.npy", np.load(tmp_path / "tune.npy")[:40])
+    with pytest.raises(SearchError, match=r"40 queries \(vectors from .*\) are too few .* or --max-memory "
+                       r"0\.4MB; nothing was saved"):
+        build_index(out, max_memory="100KB", tune_queries=str(tmp_path / "few.npy"), log=lambda m: None)
+    # The same with exact search within the budget (and the collection over the size built exactly
+    # outright): exact search, and why.
+    import siglip_so400m.index_tuning as tuning
+
+    monkeypatch.setattr(tuning, "EXACT_BYTES", 0)
+    log: list[str] = []
+    info = build_index(out, tune_queries=str(tmp_path / "few.npy"), log=log.append)
+    assert info["kind"] == "flat" and info["recall_queries"] == 0 and "too few" in info["exact"]
+    # With enough queries an approximate index's recall comes from at least 50 held out.
+    info = build_index(out, kind="hnsw", queries=100, log=lambda m: None)
+    assert info["kind"] == "hnsw" and info["recall_queries"] == 50

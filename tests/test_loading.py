@@ -231,3 +231,16 @@ def test_bad_configs_raise_errors_naming_the_key(patch, message):
             d[k] = v
     with pytest.raises(ValueError, match=message):
         SiglipConfig.from_dict(d)
+
+
+@pytest.mark.parametrize("checkpoint", [[], ["--checkpoint", "google/siglip2-so400m-patch16-naflex"]],
+                         ids=["siglip", "naflex"])
+def test_the_testing_checkpoint_writer_prints_the_folder_and_nothing_of_transformers(tmp_path, checkpoint):
+    """`python -m siglip_so400m.testing DIR --tiny` (CI's prebuilt checkpoint) printed transformers'
+    warnings about CLIP's bos/eos ids outside the tiny vocabulary, and a shard progress bar."""
+    out = tmp_path / "tiny"
+    r = subprocess.run([sys.executable, "-m", "siglip_so400m.testing", str(out), "--tiny", *checkpoint],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == f"{out}\n" and r.stderr == ""
+    assert siglip_so400m.load(out)[0].config.text_config.vocab_size > 0  # and the checkpoint loads

@@ -139,3 +139,38 @@ def test_bad_inputs_to_the_towers_are_refused(tiny):
         model.encode_text(torch.ones(1, 65, dtype=torch.long))
     with pytest.raises(TypeError, match="integer token ids"):
         model.encode_text(torch.ones(1, 64))
+
+
+def test_gradients_flow_through_every_public_method(tiny_config):
+    """forward, logits, encode_image, encode_text and image_features all train: a loss on any of them
+    reaches the parameters it depends on (t' and b included for forward and logits)."""
+    cfg = SiglipConfig.from_dict(tiny_config.to_dict())
+    torch.manual_seed(0)
+    model = SigLIP(cfg).train()
+    pixels = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(0, cfg.text_config.vocab_size, (3, 64))
+    img, txt = model.encode_image(pixels, normalize=True), model.encode_text(ids, normalize=True)
+    calls = {
+        "forward": lambda: model(pixels, ids),
+        "logits": lambda: model.logits(img, txt),
+        "encode_image": lambda: model.encode_image(pixels),
+        "encode_text": lambda: model.encode_text(ids),
+        "image_features": lambda: model.image_features(pixels, layers=(-1, 1))[0],
+    }
+    for name, call in calls.items():
+        model.zero_grad(set_to_none=True)
+        out = call()
+        assert out.requires_grad, name
+        out.square().mean().backward(retain_graph=name == "logits")
+        got = {n for n, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+        if name in ("forward", "logits"):
+            assert {"logit_scale", "logit_bias"} <= got, name
+        tower = "text_model." if name == "encode_text" else None if name == "logits" else "vision_model."
+        if tower:
+            assert any(n.startswith(tower) for n in got), name
+    # A loss on forward's logits added to another term still trains t' and b (it silently did not).
+    model.zero_grad(set_to_none=True)
+    logits = model(pixels, ids)
+    target = 2 * torch.eye(3) - 1
+    (-torch.nn.functional.logsigmoid(target * logits).mean() + 0.0 * img.sum()).backward()
+    assert model.logit_scale.grad.abs().item() > 0 and model.logit_bias.grad.abs().item() > 0

@@ -176,6 +176,21 @@ def test_unreadable_images_are_skipped_and_counted(tiny_ckpt, shapes, tmp_path, 
     assert "skipped unreadable image" in err and "missing.png" in err and "broken.png" in err
 
 
+def test_skipped_images_are_counted_as_an_int_under_torchrun(tiny_ckpt, shapes, tmp_path):
+    with open(shapes) as f:
+        rows = list(csv.DictReader(f))[:16]
+    rows[3] = {"image": "missing.png", "caption": "a red circle"}
+    rows[9] = {"image": "also_missing.png", "caption": "a blue square"}
+    data = write_csv(shapes.parent / "two_bad.csv", rows)
+    r = run_finetune(common_args(tiny_ckpt, data, tmp_path / "run", steps=4), nproc=2)
+    assert r.returncode == 0, r.stderr
+    text = (tmp_path / "run" / "train_log.jsonl").read_text()
+    counts = [json.loads(line)["skipped"] for line in text.splitlines()]
+    # The ranks' counts are summed in a float64 tensor; the log holds the count (2, not 2.0).
+    assert all(type(c) is int for c in counts) and counts[-1] >= 2, counts
+    assert f"{counts[-1]} unreadable images skipped" in r.stderr
+
+
 def test_data_sources_and_their_errors(tmp_path):
     rows = draw_shapes(tmp_path, 3, seed=5)
     pairs = read_pairs(write_csv(tmp_path / "a.csv", rows))

@@ -168,9 +168,26 @@ def check_dtype(dtype: str | None, info: dict, backend: str) -> str:
     precision = info.get("precision", "float32")
     if dtype is not None and dtype_name(dtype) != dtype_name(precision):
         raise BackendError(f"--dtype {dtype}: the {backend} graphs in --graphs compute in {precision} "
-                           f"(export.json); leave --dtype out (or pass {precision}), or export them "
-                           f"again with --dtype {dtype}")
+                           f"(export.json); leave --dtype out (or pass {precision}), or "
+                           + _export_advice(dtype, backend))
     return precision
+
+
+def _export_advice(dtype: str, backend: str) -> str:
+    """The export that makes graphs computing in `dtype`: only what `export` accepts for a format."""
+    from .exporting import PRECISIONS
+
+    name = dtype_name(dtype)
+    if name == "float16":  # float16 weights are an option of either format, not a --dtype
+        return "export them again with --fp16 (float16 weights, computed in float32)"
+    formats = [f for f, precisions in PRECISIONS.items() if name in precisions]
+    if backend in formats:
+        return f"export them again with --dtype {name}"
+    if formats:
+        return (f"export with --format {formats[0]} --dtype {name} and run those graphs with --backend "
+                f"{formats[0]} ({backend} graphs compute in {' or '.join(PRECISIONS[backend])})")
+    return "pass a --dtype that an export computes in: " + "; ".join(
+        f"{f}: {', '.join(p)}" for f, p in PRECISIONS.items())
 
 
 def require_runtime(backend: str) -> None:

@@ -152,6 +152,7 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
                               towers=towers, dtype=torch.float32)
     except CheckpointError as e:
         raise ExportError(str(e)) from None
+    _clear_stale_partials(out, log)
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
@@ -176,6 +177,32 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
         raise
     log(f"wrote {out}")
     return info
+
+
+def _clear_stale_partials(out: Path, log: Callable[[str], None]) -> None:
+    """Remove the temporary folders `.OUT.partial-<pid>` of exports into `out` whose process no longer
+    runs: one killed (SIGKILL, OOM, a power cut) never reached its own cleanup, and at full size left
+    gigabytes. A live process's folder is left alone: two exports into one OUT is its own conflict,
+    so a pid of another machine sharing the folder is not a case to guard."""
+    import glob
+
+    for d in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
+        pid = d.name.rpartition("-")[2]
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log(f"removed {d}, left by an export (process {pid}) that no longer runs")
+
+
+def _running(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would send CTRL_C_EVENT there: keep everything
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: nothing is sent, the process is only looked up
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's
+    return True
 
 
 def _stderr(message: str) -> None:
@@ -560,7 +587,9 @@ def _readme(info: dict, processor, cfg) -> str:
         lines += _naflex_readme(processor.image, cfg.vision_config)
     elif "vision" in info["graphs"]:
         im = processor.image
-        lines += [f"Pixels (preprocessor_config.json): RGB, resized to {im.height}x{im.width} with PIL "
+        lines += [f"Pixels (preprocessor_config.json): RGB, with any transparency composited onto white "
+                  "first (as transformers converts RGBA and palette images; dropping the alpha channel "
+                  f"instead gives other embeddings), resized to {im.height}x{im.width} with PIL "
                   f"filter {int(im.resample)} (no crop), times {im.rescale_factor:.6g}, minus "
                   f"{list(im.image_mean)}, divided by {list(im.image_std)}, channels first.", ""]
     if "text" in info["graphs"]:
@@ -587,7 +616,8 @@ def _naflex_readme(im, v) -> list[str]:
         f"preprocessor_config.json says max_num_patches {im.max_num_patches}, the checkpoint's default). "
         "transformers' `Siglip2ImageProcessor` makes the three inputs exactly (its `pixel_values`, "
         "`pixel_attention_mask` and `spatial_shapes`, dtypes included). Without it, per image:", "",
-        "1. RGB. Find the largest scale s (bisection on [1e-6, 100] until the interval is under 1e-5) "
+        "1. RGB, with any transparency composited onto white (as transformers converts RGBA and palette "
+        "images). Find the largest scale s (bisection on [1e-6, 100] until the interval is under 1e-5) "
         f"such that H = max({P}, ceil(height*s/{P})*{P}) and W = max({P}, ceil(width*s/{P})*{P}) give "
         f"(H/{P})*(W/{P}) <= max_num_patches; resize to W x H with PIL filter {int(im.resample)}.",
         f"2. times {im.rescale_factor:.6g} (in float64, then float32), minus {list(im.image_mean)}, "
@@ -606,8 +636,10 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description="Export the image and text towers as separate "
                                 "ONNX or OpenVINO graphs (dynamic batch, normalized embeddings), checked "
                                 "against the eager model in the target runtime (docs/export.md).")
-    p.add_argument("model", nargs="?", default=DEFAULT_REPO,
-                   help="Hub id, folder, .safetensors or big_vision .npz (default: %(default)s)")
+    p.add_argument("model", nargs="?", help="Hub id, folder, .safetensors or big_vision .npz (default: "
+                   f"{DEFAULT_REPO})")
+    # --model as every other command takes it (embed, eval, serve, ...), or the positional MODEL.
+    p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as MODEL")
     p.add_argument("--format", required=True, help="onnx or openvino")
     p.add_argument("--output", required=True, type=Path, help="a new (or empty) folder")
     p.add_argument("--dtype", default="float32",
@@ -621,10 +653,13 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p.add_argument("--config", type=Path, help="config.json for a bare .safetensors or .npz")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file for a checkpoint without one beside it")
     args = p.parse_args(argv)
+    if args.model and args.model_flag and args.model != args.model_flag:
+        p.error(f"two models given: MODEL {args.model} and --model {args.model_flag}; give one")
     dtype = dtype_name(args.dtype)
     try:
-        export(args.model, args.output, format=args.format, dtype=dtype, fp16=args.fp16,
-               towers=args.towers, revision=args.revision, config=args.config, tokenizer=args.tokenizer)
+        export(args.model_flag or args.model or DEFAULT_REPO, args.output, format=args.format, dtype=dtype,
+               fp16=args.fp16, towers=args.towers, revision=args.revision, config=args.config,
+               tokenizer=args.tokenizer)
     except ExportError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

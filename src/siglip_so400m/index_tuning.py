@@ -11,7 +11,14 @@ then, stored image embeddings held out of the training sample (said so: text que
 cone than images, the modality gap, and may get less recall than image ones). Half of them tune,
 the other half is held out and gives the recall reported.
 
-The choice: every index type whose memory fits `--max-memory` (exact `IndexFlatIP`; HNSW over
+An exact index (`IndexFlatIP`) that fits the budget and takes at most EXACT_BYTES (32 MiB: so400m's
+7,281 vectors) is built outright, without tuning: a scan that small takes about a millisecond and
+misses nothing. So is one where too few queries exist to measure an approximate index's recall on
+(MIN_RECALL_QUERIES tune, as many are held out); without exact search in the budget that is an error.
+A result scoring the k-th exact score (within TIE_TOLERANCE) counts as found, so that copies of one
+image, which tie, are never misses.
+
+Otherwise every index type whose memory fits `--max-memory` (exact `IndexFlatIP`; HNSW over
 8-bit vectors; IVF-PQ with as many PQ bytes as fit) is built once; for each, the smallest search
 breadth (efSearch, nprobe) reaching `--min-recall` is found for each exact re-rank depth (candidates
 re-scored against the stored vectors), and the fastest of those (median latency of one query,
@@ -54,6 +61,19 @@ HNSW_EF = (16, 32, 64, 128, 256, 512, 1024, 2048)
 HNSW_RERANK = (1, 2, 4)
 IVF_RERANK = (1, 2, 4, 8, 16, 32, 64)
 LATENCY_QUERIES = 50  # single queries timed per configuration compared
+# Scores within this of the k-th exact score tie with it: identical vectors (a collection's copies of
+# one image) score the same, and which of them fills the last places is no miss. Float32 sums of D
+# products taken in another order (BLAS against the re-rank's matmul) differ by about sqrt(D)·6e-8,
+# 2e-6 at D = 1152; two distinct images closer than 1e-5 to a query are interchangeable for it.
+TIE_TOLERANCE = 1e-5
+# An exact index (IndexFlatIP) of at most this many bytes is built without tuning any other: a scan of
+# 32 MiB takes about a millisecond a query on one core (faiss, measured: 0.26 ms at 1,500 so400m
+# vectors, 1.6 ms at 10,000), and it is exact, so there is no recall to trade for speed.
+EXACT_BYTES = 32 * 2**20
+# The fewest queries a recall is measured on, held out (and as many to tune on): at 50 queries the
+# standard error of a recall near 0.95 is at most 0.03 (when each query finds all or nothing of its
+# neighbours), about 0.01 when misses are spread; on fewer, a reported recall says little.
+MIN_RECALL_QUERIES = 50
 
 
 def parse_bytes(text: str | int | float) -> int:
@@ -201,7 +221,10 @@ def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, m
             log(f"embedding {len(captions)} captions from the metadata with {model} to tune for text queries")
             return (_embed_texts(model, captions), np.full(len(captions), -1),
                     f"{len(captions)} captions embedded by {model}")
-    own = np.sort(rng.choice(n, size=min(count, max(1, n // 10)), replace=False))
+    # A tenth of the rows (the rest train the quantizers), but at least the queries a recall needs
+    # where the collection has them, and never more than half of it.
+    own = np.sort(rng.choice(n, size=min(count, max(2 * MIN_RECALL_QUERIES, n // 10), max(1, n // 2)),
+                             replace=False))
     log("tuning on held-out image embeddings (no --tune-queries, no text_emb/, no --model with captions "
         "in the metadata): text queries sit apart from images (the modality gap) and may get less "
         "recall than reported")
@@ -242,31 +265,47 @@ def _embed_texts(model: str, texts: list[str], batch: int = 32) -> np.ndarray:
 
 # --- measuring a configuration ----------------------------------------------------------------
 
-def truth(coll: Collection, q: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """Exact top-k ids (Q, k), each query's own row (if it is one) left out."""
-    _, ids = exact_topk(coll, q, min(len(coll), k + 1))
-    return _drop_own(ids, own, k)
+def truth(coll: Collection, q: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k (cosines, ids), (Q, k) each, each query's own row (if it is one) left out."""
+    scores, ids = exact_topk(coll, q, min(len(coll), k + 1))
+    return _drop_own(scores, ids, own, k)
 
 
-def _drop_own(ids: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    out = np.full((len(ids), k), -1, np.int64)
-    for r, (row, o) in enumerate(zip(ids, own, strict=True)):
-        keep = row[row != o][:k]
-        out[r, : len(keep)] = keep
-    return out
+def _drop_own(scores: np.ndarray, ids: np.ndarray, own: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    out_s, out_i = np.full((len(ids), k), -np.inf, np.float32), np.full((len(ids), k), -1, np.int64)
+    for r, (row_s, row, o) in enumerate(zip(scores, ids, own, strict=True)):
+        keep = (row != o) & (row >= 0)
+        out_s[r, : keep.sum()], out_i[r, : keep.sum()] = row_s[keep][:k], row[keep][:k]
+    return out_s, out_i
 
 
-def approx(coll: Collection, index, params: dict, q: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
-    """The search path's top-k ids (Q, k): the index's k·rerank candidates re-scored exactly."""
+def approx(coll: Collection, index, params: dict, q: np.ndarray, own: np.ndarray, k: int
+           ) -> tuple[np.ndarray, np.ndarray]:
+    """The search path's top-k (cosines, ids), (Q, k) each: the index's k·rerank candidates re-scored
+    exactly."""
     kk = min(len(coll), k + 1)
     _, cand = index.search(q, min(len(coll), kk * params["rerank"]))
-    _, ids = _rerank(coll, q, cand, kk)
-    return _drop_own(ids, own, k)
+    scores, ids = _rerank(coll, q, cand, kk)
+    return _drop_own(scores, ids, own, k)
 
 
-def recall_per_query(found: np.ndarray, exact: np.ndarray) -> np.ndarray:
-    k = exact.shape[1]
-    return np.array([len(set(f[f >= 0]) & set(e[e >= 0])) / k for f, e in zip(found, exact, strict=True)])
+def recall_per_query(found: tuple[np.ndarray, np.ndarray], exact: tuple[np.ndarray, np.ndarray]
+                     ) -> np.ndarray:
+    """Per query, the share of its exact top k that the search found, each (cosines, ids) (Q, k). A
+    result scoring the k-th exact score or more (within TIE_TOLERANCE) is one of the k best: of six
+    copies of an image, any that come back are right, whichever ids exact search listed. The found
+    cosines are exact (the search path re-scores its candidates), so they can be compared."""
+    (found_s, found_i), (exact_s, exact_i) = found, exact
+    valid = exact_i >= 0
+    want = valid.sum(1)  # (Q,) neighbours there are (k, or fewer in a tiny collection)
+    kth = np.where(want > 0, exact_s[np.arange(len(want)), np.maximum(want - 1, 0)], np.inf)
+    hits = ((found_i >= 0) & (found_s >= kth[:, None] - TIE_TOLERANCE)).sum(1)
+    return np.where(want > 0, np.minimum(hits, want) / np.maximum(want, 1), 1.0)
+
+
+def _bound(r: np.ndarray) -> float:
+    """The recall tested against the target: mean - 2 standard errors over the queries."""
+    return float(r.mean() - 2 * r.std() / math.sqrt(len(r)))
 
 
 def latency(coll: Collection, index, params: dict, q: np.ndarray, k: int, batch: int = 1,
@@ -296,7 +335,7 @@ def tune_search(coll: Collection, index, spec: dict, q: np.ndarray, own: np.ndar
                 k: int, target: float, fixed: dict, log=print) -> tuple[dict | None, list[dict]]:
     """The fastest search parameters of one built index that reach `target` on the tuning queries
     (a lower confidence bound on them: mean - 2 standard errors, so that the held-out queries reach
-    it too), and every trial made."""
+    it too), and every trial made. `exact` is the exact top k, (cosines, ids)."""
     name, grid = _breadth(spec)
     reranks = [fixed["rerank"]] if fixed.get("rerank") else (
         [1] if spec["kind"] == "flat" else HNSW_RERANK if spec["kind"] == "hnsw" else IVF_RERANK)
@@ -308,7 +347,7 @@ def tune_search(coll: Collection, index, spec: dict, q: np.ndarray, own: np.ndar
         params = {"rerank": rerank} | ({name: breadth} if name else {})
         _set_search_params(index, {"kind": spec["kind"], **params})
         r = recall_per_query(approx(coll, index, params, q, own, k), exact)
-        t = {**params, "recall": float(r.mean()), "bound": float(r.mean() - 2 * r.std() / math.sqrt(len(r)))}
+        t = {**params, "recall": float(r.mean()), "bound": _bound(r), "queries": len(r)}
         trials.append(t)
         return t
 
@@ -344,8 +383,9 @@ def tune_search(coll: Collection, index, spec: dict, q: np.ndarray, own: np.ndar
             + ", ".join(f"{a} {best[a]}" for a in ("ef_search", "nprobe", "rerank") if a in best)
             + f" (recall {best['recall']:.4f}, {best['p50_ms']:.2f} ms a query)")
     else:
-        top = max(trials, key=lambda t: t["recall"])
-        log(f"{spec['kind']}: best recall@{k} {top['recall']:.4f} is below {target}")
+        top = max(trials, key=lambda t: t["bound"])
+        log(f"{spec['kind']}: best recall@{k} {top['bound']:.4f} (mean {top['recall']:.4f} less 2 standard "
+            f"errors) is below {target}")
     return best, trials
 
 
@@ -378,13 +418,27 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
         raise SearchError(f"no {'' if kind == 'auto' else kind + ' '}index fits --max-memory {_gb(budget)}: "
                           f"the smallest ({smallest['kind']}) needs {_gb(smallest['memory_bytes'])}")
     rng = np.random.default_rng(seed)
+    exact_bytes = memory_needed("flat", n, d)
+    flat = next((s for s in fits if s["kind"] == "flat"), None)
+    if flat is not None and (kind == "flat" or exact_bytes <= EXACT_BYTES):
+        why = "--kind flat" if kind == "flat" else (
+            f"{n} vectors take {_gb(exact_bytes)} as an exact index, at most {_gb(EXACT_BYTES)}, which a "
+            "scan reads in about a millisecond a query: no approximate index is worth its missed neighbours")
+        return _build_exact(coll, flat, over, why, budget, min_recall, k, shard, rng, log)
     q, own, source = tuning_queries(coll, file=tune_queries, model=model, count=queries, rng=rng, log=log)
     order = rng.permutation(len(q))
-    half = max(1, len(q) // 2) if len(q) > 1 else 1
-    tune_at, held_at = order[:half], order[half:] if len(q) > 1 else order
+    tune_at, held_at = order[: len(q) // 2], order[len(q) // 2 :]
+    if len(tune_at) < MIN_RECALL_QUERIES:
+        m = MIN_RECALL_QUERIES
+        few = (f"{len(q)} queries ({source}) are too few to measure an approximate index's recall on: "
+               f"that takes {2 * m} ({m} to tune, {m} held out)")
+        if flat is not None:
+            return _build_exact(coll, flat, over, few, budget, min_recall, k, shard, rng, log)
+        raise SearchError(few + f"; give --queries {2 * m} or more, --tune-queries with more vectors, or "
+                          + _exact_advice(exact_bytes, budget) + "; nothing was saved")
     log(f"tuning for {source}: {len(tune_at)} queries tune, {len(held_at)} held out report")
-    exact = truth(coll, q, own, min(k, n - 1 if (own >= 0).any() else n))
-    kk = exact.shape[1]
+    exact_s, exact_i = truth(coll, q, own, min(k, n - 1 if (own >= 0).any() else n))
+    kk = exact_i.shape[1]
     fixed = {"ef_search": ef_search, "nprobe": nprobe, "rerank": rerank}
     results = []
     for spec in fits:
@@ -394,40 +448,36 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
         index = build(coll, spec, train, log=log)
         build_s = time.perf_counter() - t0
         log(f"built {spec['kind']} in {build_s:.1f} s ({_gb(spec['memory_bytes'])})")
-        best, trials = tune_search(coll, index, spec, q[tune_at], own[tune_at], exact[tune_at], kk,
-                                   min_recall, fixed, log=log)
+        best, trials = tune_search(coll, index, spec, q[tune_at], own[tune_at],
+                                   (exact_s[tune_at], exact_i[tune_at]), kk, min_recall, fixed, log=log)
         results.append({"spec": spec, "index": index, "best": best, "trials": trials, "build_s": build_s})
         if best is None:
             del index
     reached = [r for r in results if r["best"] is not None]
     if not reached:
-        top = max(((r, t) for r in results for t in r["trials"]), key=lambda rt: rt[1]["recall"])
-        r, t = top
-        exact = memory_needed("flat", n, d)
+        # What is reported is what was tested against the target: the lower bound, not the mean.
+        r, t = max(((r, t) for r in results for t in r["trials"]), key=lambda rt: rt[1]["bound"])
         params = ", ".join(f"{a} {t[a]}" for a in ("ef_search", "nprobe", "rerank") if a in t)
         raise SearchError(
             f"no {'' if kind == 'auto' else kind + ' '}index within --max-memory {_gb(budget)} reaches "
-            f"recall@{k} {min_recall} on {source}: the "
-            f"best found is {t['recall']:.3f} ({r['spec']['kind']}, {params}, "
-            f"{_gb(r['spec']['memory_bytes'])}); exact search reaches 1.0 and needs "
-            f"{_gb(exact)}: give --max-memory {_size_arg(exact)}, "
-            "or lower --min-recall; nothing was saved")
+            f"recall@{k} {min_recall} on {source}: the best found is {t['bound']:.3f} ({r['spec']['kind']}, "
+            f"{params}, {_gb(r['spec']['memory_bytes'])}: recall {t['recall']:.3f} on {t['queries']} tuning "
+            f"queries less 2 standard errors, the margin the target is tested with); exact search reaches "
+            f"1.0 and needs {_gb(exact_bytes)}: give {_exact_advice(exact_bytes, budget)}, or lower "
+            "--min-recall; nothing was saved")
     win = min(reached, key=lambda r: r["best"]["p50_ms"])
     spec, best, index = win["spec"], win["best"], win["index"]
     _set_search_params(index, {"kind": spec["kind"], **best})
     search = {a: best[a] for a in ("ef_search", "nprobe", "rerank") if a in best}
-    held = recall_per_query(approx(coll, index, search, q[held_at], own[held_at], kk), exact[held_at])
-    flat = spec["kind"] == "flat"  # 1M exact scans take a third of a second each: fewer rounds
-    one = latency(coll, index, search, q, kk, rounds=20 if flat else min(200, max(20, len(q))))
-    b64 = latency(coll, index, search, q, kk, batch=min(64, len(q)), rounds=3 if flat else 10)
+    held = recall_per_query(approx(coll, index, search, q[held_at], own[held_at], kk),
+                            (exact_s[held_at], exact_i[held_at]))
     info = {"kind": spec["kind"], "n": n, "dim": d, "row_order": "name", "parts": parts_record(coll.folder),
             **{a: spec[a] for a in ("hnsw_m", "nlist", "pq_m", "pq_bits") if a in spec}, **search,
             "memory_bytes": spec["memory_bytes"], "max_memory_bytes": budget,
             "build_seconds": round(win["build_s"], 3), "min_recall": min_recall, "k": k,
             "queries": source, "recall_at_10": round(float(held.mean()), 4), "recall_queries": len(held_at),
             "tune_recall": round(best["recall"], 4),
-            "latency_ms": {"one_p50": _ms(one, 50), "one_p99": _ms(one, 99),
-                           "batch64_p50": _ms(b64, 50), "batch64_p99": _ms(b64, 99)},
+            "latency_ms": _latency_ms(coll, index, search, q, kk, spec["kind"]),
             "tried": [{"kind": r["spec"]["kind"], "memory_bytes": r["spec"]["memory_bytes"],
                        "build_seconds": round(r["build_s"], 3),
                        "chosen": r["best"] and {a: v for a, v in r["best"].items() if a != "bound"}}
@@ -445,6 +495,52 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
         info["shard"] = list(shard)
     save(coll.folder, index, info, shard)
     return info
+
+
+def _exact_advice(exact_bytes: int, budget: int) -> str:
+    """How to get exact search: the budget it needs (always more than the one given), or, where it
+    fits already, the kind that was ruled out."""
+    return ("--kind flat (exact search fits this --max-memory)" if exact_bytes <= budget
+            else f"--max-memory {_size_arg(exact_bytes)}")
+
+
+def _build_exact(coll: Collection, spec: dict, over: list[dict], why: str, budget: int, min_recall: float,
+                 k: int, shard: tuple[int, int] | None, rng: np.random.Generator, log=print) -> dict:
+    """Exact search (IndexFlatIP), saved as build_index saves a tuned index. Nothing is tuned or
+    measured: every query gets its true top k, so the recall is 1 by construction."""
+    n, d = len(coll), coll.dim
+    log(f"building exact search: {why}")
+    t0 = time.perf_counter()
+    index = build(coll, spec, np.zeros(0, np.int64), log=log)
+    build_s = time.perf_counter() - t0
+    # A scan costs the same whatever the query: stored rows time it.
+    q = coll.vectors(np.sort(rng.choice(n, size=min(n, 64), replace=False)))
+    info = {"kind": "flat", "n": n, "dim": d, "row_order": "name", "parts": parts_record(coll.folder),
+            "rerank": 1,
+            "memory_bytes": spec["memory_bytes"], "max_memory_bytes": budget,
+            "build_seconds": round(build_s, 3), "min_recall": min_recall, "k": k, "queries": None,
+            "recall_at_10": 1.0, "recall_queries": 0, "exact": why,
+            "latency_ms": _latency_ms(coll, index, {"rerank": 1}, q, min(k, n), "flat"),
+            "tried": [{"kind": "flat", "memory_bytes": spec["memory_bytes"],
+                       "build_seconds": round(build_s, 3), "chosen": {"rerank": 1, "recall": 1.0}}],
+            "over_budget": [{"kind": s["kind"], "memory_bytes": s["memory_bytes"]} for s in over]}
+    lat = info["latency_ms"]
+    log(f"chose flat (exact search: recall 1 by construction), {_gb(spec['memory_bytes'])}, built in "
+        f"{build_s:.1f} s, one query p50 {lat['one_p50']} ms p99 {lat['one_p99']} ms, batch of 64 p50 "
+        f"{lat['batch64_p50']} ms")
+    if shard is not None:
+        info["shard"] = list(shard)
+    save(coll.folder, index, info, shard)
+    return info
+
+
+def _latency_ms(coll: Collection, index, search: dict, q: np.ndarray, k: int, kind: str) -> dict:
+    """One query and a batch of 64 through the search path, p50 and p99 in ms."""
+    flat = kind == "flat"  # 1M exact scans take a third of a second each: fewer rounds
+    one = latency(coll, index, search, q, k, rounds=20 if flat else min(200, max(20, len(q))))
+    b64 = latency(coll, index, search, q, k, batch=min(64, len(q)), rounds=3 if flat else 10)
+    return {"one_p50": _ms(one, 50), "one_p99": _ms(one, 99),
+            "batch64_p50": _ms(b64, 50), "batch64_p99": _ms(b64, 99)}
 
 
 def _ms(t: np.ndarray, p: float) -> float:
@@ -498,10 +594,11 @@ def index_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                    "text_emb/, else captions embedded by --model, else held-out image embeddings)")
     p.add_argument("--model", help="checkpoint to embed the metadata's captions with, to tune for text "
                    "queries")
-    p.add_argument("--queries", type=int, default=600, help="tuning + held-out queries (default: 600)")
+    p.add_argument("--queries", type=int, default=600, help="tuning + held-out queries (default: 600; an "
+                   f"approximate index needs at least {2 * MIN_RECALL_QUERIES})")
     p.add_argument("--hnsw-m", type=int, help="HNSW links per node (default: 32)")
     p.add_argument("--ef-search", type=int, help="HNSW search breadth (default: tuned)")
-    p.add_argument("--nlist", type=int, help="IVF cells (default: about 4·sqrt(n))")
+    p.add_argument("--nlist", type=int, help="IVF cells (default: about 2·sqrt(n))")
     p.add_argument("--nprobe", type=int, help="IVF cells visited per query (default: tuned)")
     p.add_argument("--pq-m", type=int, help="PQ bytes per vector (default: the most that fit)")
     p.add_argument("--rerank", type=int, help="candidates per result re-scored exactly (default: tuned)")

@@ -607,17 +607,18 @@ class SigLIP(nn.Module):
         return self.logits(img, txt)
 
 
-@torch.no_grad()
 def match_logits(cos: Tensor, logit_scale: Tensor | float, logit_bias: Tensor | float) -> Tensor:
     """SigLIP's logit that an image and a text match, from their cosine: exp(t') * cos + b, in
     float32 whatever the inputs (t ~ 112 amplifies any rounding of the cosines, and thresholds on
     the sigmoid work near 0.5, where a bf16 logit would move the score by points). Its sigmoid is
-    the model's probability of a match: the score of a text query's search hits (search, server)."""
+    the model's probability of a match: the score of a text query's search hits (search, server).
+    Differentiable: SigLIP.forward and SigLIP.logits train t' and b through it."""
     scale = torch.as_tensor(logit_scale, dtype=torch.float32, device=cos.device)
     bias = torch.as_tensor(logit_bias, dtype=torch.float32, device=cos.device)
     return cos.float() * scale.exp() + bias
 
 
+@torch.no_grad()
 def init_weights(module: nn.Module) -> None:
     """big_vision's init (as transformers reproduces it) for a tower or any part of one."""
     if next(module.parameters()).is_meta:

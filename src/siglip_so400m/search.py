@@ -92,6 +92,9 @@ class Collection:
     def __init__(self, folder: str | os.PathLike, metadata_cache_bytes: int = 64 * 2**20,
                  shard: tuple[int, int] | None = None):
         self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise SearchError(f"{self.folder}: no such folder" if not self.folder.exists() else
+                              f"{self.folder} is a file: give the folder that `siglip-so400m embed` wrote")
         path = self.folder / "manifest.json"
         files = part_files(self.folder)
         if path.is_file():

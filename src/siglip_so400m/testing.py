@@ -459,6 +459,13 @@ def main() -> None:
         sys.exit(f"error: python -m siglip_so400m.testing builds its checkpoints with transformers' "
                  f"SiglipModel and tokenizer, from the [test] extra ({', '.join(missing)} missing): "
                  "pip install 'siglip_so400m[test]'")
+    from transformers.utils import logging as hf_logging
+
+    # transformers' chatter, which says nothing about the checkpoint written: that the tiny vocabulary
+    # does not hold the CLIP bos/eos ids its SiglipConfig defaults to (SigLIP never uses them), and a
+    # progress bar for one shard. What this prints is the folder.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.checkpoint == NAFLEX:
         save_naflex_checkpoint(args.out, train_tokenizer("gemma", args.out), tiny=args.tiny)

@@ -250,7 +250,7 @@ def _train(cfg: TrainConfig, out: Path, rank: int, world: int, device: torch.dev
         sched.step()
         opt.zero_grad(set_to_none=True)
 
-        skipped += _sum_over_ranks(len(bad), world, device)
+        skipped += round(_sum_over_ranks(len(bad), world, device))  # a count: an int in the log, not 3.0
         for msg in bad:
             if msg not in seen_bad:
                 seen_bad.add(msg)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -61,6 +62,8 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             p.error(f"{flag} must be at least 1")
     if args.image_size is not None and args.image_size < 1:
         p.error("--image-size must be at least 1")
+    if args.task == "retrieval" and any(k < 1 for k in args.recall_k):
+        p.error(f"--recall-k {' '.join(map(str, args.recall_k))}: every k must be at least 1")
 
     import torch
 
@@ -115,12 +118,18 @@ def print_table(result: dict) -> None:
             recall = "" if row["recall"] is None else f"{row['recall']:7.2%}"
             print(f"{row['class']:<{width}}  {row['images']:6d}  {row['top1_correct']:5d}  {recall}")
         print(f"\n{result['images']} images, {result['classes']} classes, {result['templates']} templates")
-        print(f"acc@1                  {m['acc1']:8.2%}")
-        print(f"acc@5                  {m['acc5']:8.2%}")
-        print(f"mean per-class recall  {m['mean_per_class_recall']:8.2%}")
+        print(f"acc@1                  {_percent(m['acc1'])}")
+        print(f"acc@5                  {_percent(m['acc5'])}"
+              + ("  (fewer than 5 classes: every image would count)" if math.isnan(m["acc5"]) else ""))
+        print(f"mean per-class recall  {_percent(m['mean_per_class_recall'])}")
     else:
         print(f"\n{result['images']} images, {result['captions']} captions")
         ks = sorted({int(k.rsplit('@', 1)[1]) for k in m})
         print("recall@k        " + "".join(f"{f'@{k}':>9}" for k in ks))
-        print("text -> image   " + "".join(f"{m[f'image_retrieval_recall@{k}']:9.2%}" for k in ks))
-        print("image -> text   " + "".join(f"{m[f'text_retrieval_recall@{k}']:9.2%}" for k in ks))
+        print("text -> image   " + "".join(f" {_percent(m[f'image_retrieval_recall@{k}'])}" for k in ks))
+        print("image -> text   " + "".join(f" {_percent(m[f'text_retrieval_recall@{k}'])}" for k in ks))
+
+
+def _percent(value: float) -> str:
+    """8 characters: 73.70%, or n/a for a metric that is NaN (acc@5 below 5 classes), not 'nan%'."""
+    return f"{'n/a':>8}" if math.isnan(value) else f"{value:8.2%}"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import tarfile
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -129,13 +130,21 @@ def read_labelled(data: str | Path, classes: list[str] | dict[str, str] | None =
     shards = _shards(data)
     if shards:
         return _labelled_shards(shards, classes)
-    path = Path(data)
+    path = _existing(data)
     if path.is_dir():
         return _image_folder(path, classes)
     if path.suffix.lower() in (".csv", ".parquet") and path.is_file():
         return _labelled_table(path, classes)
     raise EvalError(f"{data}: expected an ImageFolder (one folder per class), a .csv or .parquet with an "
                     "image and a label column, or webdataset .tar shards")
+
+
+def _existing(data: str | Path) -> Path:
+    """A path that is there: a typo gets "no such file", not a list of the layouts eval reads."""
+    path = Path(data)
+    if not path.exists():
+        raise EvalError(f"{data}: no such file or folder")
+    return path
 
 
 def _shards(data: str | Path) -> list[Path]:
@@ -230,9 +239,17 @@ def _labelled_table(path: Path, classes: list[str] | dict[str, str] | None) -> L
     if isinstance(classes, dict):
         classes = list(dict.fromkeys(classes.values()))
     if classes is None:
-        if any(isinstance(v, int) for v in labels):
-            raise EvalError(f"{path}: the labels are class indices; give the class names (--classes FILE)")
-        classes = sorted({str(v) for v in labels})
+        # Labels read as text (CSV) and as integers (a parquet int column) are the same labels: both
+        # become their decimal text, and whole numbers sort as numbers (0, 1, 2, ..., 10), not as text
+        # (0, 1, 10, 2), so that class k is label k where the labels count from 0.
+        names = {_label_text(v) for v in labels}
+        numeric = all(n.isdigit() for n in names)
+        classes = sorted(names, key=int) if numeric else sorted(names)
+        if numeric:
+            warnings.warn(f"{path}: the labels are numbers, so the prompts name the classes by them "
+                          f"('{classes[-1]}' where a class name goes); give --classes FILE, one name a line "
+                          "in label order, for prompts that name the classes", stacklevel=2)
+        labels = [_label_text(v) for v in labels]
     index = {name: k for k, name in reversed(list(enumerate(classes)))}  # a name listed twice: its first
     targets = []
     for n, v in enumerate(labels):
@@ -244,6 +261,11 @@ def _labelled_table(path: Path, classes: list[str] | dict[str, str] | None) -> L
                             f"classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
         targets.append(k)
     return LabelledSet([_item(path, r[image_col]) for r in rows], targets, list(classes))
+
+
+def _label_text(value) -> str:
+    """A label as text: 7 from a parquet int column and "7" from a CSV are one label."""
+    return str(value).strip() if not isinstance(value, bool) else str(value)
 
 
 def _scan(shard: Path, want: str) -> list[tuple[str, tarfile.TarInfo | None, bytes | None]]:
@@ -317,7 +339,7 @@ def read_pairs(data: str | Path) -> PairSet:
                 captions[item_name(item)] = [c.strip() for c in lines if c.strip()]
                 items[item_name(item)] = item
     else:
-        path = Path(data)
+        path = _existing(data)
         if path.suffix.lower() not in (".csv", ".parquet") or not path.is_file():
             raise EvalError(f"{data}: expected a .csv or .parquet of image-caption pairs, or webdataset "
                             ".tar shards")

@@ -212,8 +212,12 @@ def _texts(loaded: Loaded, texts: list[str], batch_size: int, progress: bool | N
 
 def _result(task: str, loaded: Loaded, dataset: str, metrics: dict, **extra) -> dict:
     # clip_benchmark's result JSON (dataset, model, pretrained, task, metrics, language), so that our
-    # numbers sit beside open_clip's tables; what we add comes after.
-    return {"dataset": dataset, "model": loaded.name, "pretrained": loaded.revision, "task": task,
+    # numbers sit beside open_clip's tables; what we add comes after. Its `build` joins model and
+    # pretrained as strings: neither may be null. A Hub model's pretrained is its commit; a local
+    # folder's (no commit) "local"; a model handed over in memory, without a checkpoint, is named so.
+    model = loaded.name or "siglip_so400m.SigLIP"
+    pretrained = loaded.revision or ("local" if loaded.name else "in-memory")
+    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task,
             "metrics": metrics, "language": "en", "dtype": loaded.precision,
             "image_size": loaded.record and loaded.record.get("image_size"),
             "max_num_patches": loaded.max_num_patches, **extra}
