@@ -182,6 +182,22 @@ def train_sample(n: int, spec_nlist: int, exclude: np.ndarray, rng: np.random.Ge
 
 # --- the queries tuned for --------------------------------------------------------------------
 
+def read_tune_queries(file: str | os.PathLike, d: int) -> np.ndarray:
+    """--tune-queries FILE.npy, memory-mapped: (Q, d) vectors, or a usage error naming the file."""
+    try:
+        q = np.load(file, mmap_mode="r")
+    except FileNotFoundError:
+        raise UsageError(f"--tune-queries {file}: no such file") from None
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors "
+                         f"({type(e).__name__}: {e})") from None
+    if not isinstance(q, np.ndarray):  # an .npz archive
+        raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors")
+    if q.ndim != 2 or q.shape[1] != d:
+        raise SearchError(f"--tune-queries {file}: expected (Q, {d}) vectors, found shape {q.shape}")
+    return q
+
+
 def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, model: str | None = None,
                    count: int = 600, rng: np.random.Generator, log=print
                    ) -> tuple[np.ndarray, np.ndarray, str]:
@@ -189,17 +205,7 @@ def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, m
     what they are). See the module docstring for the order of the sources."""
     n, d = len(coll), coll.dim
     if file is not None:
-        try:
-            q = np.load(file, mmap_mode="r")
-        except FileNotFoundError:
-            raise UsageError(f"--tune-queries {file}: no such file") from None
-        except (OSError, ValueError) as e:
-            raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors "
-                             f"({type(e).__name__}: {e})") from None
-        if not isinstance(q, np.ndarray):  # an .npz archive
-            raise UsageError(f"--tune-queries {file}: not a .npy array of (Q, {d}) query vectors")
-        if q.ndim != 2 or q.shape[1] != d:
-            raise SearchError(f"--tune-queries {file}: expected (Q, {d}) vectors, found shape {q.shape}")
+        q = read_tune_queries(file, d)
         pick = np.sort(rng.choice(len(q), size=min(count, len(q)), replace=False))
         return _unit(np.asarray(q[pick], np.float32)), np.full(len(pick), -1), f"vectors from {file}"
     text_files = part_files(coll.folder, "text_emb")
@@ -418,6 +424,8 @@ def build_index(folder: str | os.PathLike, *, max_memory: str | int = "4GB", min
         raise SearchError(f"no {'' if kind == 'auto' else kind + ' '}index fits --max-memory {_gb(budget)}: "
                           f"the smallest ({smallest['kind']}) needs {_gb(smallest['memory_bytes'])}")
     rng = np.random.default_rng(seed)
+    if tune_queries is not None:  # a flag naming a bad file is refused whatever gets built
+        read_tune_queries(tune_queries, d)
     exact_bytes = memory_needed("flat", n, d)
     flat = next((s for s in fits if s["kind"] == "flat"), None)
     if flat is not None and (kind == "flat" or exact_bytes <= EXACT_BYTES):
