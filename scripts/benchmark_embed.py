@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 import siglip_so400m
-from siglip_so400m.embedding import write_synthetic
+from siglip_so400m.collection import write_synthetic
 from siglip_so400m.index_tuning import build_index
 from siglip_so400m.search import Index
 

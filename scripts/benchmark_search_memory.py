@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from siglip_so400m.embedding import write_synthetic
+from siglip_so400m.collection import write_synthetic
 from siglip_so400m.search import Index
 
 

@@ -251,7 +251,7 @@ def test_each_part_file_is_fsynced_before_its_rename_through_the_one_atomic_writ
                                                                                 tmp_path, monkeypatch):
     """A power cut after a rename must not leave a done-looking part with a truncated img_emb:
     each file's data is flushed before its new name exists, and its folder after."""
-    from siglip_so400m import embedding, train, weights, zeroshot
+    from siglip_so400m import collection, train, weights, zeroshot
 
     events: list[tuple[str, str]] = []
     real_fsync, real_replace = os.fsync, os.replace
@@ -283,7 +283,7 @@ def test_each_part_file_is_fsynced_before_its_rename_through_the_one_atomic_writ
     for i in range(3):
         order = [f for f in finals if f"_{i:06d}." in f]
         assert order[-1] == str(part(out, "metadata", i)), order
-    assert all(getattr(m, "atomic_write", None) is weights.atomic_write for m in (embedding, train, zeroshot))
+    assert all(getattr(m, "atomic_write", None) is weights.atomic_write for m in (collection, train, zeroshot))
 
 
 def write_shard(path: Path, images: list[Path], captions: list[str], fields: list[dict] | None = None

@@ -19,9 +19,9 @@ import pyarrow.parquet as pq
 import pytest
 
 import siglip_so400m
-from siglip_so400m.embedding import write_synthetic
+from siglip_so400m.collection import Collection, write_synthetic
 from siglip_so400m.index_tuning import build_index, memory_needed
-from siglip_so400m.search import Collection, SearchError
+from siglip_so400m.search import SearchError
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

@@ -361,9 +361,11 @@ def test_embed_search_and_resume_bits_on_naflex(naflex_ckpt, mixed_folder, tmp_p
     index = siglip_so400m.Index.load(tmp_path / "3")
     hits = index.search(images=[str(paths[0]), str(paths[3])], k=1)
     assert [h[0]["path"] for h in hits] == [str(paths[0]), str(paths[3])]
-    # Another budget for the queries than the collection's is a different embedding.
-    index.max_num_patches = 8
-    assert not np.allclose(index.embed_images([str(paths[0])]), emb[:1], atol=1e-3)
+    # Queries at another budget than the collection's would be another embedding: refused.
+    other = siglip_so400m.Index.load(tmp_path / "3")
+    other.max_num_patches = 8
+    with pytest.raises(RecordMismatch, match="max_num_patches: 48 there, 8 now"):
+        other.embed_images([str(paths[0])])
 
 
 def test_server_batches_requests_of_different_shapes_together(naflex_ckpt, mixed_folder, tmp_path):

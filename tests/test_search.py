@@ -154,7 +154,7 @@ def test_search_cli_text_and_image_and_json(photos_dir):
 
 def synthetic_collection(out: Path, n: int, dim: int, clusters: int, seed: int = 0) -> Path:
     """An embed-shaped folder of clustered unit vectors (no model): what index and search read."""
-    from siglip_so400m.embedding import write_synthetic
+    from siglip_so400m.collection import write_synthetic
 
     rng = np.random.default_rng(seed)
     centers = rng.standard_normal((clusters, dim))
@@ -190,7 +190,7 @@ def test_search_and_dedup_refuse_what_cannot_mean_anything(tmp_path):
 
 def test_dedup_cosines_are_at_most_1(tmp_path):
     """float16 storage leaves unit vectors a little long: a copy's cosine came out as 1.000124."""
-    from siglip_so400m.embedding import write_synthetic
+    from siglip_so400m.collection import write_synthetic
     from siglip_so400m.search import dedup
 
     rng = np.random.default_rng(0)

@@ -35,11 +35,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Sequence, Sized
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,19 +47,24 @@ import torch
 import torch.nn.functional as F
 
 from . import items
+from .collection import (
+    FORMAT,
+    MANIFEST,
+    pad_old_names,
+    part_digits,
+    part_done,
+    part_paths,
+    pyarrow_modules,
+    write_json,
+    write_part,
+)
 from .errors import SiglipError, UsageError
 from .faults import kill_point
 from .items import Decode, Item, expand_inputs, scan_shard, worker_init
 from .modelspec import add_model_arguments
-from .weights import DEFAULT_REPO, atomic_write
+from .weights import DEFAULT_REPO
 
 LIST_SUFFIXES = (".txt", ".csv", ".parquet")
-MANIFEST = "manifest.json"
-LOCK = ".lock"
-FORMAT = "siglip_so400m.embed/1"
-# The width of part numbers in file names: 10**6 parts, ten billion images at the default part
-# size (a billion need 10**5); a run with more parts gets wider numbers.
-PART_DIGITS = 6
 # Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
 # below) only changes speed.
 IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "backend", "image_size",
@@ -77,16 +81,6 @@ class EmbedError(SiglipError, RuntimeError):
 class InputError(EmbedError, items.InputError):
     """A command that names something wrong (a missing input, a file as --output): a usage error,
     found before anything is written."""
-
-
-def _pyarrow():
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise EmbedError("writing parquet metadata needs pyarrow: pip install 'siglip_so400m[embed]'"
-                         ) from None
-    return pa, pq
 
 
 # --- parts ------------------------------------------------------------------------------------
@@ -124,82 +118,6 @@ def _Lock(out: Path):
         raise EmbedError(str(e)) from None
 
 
-def part_digits(parts: int) -> int:
-    """The width of the part numbers in file names: the same for every part of a run, so that name
-    order (what embedding-reader and autofaiss read in) is part order."""
-    return max(PART_DIGITS, len(str(max(parts - 1, 0))))
-
-
-_KINDS = (("text_emb", "npy"), ("errors", "parquet"), ("img_emb", "npy"),
-          ("metadata", "parquet"))  # metadata renamed last: its presence marks the part done
-
-
-def _files(out: Path, i: int, captions: bool, digits: int) -> dict[str, Path]:
-    """A part's files; digits=0 gives the unpadded names of folders written before the padding."""
-    return {kind: out / kind / f"{kind}_{str(i).zfill(digits)}.{ext}" for kind, ext in _KINDS
-            if captions or kind != "text_emb"}
-
-
-def _pad_old_names(out: Path, parts: list[Part], captions: bool, digits: int) -> None:
-    """Rename an unpadded folder's part files to the padded names, metadata last as when written,
-    so that a kill half-way leaves each part done under one name or redone."""
-    for p in parts:
-        for old, new in zip(_files(out, p.index, captions, 0).values(),
-                            _files(out, p.index, captions, digits).values(), strict=True):
-            if old != new and old.is_file() and not new.exists():
-                os.replace(old, new)
-
-
-def part_done(out: Path, i: int, captions: bool, digits: int) -> bool:
-    return all(p.is_file() for p in _files(out, i, captions, digits).values())
-
-
-_SCHEMA_FIELDS = (("image_path", "string"), ("shard", "string"), ("key", "string"),
-                  ("caption", "string"), ("width", "int32"), ("height", "int32"))
-
-
-def _table(rows: list[dict], extra: tuple[tuple[str, str], ...] = ()):
-    """Our columns, then the shards' json fields (row["json"]) in the order first seen, as
-    clip-retrieval copies them; a json field named like one of ours (key, caption, width, ...)
-    is left out, ours holding the same thing."""
-    pa, _ = _pyarrow()
-    fields = [pa.field(n, getattr(pa, t)()) for n, t in (*_SCHEMA_FIELDS, *extra)]
-    table = pa.Table.from_pylist(rows, schema=pa.schema(fields))  # takes only the schema's keys
-    ours = set(table.column_names) | {"json"}
-    for name in dict.fromkeys(k for r in rows for k in r.get("json", {}) if k not in ours):
-        values = [r.get("json", {}).get(name) for r in rows]
-        try:
-            column = pa.array(values)
-        except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError):  # mixed types across samples
-            column = pa.array([None if v is None else json.dumps(v) for v in values], pa.string())
-        table = table.append_column(name, column)
-    return table
-
-
-def _write_part(out: Path, i: int, captions: bool, digits: int, emb: np.ndarray, txt: np.ndarray | None,
-                meta: list[dict], errors: list[dict], commit_no: int) -> None:
-    _, pq = _pyarrow()
-    files = _files(out, i, captions, digits)
-    for p in files.values():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    # Plain writes, no statistics or timestamps that vary: the bytes depend on the rows alone.
-    # Each file is fsync'd before its rename, in the order of `files`, metadata last: after a
-    # power cut a part that looks done has all its bytes.
-    writers = {"text_emb": lambda p: _save_npy(p, txt), "img_emb": lambda p: _save_npy(p, emb),
-               "errors": lambda p: pq.write_table(_table(errors, (("position", "int64"),
-                                                                  ("error", "string"))), p),
-               "metadata": lambda p: pq.write_table(_table(meta), p)}
-    for n, (kind, path) in enumerate(files.items()):
-        atomic_write(path, writers[kind])
-        if n == 0:
-            kill_point("IN_COMMIT", commit_no)
-
-
-def _save_npy(path: Path, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # np.save(path) would append ".npy" to the temporary name
-        np.save(f, array)
-
-
 def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str | os.PathLike, *,
           model: str = DEFAULT_REPO, revision: str | None = None, dtype: str | torch.dtype | None = None,
           device: str | torch.device | None = None, batch_size: int = 8, threads: int | None = None,
@@ -228,7 +146,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     from .modelspec import ModelSpec
     from .weights import Checkpoint, logit_params
 
-    _pyarrow()  # fail at once, not after the first part
+    pyarrow_modules()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
         raise InputError("batch_size and part_size must be at least 1, workers at least 0")
     if isinstance(dtype, torch.dtype):
@@ -314,11 +232,11 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
             out.mkdir(parents=True, exist_ok=True)
             held = _Lock(out) if lock else None
             _check_manifest(out, identity, ckpt)
-            _pad_old_names(out, parts, captions, digits)
+            pad_old_names(out, [p.index for p in parts], captions, digits)
             already = sum(part_done(out, p.index, captions, digits) for p in parts)
             for tmp in [*out.glob(".*.tmp"), *out.glob("*/.*.tmp")]:  # a killed run's unfinished files
                 tmp.unlink()
-            _atomic_json(out / MANIFEST, {**identity, "part_digits": digits, "logit_scale": scale,
+            write_json(out / MANIFEST, {**identity, "part_digits": digits, "logit_scale": scale,
                                           "logit_bias": bias, "complete": False})
         except (EmbedError, OSError) as e:
             problem = str(e)
@@ -423,21 +341,17 @@ def _check_manifest(out: Path, identity: dict, ckpt) -> None:
                          "another --output")
 
 
-def _atomic_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda p: p.write_text(json.dumps(data, indent=1) + "\n"))
-
-
 def _finish(out: Path, identity: dict, scale: float, bias: float, parts: list[Part], captions: bool,
             digits: int) -> dict:
-    _, pq = _pyarrow()
+    _, pq = pyarrow_modules()
     counts = []
     for p in parts:
-        f = _files(out, p.index, captions, digits)
+        f = part_paths(out, p.index, captions, digits)
         counts.append([pq.read_metadata(f["metadata"]).num_rows, pq.read_metadata(f["errors"]).num_rows])
     manifest = {**identity, "part_digits": digits, "logit_scale": scale, "logit_bias": bias, "complete": True,
                 "counts": {"images": sum(c[0] for c in counts), "errors": sum(c[1] for c in counts),
                            "per_part": counts}}
-    _atomic_json(out / MANIFEST, manifest)
+    write_json(out / MANIFEST, manifest)
     return manifest
 
 
@@ -481,7 +395,7 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: in
             txt_chunks = [encode_text(texts[s : s + batch_size]) for s in range(0, len(texts), batch_size)]
             txt = np.concatenate(txt_chunks) if txt_chunks else np.zeros((0, D), np.float16)
         commits += 1
-        _write_part(out, mine[k].index, captions, digits, emb, txt, meta, errors, commits)
+        write_part(out, mine[k].index, captions, digits, emb, txt, meta, errors, commits)
 
     # Empty parts (an empty shard) are done at once; the others as their last item arrives.
     state: dict[int, dict] = {}
@@ -520,31 +434,6 @@ def _run(net, processor, mine: list[Part], out: Path, captions: bool, digits: in
     stats["done"] = embedded
     stats["seconds"] = time.perf_counter() - t0
     return stats
-
-
-def write_synthetic(out: str | os.PathLike, parts: Iterable[np.ndarray],
-                    logit_scale: float = math.log(10), logit_bias: float = -10.0) -> Path:
-    """An embed-shaped folder of given unit vectors, one (n_i, D) array per part, with made-up paths
-    and no model: for index benchmarks and tests, which need collections larger than anyone would
-    embed for them. Parts are written one at a time, so a million rows never sit in memory."""
-    out = Path(out)
-    # A generator's length is unknown until its end: the default width, which holds 10**6 parts.
-    digits = part_digits(len(parts)) if isinstance(parts, Sized) else PART_DIGITS
-    n, D, i = 0, 0, -1
-    for i, vectors in enumerate(parts):
-        if len(str(i)) > digits:
-            raise ValueError(f"more than {10**digits} parts from a generator: pass a list")
-        D = vectors.shape[1]
-        meta = [{"image_path": f"synthetic/{j:09d}.jpg", "width": 1, "height": 1}
-                for j in range(n, n + len(vectors))]
-        _write_part(out, i, False, digits, np.ascontiguousarray(vectors, np.float16), None, meta, [], 0)
-        n += len(vectors)
-    _atomic_json(out / MANIFEST, {"format": FORMAT, "model": None, "dtype": "float16",
-                                  "embedding_dim": D, "captions": False, "parts": i + 1,
-                                  "part_digits": digits,
-                                  "logit_scale": logit_scale, "logit_bias": logit_bias,
-                                  "complete": True, "counts": {"images": n, "errors": 0}})
-    return out
 
 
 def main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -39,21 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .collection import INDEX_DIR, INDEX_FILE, INDEX_INFO, Collection, parquet, part_files, parts_record
 from .errors import UsageError
-from .search import (
-    INDEX_DIR,
-    INDEX_FILE,
-    INDEX_INFO,
-    Collection,
-    SearchError,
-    _faiss,
-    _pq,
-    _rerank,
-    _set_search_params,
-    exact_topk,
-    part_files,
-    parts_record,
-)
+from .search import SearchError, _faiss, _rerank, _set_search_params, exact_topk
 from .weights import atomic_write, fsync
 
 KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -243,7 +231,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def _captions(coll: Collection, at_most: int, rng: np.random.Generator) -> list[str]:
     """Distinct non-empty captions from the metadata: only the caption column is read."""
-    pq = _pq()
+    pq = parquet()
     seen: set[str] = set()
     for i in rng.permutation(len(coll.meta_files)):
         f = pq.ParquetFile(coll.meta_files[i])

@@ -21,23 +21,27 @@ import argparse
 import json
 import os
 import sys
-from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from .collection import (
+    INDEX_DIR,
+    INDEX_FILE,
+    INDEX_INFO,
+    Collection,
+    CollectionError,
+    parts_record,
+    shard_dirs,
+)
 from .errors import SiglipError, UsageError
 from .modelspec import add_model_arguments
 
-INDEX_DIR = "index"
-INDEX_FILE = "knn.index"
-INDEX_INFO = "index.json"
-
-
-class SearchError(SiglipError, RuntimeError):
-    """A folder that cannot be searched or indexed; the message says what to change."""
+# A folder that cannot be searched or indexed: the collection's own error (the message says what to
+# change), under the name the search job has always raised.
+SearchError = CollectionError
 
 
 def _faiss():
@@ -47,170 +51,6 @@ def _faiss():
         raise SearchError("building and using a faiss index needs faiss: pip install "
                           "'siglip_so400m[search]'") from None
     return faiss
-
-
-def _pq():
-    try:
-        import pyarrow.parquet as pq
-    except ImportError:
-        raise SearchError("reading the metadata needs pyarrow: pip install 'siglip_so400m[search]'") from None
-    return pq
-
-
-def part_files(folder: Path, kind: str = "img_emb") -> list[Path]:
-    """`folder/kind/kind_*.npy` in file-name order, the order embedding-reader and autofaiss read
-    them in (and so the order of our row ids): zero-padded names sort as their numbers do;
-    unpadded ones (older embed runs, clip-retrieval below 10 parts) sort 0, 1, 10, 11, ..., 2."""
-    return sorted((folder / kind).glob(f"{kind}_*.npy"), key=lambda p: p.name)
-
-
-def parts_record(folder: Path) -> list[list]:
-    """[[file name, rows], ...] of img_emb/ in name order: what an index's row ids point into. An
-    index records it and is refused once it changes (parts renamed, added or rewritten)."""
-    return [[p.name, int(np.load(p, mmap_mode="r").shape[0])] for p in part_files(folder)]
-
-
-def shard_dirs(folder: Path) -> list[Path]:
-    """index/shard-R-of-W folders (`siglip-so400m index --shard R/W`), in shard order."""
-    found = [d for d in (folder / INDEX_DIR).glob("shard-*-of-*") if (d / INDEX_INFO).is_file()]
-    return sorted(found, key=lambda d: int(d.name.split("-")[1]))
-
-
-def _name_order_is_part_order(files: list[Path]) -> bool:
-    numbers = [p.stem.rpartition("_")[2] for p in files]
-    return all(n.isdigit() for n in numbers) and [int(n) for n in numbers] == sorted(int(n) for n in numbers)
-
-
-class Collection:
-    """embed's output, or clip-retrieval's (no manifest.json), read back: the parts' embeddings
-    (memory-mapped float16 or float32) in file-name order, and their row-aligned metadata.
-
-    Metadata rows are read from the parquet parts through Arrow, one row group at a time, and kept
-    in an LRU cache of Arrow tables bounded by `metadata_cache_bytes`: a server answering hits from
-    every part holds at most that much, never whole parts as Python dicts."""
-
-    def __init__(self, folder: str | os.PathLike, metadata_cache_bytes: int = 64 * 2**20,
-                 shard: tuple[int, int] | None = None):
-        self.folder = Path(folder)
-        if not self.folder.is_dir():
-            raise SearchError(f"{self.folder}: no such folder" if not self.folder.exists() else
-                              f"{self.folder} is a file: give the folder that `siglip-so400m embed` wrote")
-        path = self.folder / "manifest.json"
-        files = part_files(self.folder)
-        if path.is_file():
-            self.manifest = json.loads(path.read_text())
-            if not self.manifest.get("complete"):
-                raise SearchError(f"{self.folder}: the embed run is not complete; run the same embed "
-                                  "command again to finish it")
-            if len(files) != self.manifest["parts"]:
-                raise SearchError(f"{self.folder}: manifest.json lists {self.manifest['parts']} parts but "
-                                  f"img_emb/ holds {len(files)} img_emb_*.npy files")
-        elif files:
-            self.manifest = None  # clip-retrieval's layout: filled in below from what the files say
-        else:
-            raise SearchError(f"{self.folder} has neither manifest.json nor img_emb/img_emb_*.npy: is it "
-                              "the --output of `siglip-so400m embed` (or of clip-retrieval inference)?")
-        self.shard = shard
-        if shard is not None:
-            # Shard r of w: the parts at positions r, r + w, ... in name order, as rank r of w
-            # embedded them (embed's part i goes to rank i % w); rows keep their global ids.
-            r, w = shard
-            if not 0 <= r < w:
-                raise SearchError(f"shard {r}/{w}: give R/W with 0 <= R < W")
-            sizes = [np.load(p, mmap_mode="r").shape[0] for p in files]
-            self.global_starts = np.cumsum([0, *sizes])[:-1][r::w]
-            files = files[r::w]
-        self.files = files
-        self.parts = [np.load(p, mmap_mode="r") for p in files]
-        for p, a in zip(files, self.parts, strict=True):
-            if a.ndim != 2 or a.dtype not in (np.float16, np.float32):
-                raise SearchError(f"{p}: expected a 2-d float16 or float32 array, found {a.dtype} {a.shape}")
-        dims = {a.shape[1] for a in self.parts}
-        if len(dims) > 1:
-            raise SearchError(f"{self.folder}/img_emb: parts of different widths {sorted(dims)}")
-        self.meta_files = [self.folder / "metadata" / f"metadata_{p.stem.removeprefix('img_emb_')}.parquet"
-                           for p in files]
-        missing = [m for m in self.meta_files if not m.is_file()]
-        if missing:
-            raise SearchError(f"{missing[0]} is missing: every img_emb_X.npy needs its row-aligned "
-                              "metadata_X.parquet")
-        self.offsets = np.cumsum([0] + [len(p) for p in self.parts])  # global row -> part
-        self.dim = int(dims.pop()) if dims else int((self.manifest or {}).get("embedding_dim", 0))
-        self.name_order_is_part_order = _name_order_is_part_order(files)
-        if self.manifest is None:
-            # What is known of a folder someone else embedded: the model stays unknown (text and
-            # image queries need --model), and so do t' and b until that model is loaded.
-            self.manifest = {"format": "clip-retrieval", "model": None, "revision": None,
-                             "dtype": None, "storage_dtype": str(self.parts[0].dtype),
-                             "embedding_dim": self.dim,
-                             "parts": len(files), "logit_scale": None, "logit_bias": None,
-                             "complete": True, "counts": {"images": len(self), "errors": None}}
-        self.metadata_cache_bytes = metadata_cache_bytes
-        self._meta: OrderedDict[tuple[int, int], Any] = OrderedDict()  # (part, row group) -> Arrow table
-        self._meta_bytes = 0
-        self._row_groups: dict[int, np.ndarray] = {}  # part -> first row of each row group
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def part_file(self, kind: str, i: int) -> Path:
-        """Part i's file of `kind` (img_emb, metadata, text_emb, errors), named as its img_emb file is
-        (padded or not)."""
-        ext = "npy" if kind.endswith("_emb") else "parquet"
-        return self.folder / kind / f"{kind}_{self.files[i].stem.removeprefix('img_emb_')}.{ext}"
-
-    def global_ids(self, ids: np.ndarray) -> np.ndarray:
-        """A shard's row ids -> the whole collection's (-1 stays -1)."""
-        if self.shard is None:
-            return ids
-        part = np.clip(np.searchsorted(self.offsets, ids, side="right") - 1, 0, len(self.parts) - 1)
-        return np.where(ids >= 0, self.global_starts[part] + ids - self.offsets[part], -1)
-
-    def blocks(self, rows: int = 65536):
-        """(first row, float32 block) over all embeddings, a bounded block at a time."""
-        for i, part in enumerate(self.parts):
-            for s in range(0, len(part), rows):
-                yield int(self.offsets[i]) + s, np.asarray(part[s : s + rows], dtype=np.float32)
-
-    def vectors(self, ids: np.ndarray) -> np.ndarray:
-        """(len(ids), D) float32 rows by global id."""
-        ids = np.asarray(ids, dtype=np.int64)
-        out = np.empty((len(ids), self.dim), np.float32)
-        where = np.searchsorted(self.offsets, ids, side="right") - 1
-        for part in np.unique(where):
-            sel = where == part
-            out[sel] = self.parts[part][ids[sel] - self.offsets[part]]
-        return out
-
-    def metadata(self, i: int) -> dict:
-        """Row i's metadata as a dict, read through the bounded cache of row groups."""
-        part = int(np.searchsorted(self.offsets, i, side="right") - 1)
-        row = i - int(self.offsets[part])
-        if part not in self._row_groups:
-            md = _pq().ParquetFile(self.meta_files[part]).metadata
-            self._row_groups[part] = np.cumsum([0] + [md.row_group(g).num_rows
-                                                      for g in range(md.num_row_groups)])
-        starts = self._row_groups[part]
-        group = int(np.searchsorted(starts, row, side="right") - 1)
-        key = (part, group)
-        table = self._meta.get(key)
-        if table is None:
-            table = _pq().ParquetFile(self.meta_files[part]).read_row_group(group)
-            self._meta[key] = table
-            self._meta_bytes += table.nbytes
-            # Evict least recently used groups, but keep the one just read even if it alone is larger.
-            while self._meta_bytes > self.metadata_cache_bytes and len(self._meta) > 1:
-                _, old = self._meta.popitem(last=False)
-                self._meta_bytes -= old.nbytes
-        else:
-            self._meta.move_to_end(key)
-        rec = table.slice(row - int(starts[group]), 1).to_pylist()[0]
-        return {k: v for k, v in rec.items() if not k.startswith("__index_level_")}  # pandas' index
-
-    def metadata_cache(self) -> dict:
-        """What the metadata cache holds now: {"groups", "rows", "bytes"}."""
-        return {"groups": len(self._meta), "rows": sum(t.num_rows for t in self._meta.values()),
-                "bytes": self._meta_bytes}
 
 
 def exact_topk(coll: Collection, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

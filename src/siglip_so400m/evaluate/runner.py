@@ -69,11 +69,11 @@ class Loaded:
 
 
 def _collection(folder: str | os.PathLike):
-    from ..search import Collection, SearchError
+    from ..collection import Collection, CollectionError
 
     try:
         return Collection(folder)
-    except SearchError as e:
+    except CollectionError as e:
         raise EvalError(str(e)) from None
 
 
