@@ -283,7 +283,8 @@ def test_each_part_file_is_fsynced_before_its_rename_through_the_one_atomic_writ
     for i in range(3):
         order = [f for f in finals if f"_{i:06d}." in f]
         assert order[-1] == str(part(out, "metadata", i)), order
-    assert all(getattr(m, "atomic_write", None) is weights.atomic_write for m in (collection, train, zeroshot))
+    assert all(getattr(m, "atomic_write", None) is weights.atomic_write
+               for m in (collection, train, zeroshot))
 
 
 def write_shard(path: Path, images: list[Path], captions: list[str], fields: list[dict] | None = None
