@@ -297,9 +297,12 @@ def test_outputs_get_the_mode_the_umask_gives_not_0600(tiny_ckpt, pictures, tmp_
 def _parsers(monkeypatch) -> dict:
     """Each command's argparse parser, captured as it parses (the command never runs)."""
     import argparse
+    import importlib
 
-    from siglip_so400m import attention_maps, embedding, search, serve, train, zeroshot
+    from siglip_so400m import attention_maps, embedding, exporting, search, serve, train, zeroshot
     from siglip_so400m.evaluate import cli as eval_cli
+
+    convert = importlib.import_module("siglip_so400m.convert")  # the package's `convert` is the function
 
     class Captured(Exception):
         pass
@@ -310,7 +313,8 @@ def _parsers(monkeypatch) -> dict:
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
     mains = {"zero-shot": zeroshot.zero_shot_main, "finetune": train.finetune_main,
              "embed": embedding.main, "eval": eval_cli.eval_main, "serve": serve.serve_main,
-             "attention-map": attention_maps.attention_map_main, "search": search.search_main}
+             "attention-map": attention_maps.attention_map_main, "search": search.search_main,
+             "export": exporting.export_main, "convert": convert.convert_main}
     found = {}
     for name, main in mains.items():
         with pytest.raises(Captured) as e:
@@ -354,6 +358,14 @@ def test_every_command_that_reads_images_declares_the_same_model_flags(monkeypat
     # Backends: the same two flags where a command takes them.
     assert _flags(parsers["embed"])["--backend"] == _flags(parsers["serve"])["--backend"]
     assert _flags(parsers["embed"])["--graphs"] == _flags(parsers["serve"])["--graphs"]
+
+
+def test_every_command_takes_its_model_as_model_and_names_its_output_folder_output_o(monkeypatch):
+    parsers = _parsers(monkeypatch)
+    for name in ("embed", "export", "attention-map", "finetune", "convert"):
+        flags = _flags(parsers[name])
+        assert "--output" in flags and "-o" in flags, name
+        assert "--model" in flags, name
 
 
 # Modules that make up one job between them and may share private names.

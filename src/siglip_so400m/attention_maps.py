@@ -114,7 +114,7 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
     p = argparse.ArgumentParser(prog=prog, description="Write, per IMAGE, a PNG of where SigLIP's "
                                 "pooling head looks: its attention over the patches, mean over heads.")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, folders or glob patterns")
-    p.add_argument("--output", required=True, type=Path, help="folder for the PNGs (made if missing)")
+    p.add_argument("--output", "-o", required=True, type=Path, help="folder for the PNGs (made if missing)")
     p.add_argument("--per-head", action="store_true", help="also a grid with every head's map")
     add_model_arguments(p.add_argument_group("model"), dtypes=("float32", "bfloat16"))
     args = p.parse_args(argv)

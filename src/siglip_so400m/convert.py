@@ -91,15 +91,26 @@ def _copy(src: Path, dst: Path) -> None:
 def convert_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     p = argparse.ArgumentParser(prog=prog, description="Write a big_vision SigLIP .npz in the Hugging Face "
                                 "Hub layout, for transformers and siglip_so400m.load.")
-    p.add_argument("npz", type=Path, help="the big_vision checkpoint (per-layer or stacked encoderblock)")
-    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("npz", type=Path, nargs="?", help="the big_vision checkpoint (per-layer or stacked "
+                   "encoderblock)")
+    p.add_argument("out", type=Path, nargs="?", help="output folder")
+    # The model and the output as every other command names them (--model, --output / -o).
+    p.add_argument("--model", dest="model_flag", type=Path, metavar="NPZ", help="the same as NPZ")
+    p.add_argument("--output", "-o", dest="output_flag", type=Path, metavar="DIR", help="the same as OUT")
     p.add_argument("--config", type=Path, help="config.json for the weights (default: inferred from shapes)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer file (default: the one beside the .npz)")
     p.add_argument("--resample", type=int, choices=(2, 3), help="PIL resize filter: 2 bilinear, 3 bicubic "
                    "(default: 2 with the Gemma tokenizer (SigLIP 2), else 3)")
     args = p.parse_args(argv)
+    given = (("model", "NPZ", args.npz, args.model_flag), ("output", "OUT", args.out, args.output_flag))
+    for what, name, positional, flag in given:
+        if positional and flag and positional != flag:
+            p.error(f"two {what}s given: {positional} and --{what} {flag}; give one")
+        if not (positional or flag):
+            p.error(f"give the {what}: {name} or --{what} {name}")
     try:
-        out = convert(args.npz, args.out, config=args.config, tokenizer=args.tokenizer,
+        out = convert(args.model_flag or args.npz, args.output_flag or args.out, config=args.config,
+                      tokenizer=args.tokenizer,
                       resample=args.resample)
     except CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)

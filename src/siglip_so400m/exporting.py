@@ -641,7 +641,7 @@ def export_main(argv: list[str] | None = None, prog: str | None = None) -> int:
     # --model as every other command takes it (embed, eval, serve, ...), or the positional MODEL.
     p.add_argument("--model", dest="model_flag", metavar="MODEL", help="the same as MODEL")
     p.add_argument("--format", required=True, help="onnx or openvino")
-    p.add_argument("--output", required=True, type=Path, help="a new (or empty) folder")
+    p.add_argument("--output", "-o", required=True, type=Path, help="a new (or empty) folder")
     p.add_argument("--dtype", default="float32",
                    choices=[k for k, v in DTYPES.items() if v in ("float32", "bfloat16", "int8")],
                    help="float32 (exact, default); bf16: OpenVINO's inference precision; int8: ONNX "

@@ -480,8 +480,8 @@ def finetune_main(argv: list[str] | None = None, prog: str | None = None) -> int
                                 "process or under torchrun --nproc_per_node N (same command).")
     add_model_arguments(p, only=("model", "revision", "device", "image_size", "max_num_patches"))
     p.add_argument("--data", required=True, help="a CSV/JSONL of (image path, caption), or a folder")
-    p.add_argument("--output-dir", required=True, help="where checkpoints and the result go; a run "
-                   "there is resumed")
+    p.add_argument("--output", "-o", "--output-dir", dest="output_dir", required=True, metavar="DIR",
+                   help="where checkpoints and the result go; a run there is resumed")
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--batch-size", type=int, default=32, help="global batch, split over processes")
     p.add_argument("--lr", type=float, default=1e-5, help="peak AdamW learning rate (default: 1e-5)")
