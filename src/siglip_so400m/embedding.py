@@ -320,21 +320,16 @@ def _count(n: int, noun: str) -> str:
 
 
 def _check_manifest(out: Path, identity: dict, ckpt) -> None:
-    from .api import Processor
+    from .modelspec import stored_record
 
     path = out / MANIFEST
     if not path.is_file():
         if any((out / d).is_dir() and any((out / d).iterdir()) for d in ("img_emb", "metadata")):
             raise EmbedError(f"{out} holds embeddings but no {MANIFEST}; give an empty or new --output")
         return
-    old = json.loads(path.read_text())
-    defaults = dict(IDENTITY_DEFAULTS)
-    if old.get("max_num_patches") is None and identity["max_num_patches"] is not None:
-        # Runs that recorded no budget (None) took the checkpoint's own.
-        defaults["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
-        old.pop("max_num_patches", None)
-    diff = [f"{k}: {old.get(k, defaults.get(k))!r} there, {identity[k]!r} now"
-            for k in IDENTITY_KEYS if old.get(k, defaults.get(k)) != identity[k]]
+    old = stored_record(json.loads(path.read_text()), ckpt)
+    diff = [f"{k}: {old.get(k, IDENTITY_DEFAULTS.get(k))!r} there, {identity[k]!r} now"
+            for k in IDENTITY_KEYS if old.get(k, IDENTITY_DEFAULTS.get(k)) != identity[k]]
     if diff:
         raise EmbedError(f"{out} holds a run with other settings, which this one cannot continue ("
                          + "; ".join(diff) + "); rerun with the same inputs and settings, or give "

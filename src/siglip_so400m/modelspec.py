@@ -260,6 +260,17 @@ def computed_with(ckpt: Checkpoint, processor: Processor, precision: str, backen
     return {**checkpoint_record(ckpt), "dtype": precision, "backend": backend, **processor.image_record()}
 
 
+def stored_record(stored: Mapping, ckpt: Checkpoint) -> dict:
+    """A record as written, read as this version means it: an output that recorded no patch budget
+    (None, from before the record held the budget in force) was computed at the checkpoint's own."""
+    from .api import Processor
+
+    record = dict(stored)
+    if "max_num_patches" in record and record["max_num_patches"] is None:
+        record["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+    return record
+
+
 # Fields that two records must share for outputs to be comparable, in the order a refusal lists them.
 RECORD_FIELDS = ("model", "revision", "weights", "dtype", "backend", "image_size", "max_num_patches")
 

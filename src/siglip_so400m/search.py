@@ -184,8 +184,7 @@ class Index:
         return len(self.collection)
 
     def _load_model(self, tower: str):
-        from .api import Processor
-        from .modelspec import ModelSpec, check_record, computed_with
+        from .modelspec import ModelSpec, check_record, computed_with, stored_record
 
         if self._model is not None and tower in self._model.towers:
             return self._model, self._processor
@@ -207,10 +206,8 @@ class Index:
         if m.get("model") is not None:
             # A query embedded by another checkpoint, precision or budget lives in another space
             # than the collection's rows: every hit would be wrong without a word.
-            stored = dict(m)
-            if stored.get("max_num_patches") is None and "max_num_patches" in stored:
-                stored["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
-            check_record(stored, computed_with(ckpt, processor, run.precision), str(self.folder),
+            check_record(stored_record(m, ckpt), computed_with(ckpt, processor, run.precision),
+                         str(self.folder),
                          fields=("model", "revision", "weights", "dtype", "max_num_patches"),
                          advice="query it with the model and settings that embedded it (leave --model, "
                                 "--dtype and --max-num-patches out to take them from its manifest.json)")

@@ -31,7 +31,6 @@ class Loaded:
                  device: str | torch.device | None, towers: tuple[str, ...],
                  max_num_patches: int | None = None, embeddings: str | os.PathLike | None = None,
                  image_size: int | None = None):
-        from ..api import Processor
         from ..modelspec import ModelSpec, computed_with
 
         self.collection = _collection(embeddings) if embeddings is not None else None
@@ -62,9 +61,7 @@ class Loaded:
         # embed records a local model by its absolute path and a Hub model by its name and commit.
         self.name = None if ckpt is None else self.record["model"]
         self.revision = None if ckpt is None else ckpt.revision
-        # What a collection that recorded no patch budget was embedded at: the checkpoint's own.
-        self.default_budget = None if ckpt is None else \
-            Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+        self.checkpoint = ckpt
         self.max_num_patches = self.processor.image_record()["max_num_patches"]
 
 
@@ -121,13 +118,11 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
 def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loaded: Loaded) -> Tensor:
     """The items' rows of an `embed` output folder, (N, D) float32 (stored float16) on the model's
     device. The folder must come from the same model; every item must be in it."""
-    from ..modelspec import check_record
+    from ..modelspec import check_record, stored_record
 
     coll = loaded.collection if loaded.collection is not None else _collection(folder)
     if loaded.record is not None:
-        stored = dict(coll.manifest)
-        if stored.get("max_num_patches") is None and "max_num_patches" in stored:
-            stored["max_num_patches"] = loaded.default_budget  # recorded as None: the checkpoint's own
+        stored = stored_record(coll.manifest, loaded.checkpoint)
         # Not the backend: a graph backend's embeddings were checked against eager float32 at start.
         check_record(stored, loaded.record, str(folder),
                      fields=("model", "revision", "weights", "dtype", "image_size", "max_num_patches"),

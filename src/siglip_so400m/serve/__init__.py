@@ -126,7 +126,7 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                     log=lambda m: print(m, file=sys.stderr, flush=True))
         if processor.tokenizer is None:
             raise CheckpointError(f"{args.model} has no spiece.model; the server needs the tokenizer")
-        index = _load_index(args.index, computed_with(ckpt, processor, model.precision, args.backend)) \
+        index = _load_index(args.index, ckpt, computed_with(ckpt, processor, model.precision, args.backend)) \
             if args.index else None
     except UsageError as e:
         p.error(str(e))
@@ -190,13 +190,11 @@ def _server_class():
     return Server
 
 
-def _load_index(folder: str, record: dict):
+def _load_index(folder: str, ckpt, record: dict):
     """The search index (the [search] extra). Queries are embedded by the server's own model and
     processor, so the index must come from the same checkpoint, precision and patch budget: another
     model's embeddings would live in another space, and every hit would be wrong without any error."""
-    from ..api import Processor
-    from ..modelspec import check_record
-    from ..weights import resolve
+    from ..modelspec import check_record, stored_record
 
     try:
         from ..search import Index, SearchError
@@ -207,15 +205,11 @@ def _load_index(folder: str, record: dict):
         index = Index.load(folder)
     except SearchError as e:
         raise ValueError(f"--index {folder}: {e}") from None
-    m = dict(index.manifest)
-    if m.get("model") is None:
+    if index.manifest.get("model") is None:
         raise ValueError(f"--index {folder} has no manifest.json naming the model that embedded it "
                          "(clip-retrieval's layout), so the server cannot check that its --model did; "
                          f"search it with `siglip-so400m search {folder} --model CHECKPOINT`")
-    if m.get("max_num_patches") is None and "max_num_patches" in m and record["max_num_patches"] is not None:
-        # Recorded as None: the checkpoint's own budget.
-        ckpt = resolve(record["model"], revision=record["revision"])
-        m["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+    m = stored_record(index.manifest, ckpt)
     check_record(m, record, f"--index {folder}",
                  fields=("model", "revision", "weights", "dtype", "max_num_patches"),
                  advice=f"start the server with the settings it was embedded with (--model {m['model']}"
