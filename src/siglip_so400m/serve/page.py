@@ -169,14 +169,12 @@ class RowImages:
             raise Unreadable(f"cannot decode the image ({type(e).__name__})") from None
 
     def full(self, row: int) -> tuple[bytes, str]:
-        """The stored bytes and their media type, when they are an image of an accepted format."""
+        """The stored bytes and their media type, once they decode as an image of an accepted format
+        (a truncated file is a placeholder here too, not half a picture)."""
         data = self.read(row)
-        try:
-            with open_image(io.BytesIO(data), "image") as img:
-                media = Image.MIME.get(img.format or "", "application/octet-stream")
-        except Exception:
-            raise Unreadable("cannot decode the image") from None
-        return data, media
+        self.decode(data)
+        with open_image(io.BytesIO(data), "image") as img:
+            return data, Image.MIME.get(img.format or "", "application/octet-stream")
 
     def thumbnail(self, row: int) -> bytes:
         key = ("thumbnail", row)
@@ -219,6 +217,7 @@ def _placeholder(e: Unreadable) -> Response:
 def add_page(app: FastAPI, server: Server, cache_bytes: int) -> None:
     """The page's files and the image endpoints, on `app` (the server has an index)."""
     images = RowImages(server, cache_bytes)
+    app.state.row_images = images  # for tests and a debugger: what the cache holds
     pages = {url: (STATIC / name).read_bytes() for url, (name, _) in PAGE_FILES.items()}
 
     for url, (_, media) in PAGE_FILES.items():
