@@ -277,6 +277,16 @@ def test_the_attention_overlay_is_the_map_heads_attention_over_that_rows_image(c
     assert got["photo_02.png"].shape != want.shape or np.abs(got["photo_02.png"] - want).max() > 10
 
 
+def test_the_attention_overlay_without_the_pytorch_image_tower_is_501(model, collection):
+    from types import SimpleNamespace
+
+    with TestClient(make_app(model, collection["folder"], backend="onnx")) as c:
+        # What --backend onnx|openvino serves: a GraphModel, which has no vision_model to look into.
+        row_images(c).server.model = SimpleNamespace(precision="float32")
+        error(c.get(f"/v1/images/{collection['rows']['photo_01.png']}/attention"), 501, "--backend")
+        assert c.get(f"/v1/images/{collection['rows']['photo_01.png']}/thumbnail").status_code == 200
+
+
 # ---- /v1/search by row ("more like this") and with near-duplicates folded ----
 
 def test_search_by_a_row_finds_it_first_and_fold_marks_its_copy(client, collection):

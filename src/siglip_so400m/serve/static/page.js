@@ -137,7 +137,7 @@ function add(hit) {
 }
 
 function tile(hit) {
-  const img = el("img", {alt: hit.caption || hit.path, loading: "lazy"});
+  const img = el("img", {alt: hit.caption || hit.path});
   showImage(img, `/v1/images/${hit.id}/thumbnail`).catch(() => {});
   const score = state.kind === "text" ? `p = ${(100 * hit.score).toFixed(1)}%`
     : `cos ${hit.score.toFixed(3)}`;
