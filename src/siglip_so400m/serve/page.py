@@ -24,7 +24,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import Response
@@ -35,9 +35,6 @@ from ..image import ImageReadError, open_image, to_rgb
 from ..items import scan_shard
 from .batcher import Closed, QueueFull
 from .inputs import ApiError
-
-if TYPE_CHECKING:
-    from .app import Server
 
 STATIC = Path(__file__).parent / "static"
 # URL -> (file in STATIC, media type). Served without the API key: they hold no data.
@@ -91,7 +88,7 @@ class RowImages:
     """The image of each row of an index, found through the row's metadata: a file (image_path), or
     a member of a webdataset shard (shard + image_path = shard/member)."""
 
-    def __init__(self, server: Server, cache_bytes: int):
+    def __init__(self, server: Any, cache_bytes: int):  # app.Server (app imports this module)
         self.server = server
         self.cache = BoundedCache(cache_bytes)
         self._shards: OrderedDict[str, dict[str, tuple[int, int]]] = OrderedDict()
@@ -214,7 +211,7 @@ def _placeholder(e: Unreadable) -> Response:
                              "X-Placeholder": str(e)})
 
 
-def add_page(app: FastAPI, server: Server, cache_bytes: int) -> None:
+def add_page(app: FastAPI, server: Any, cache_bytes: int) -> None:  # server: app.Server
     """The page's files and the image endpoints, on `app` (the server has an index)."""
     images = RowImages(server, cache_bytes)
     app.state.row_images = images  # for tests and a debugger: what the cache holds
