@@ -277,6 +277,29 @@ def test_the_attention_overlay_is_the_map_heads_attention_over_that_rows_image(c
     assert got["photo_02.png"].shape != want.shape or np.abs(got["photo_02.png"] - want).max() > 10
 
 
+def test_the_attention_overlay_of_a_naflex_row_is_on_its_own_grid(naflex_ckpt, collection, tmp_path):
+    # SigLIP 2 NaFlex: the map comes back as a list, one grid per image, and the grid covers it all.
+    from siglip_so400m.attention_maps import attention_map, overlay
+    from siglip_so400m.image import load_image, to_rgb
+    from siglip_so400m.serve.page import OVERLAY_SIDE
+
+    out = tmp_path / "emb"
+    big = collection["root"] / "images" / "big.jpg"
+    siglip_so400m.embed(big, out, model=str(naflex_ckpt), dtype="float32", workers=0)
+    net, processor = siglip_so400m.load(naflex_ckpt)
+    with TestClient(make_app((net, processor), out)) as c:
+        r = c.get("/v1/images/0/attention")
+        assert r.status_code == 200 and "x-placeholder" not in r.headers
+        got = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+    proc = processor.image
+    img = to_rgb(load_image(big))
+    with torch.inference_mode():
+        weights = attention_map(net, proc.collate([proc.to_tensor(proc.prepare(img))]))[0].mean(0).numpy()
+    img.thumbnail((OVERLAY_SIDE, OVERLAY_SIDE), Image.BICUBIC)
+    want = np.asarray(overlay(img, weights, (1.0, 1.0))).astype(int)
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
+
+
 def test_the_attention_overlay_without_the_pytorch_image_tower_is_501(model, collection):
     from types import SimpleNamespace
 
