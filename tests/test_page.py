@@ -450,6 +450,23 @@ def test_browser_upload_drop_and_paste_find_the_images_own_row_first(page, colle
         assert page.is_visible("#query-preview")
 
 
+def test_browser_shows_a_shard_rows_caption_img2dataset_fields_and_full_image(page, collection):
+    data = collection["members"]["001"]
+    page.set_input_files("#file", files=[{"name": "001.jpg", "mimeType": "image/jpeg", "buffer": data}])
+    row = collection["rows"]["001"]
+    wait_for_grid(page, first=row)
+    tile = f"#results > li.hit[data-row='{row}']"
+    assert page.inner_text(f"{tile} .caption") == "sample 001"  # the shard's .txt member
+    page.click(f"{tile} summary")
+    facts = page.eval_on_selector_all(f"{tile} dt, {tile} dd", "els => els.map(e => e.textContent)")
+    assert facts[facts.index("url") + 1] == "https://example.com/001.jpg"  # its .json member
+    page.click(f"{tile} button:text('Full image')")
+    page.wait_for_function("() => document.getElementById('viewer-img').naturalWidth > 0")
+    size = page.evaluate("[document.getElementById('viewer-img').naturalWidth, "
+                         "document.getElementById('viewer-img').naturalHeight]")
+    assert tuple(size) == Image.open(io.BytesIO(data)).size
+
+
 def test_browser_zero_shot_labels_for_an_uploaded_image(page, served, collection):
     import base64
 
