@@ -9,6 +9,7 @@ const $ = (id) => document.getElementById(id);
 const PAGE = 24;  // hits per "Load more"
 const KEY = "siglip-so400m-api-key";
 let state = null;  // the current search: {query, kind, label, k, hits}
+let latest = 0;  // the number of the last search started: an older answer arriving late is dropped
 let blobs = [];  // blob: URLs shown now, revoked by the next search
 const groups = new Map();  // id of a group's best hit -> the list its near-duplicates go in
 
@@ -93,8 +94,10 @@ async function search(query, kind, label, k = PAGE) {
   $("status").textContent = "Searching…";
   const body = {...query, k};
   if ($("fold").checked) body.fold = Number($("fold-at").value);
+  const mine = ++latest;
   try {
     const hits = (await (await call("/v1/search", body)).json()).data[0].hits;
+    if (mine !== latest) return;
     const more = state && state.query === query ? state.hits.length : 0;  // "Load more": keep those
     if (!more) {
       blobs.forEach(URL.revokeObjectURL);
@@ -111,7 +114,7 @@ async function search(query, kind, label, k = PAGE) {
         : "; cos = cosine similarity to the query image");
     $("more").hidden = hits.length < k;
     $("download").disabled = false;
-  } catch (e) { fail(e); }
+  } catch (e) { if (mine === latest) fail(e); }
 }
 
 function add(hit) {
