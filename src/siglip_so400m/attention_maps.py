@@ -18,7 +18,7 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
-from .image import NaFlexPixels
+from .image import NaFlexImageProcessor, NaFlexPixels
 from .model import SigLIP
 from .modelspec import add_model_arguments
 
@@ -54,6 +54,15 @@ def attention_map(model: SigLIP, pixel_values: Tensor | NaFlexPixels) -> Tensor 
         weights = tower.head.attention_weights(x)  # (B, heads, N)
     P = tower.config.patch_size
     return weights.float().unflatten(-1, (pixel_values.shape[2] // P, pixel_values.shape[3] // P))
+
+
+def grid_cover(image_proc, patch_size: int) -> tuple[float, float]:
+    """The share of an image's width and height that the patch grid covers, for overlay(): the last
+    pixels of a fixed-size input that fill no whole patch are not seen by the model."""
+    if isinstance(image_proc, NaFlexImageProcessor):
+        return (1.0, 1.0)  # NaFlex resizes each image to whole patches: the grid covers it all
+    P = patch_size
+    return ((image_proc.width // P) * P / image_proc.width, (image_proc.height // P) * P / image_proc.height)
 
 
 def colorize(values: np.ndarray) -> np.ndarray:
@@ -120,7 +129,7 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
     args = p.parse_args(argv)
 
     from .errors import SiglipError, UsageError
-    from .image import ImageReadError, NaFlexImageProcessor, expand_images, load_image, to_rgb
+    from .image import ImageReadError, expand_images, load_image, to_rgb
     from .modelspec import ModelSpec
 
     try:
@@ -132,12 +141,7 @@ def attention_map_main(argv: list[str] | None = None, prog: str | None = None) -
         return 1
     image_proc = processor.image
     device = model.vision_model.post_layernorm.weight.device
-    P = model.vision_model.config.patch_size
-    if isinstance(image_proc, NaFlexImageProcessor):
-        cover = (1.0, 1.0)  # NaFlex resizes each image to whole patches: the grid covers it all
-    else:
-        cover = ((image_proc.width // P) * P / image_proc.width,
-                 (image_proc.height // P) * P / image_proc.height)
+    cover = grid_cover(image_proc, model.vision_model.config.patch_size)
     args.output.mkdir(parents=True, exist_ok=True)
     failed, used = 0, set()
     for path, error in expand_images(args.images):

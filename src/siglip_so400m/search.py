@@ -378,6 +378,22 @@ def dedup(index: Index, threshold: float, neighbours: int = 16) -> list[list[dic
     return sorted(out, key=lambda g: g[0]["id"])
 
 
+def fold_duplicates(coll: Collection, hits: list[dict], threshold: float) -> list[dict]:
+    """dedup's test along a ranked list: a hit whose embedding has cosine >= threshold with a better
+    hit that is not itself a duplicate gets `duplicate_of`, the first such hit's id (the others get
+    None). The order stays; a reader shows each group under its best hit."""
+    if not -1 <= threshold <= 1:
+        raise ValueError(f"threshold {threshold}: a cosine, between -1 and 1 (e.g. 0.95)")
+    vecs = coll.vectors(np.array([h["id"] for h in hits], dtype=np.int64))  # (n, D)
+    leaders: list[int] = []  # positions of the hits that start a group
+    for n, hit in enumerate(hits):
+        close = [m for m in leaders if float(vecs[m] @ vecs[n]) >= threshold]
+        hit["duplicate_of"] = hits[close[0]]["id"] if close else None
+        if not close:
+            leaders.append(n)
+    return hits
+
+
 # --- command line ---------------------------------------------------------------------------
 
 def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:

@@ -30,9 +30,13 @@ class _Parser(argparse.ArgumentParser):
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Serve SigLIP So400m over HTTP: /v1/embeddings, "
-                                "/v1/classify, /v1/search, /health, /metrics (see docs/serve.md).")
+                                "/v1/classify, /v1/search, /health, /metrics, and with --index a page "
+                                "at / (see docs/serve.md).")
     add_model_arguments(p.add_argument_group("model"), backend=True)
-    p.add_argument("--index", help="a search index folder (siglip-so400m index); enables /v1/search")
+    p.add_argument("--index", help="a search index folder (siglip-so400m index); enables /v1/search, "
+                   "and a page at / that searches it and shows its images")
+    p.add_argument("--no-page", action="store_true",
+                   help="with --index: serve no page at / and none of the index's images (/v1/images)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this "
                    "machine only; 0.0.0.0 exposes the server to the network)")
     p.add_argument("--port", type=_port, default=8000, help="TCP port, 1-65535 (default: %(default)s)")
@@ -59,6 +63,8 @@ def parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="width x height above which an image is refused unread (default: 40e6)")
     g.add_argument("--label-cache-size", type=int, default=10_000,
                    help="label embeddings kept in memory across requests (default: 10000)")
+    g.add_argument("--image-cache-mb", type=float, default=64.0,
+                   help="with --index: thumbnails and attention overlays kept in memory (default: 64)")
     g.add_argument("--api-key", help=f"require Authorization: Bearer KEY (default: ${API_KEY_ENV})")
     g.add_argument("--allow-urls", action="store_true",
                    help="fetch {\"image_url\": \"http(s)://...\"} images; off by default: the server then "
@@ -96,6 +102,8 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.max_wait_ms < 0 or args.max_request_mb <= 0 or args.url_timeout <= 0 or args.body_timeout <= 0:
         p.error("--max-wait-ms must be >= 0, --max-request-mb, --url-timeout and --body-timeout > 0")
+    if args.image_cache_mb < 0:
+        p.error("--image-cache-mb must be at least 0")
     if args.allow_private_urls and not args.allow_urls:
         p.error("--allow-private-urls needs --allow-urls")
     try:
@@ -150,7 +158,8 @@ def serve_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
         label_cache_size=args.label_cache_size, decode_threads=args.decode_threads,
         max_k=args.max_k, max_bodies=args.max_concurrent_bodies, body_timeout_s=args.body_timeout,
-        url_threads=args.url_threads)
+        url_threads=args.url_threads, page=not args.no_page,
+        image_cache_bytes=int(args.image_cache_mb * (1 << 20)))
     app = create_app(Server(model, processor, settings, batcher, metrics, index))
     # Our own check refuses big images per request; PIL's process-wide warning would only be noise.
     # PIL's own refusal (at twice its limit) follows ours, so --max-image-pixels above PIL's

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from time import perf_counter
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from fastapi import FastAPI, Request
@@ -44,7 +45,7 @@ from .inputs import (
 )
 
 ENDPOINTS = ("/v1/embeddings", "/v1/classify", "/v1/search", "/health", "/metrics", "/docs",
-             "/openapi.json")
+             "/openapi.json", "/v1/images", "/")
 MAX_TEMPLATES = 32  # prompt templates per classify request: each multiplies the text tower's work
 
 
@@ -75,6 +76,8 @@ class Settings:
     max_bodies: int = 4  # requests parsed and decoded at once (--max-concurrent-bodies)
     body_timeout_s: float = 30.0  # from a request's start to its body's last byte (--body-timeout)
     url_threads: int = 8  # URL fetches at once (--url-threads)
+    page: bool = True  # with an index: the page at / and the image endpoints (--no-page: off)
+    image_cache_bytes: int = 64 << 20  # thumbnails and overlays kept in memory (--image-cache-mb)
 
 
 class LabelMemory:
@@ -219,19 +222,27 @@ class Server:
         used = ids.index(tok.eos_id) + 1 if tok.eos_id in ids else len(ids)
         return torch.tensor(ids, dtype=torch.long), used
 
-    def search(self, rows: list[Tensor], n_texts: int, k: int, threshold: float | None) -> list[list[dict]]:
-        """Query embeddings made by the batcher -> the index's hits, scored as Index.search scores
-        them: a text query by SigLIP's sigmoid (t' and b in float32, from the index's manifest), an
-        image query by cosine."""
+    def search(self, rows: list[Tensor], n_texts: int, k: int, threshold: float | None,
+               index_rows: Sequence[int] = (), fold: float | None = None) -> list[list[dict]]:
+        """Query embeddings made by the batcher, then the stored embeddings of `index_rows` ("more
+        like this") -> the index's hits, scored as Index.search scores them: a text query by SigLIP's
+        sigmoid (t' and b in float32, from the index's manifest), an image or row query by cosine.
+        With `fold`, near-duplicates among each query's hits are marked (search.fold_duplicates)."""
+        from ..search import fold_duplicates
+
         # As Index.embed_texts/embed_images: the raw embedding in float32, then normalized.
-        q = F.normalize(torch.stack(rows).float(), dim=-1).numpy()  # (Q, D)
+        q = F.normalize(torch.stack(rows).float(), dim=-1).numpy() if rows else \
+            np.zeros((0, self.index.collection.dim), np.float32)  # (Q, D)
         with self.index_lock:  # the index's metadata cache is not made for threads
+            if index_rows:
+                q = np.concatenate([q, self.index.collection.vectors(np.array(index_rows, np.int64))])
             results = self.index.search(vectors=q, k=k)
-        out = []
-        for n, hits in enumerate(results):
-            if n < n_texts:
-                self.index.score_text_hits(hits)  # as Index.search scores a text query
-            out.append([h for h in hits if threshold is None or h["score"] >= threshold])
+            out = []
+            for n, hits in enumerate(results):
+                if n < n_texts:
+                    self.index.score_text_hits(hits)  # as Index.search scores a text query
+                hits = [h for h in hits if threshold is None or h["score"] >= threshold]
+                out.append(hits if fold is None else fold_duplicates(self.index.collection, hits, fold))
         return out
 
     async def in_pool(self, fn, *args):
@@ -479,8 +490,9 @@ class Guard:
     """Pure ASGI middleware in front of the app: it sees every request, including ones refused
     before routing (401, 413), and counts them."""
 
-    def __init__(self, app, server: Server):
+    def __init__(self, app, server: Server, public: frozenset[str] = frozenset({"/health"})):
         self.app, self.server = app, server
+        self.public = public  # paths answered without the API key
         s = server.settings
         self.key = s.api_key.encode() if s.api_key else None
         self.limit = s.max_request_bytes
@@ -490,7 +502,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path = scope["path"]
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = path if path in ENDPOINTS else "/v1/images" if path.startswith("/v1/images/") else "other"
         metrics = self.server.metrics
         status = 500
         start = perf_counter()
@@ -532,7 +544,7 @@ class Guard:
 
         try:
             headers = dict(scope["headers"])
-            if self.key and path != "/health":
+            if self.key and path not in self.public:
                 auth = headers.get(b"authorization", b"")
                 scheme, _, token = auth.partition(b" ")
                 if scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
@@ -598,7 +610,11 @@ SEARCH_SCHEMA = {
     "properties": {
         "texts": {"type": "array", "items": {"type": "string"}},
         "images": {"type": "array", "items": {"type": "string"}, "description": "data:image/ URIs"},
+        "rows": {"type": "array", "items": {"type": "integer"},
+                 "description": "row ids of the index: search with their stored embeddings"},
         "k": {"type": "integer", "default": 10}, "threshold": {"type": "number"},
+        "fold": {"type": "number", "description": "mark hits with cosine >= fold to a better hit "
+                 "(duplicate_of: its id)"},
     },
 }
 
@@ -798,13 +814,14 @@ def create_app(server: Server) -> Guard:
         `siglip-so400m search` does."""
         if server.index is None:
             raise ApiError(404, "no index: start the server with --index DIR to search")
-        prepared, (texts, n_images, k, threshold) = await server.read(request, read_search)
+        prepared, (texts, n_images, index_rows, k, threshold, fold) = await server.read(request, read_search)
         rows = await server.embed([(kind, x) for kind, x, _ in prepared])
 
         def build() -> bytes:
             # Off the event loop: k hits per query are up to --max-k x --max-items dicts to encode.
-            results = server.search(rows, len(texts), k, threshold)
+            results = server.search(rows, len(texts), k, threshold, index_rows, fold)
             queries = [{"text": t} for t in texts] + [{"image": i} for i in range(n_images)]
+            queries += [{"row": r} for r in index_rows]
             data = [{"query": q, "hits": h} for q, h in zip(queries, results, strict=True)]
             return json.dumps({"object": "list", "model": s.model_name, "data": data},
                               ensure_ascii=False, default=str).encode()
@@ -812,20 +829,32 @@ def create_app(server: Server) -> Guard:
         return Response(await server.in_pool(build), media_type="application/json")
 
     async def read_search(request: Request, raw: bytes
-                          ) -> tuple[list, tuple[list[str], int, int, float | None]]:
-        body = await read_body(request, raw, server, {"texts": "list", "images": "list", "k": "int",
-                                                 "threshold": "float"})
+                          ) -> tuple[list, tuple[list[str], int, list[int], int, float | None, float | None]]:
+        body = await read_body(request, raw, server, {"texts": "list", "images": "list", "rows": "list",
+                                                 "k": "int", "threshold": "float", "fold": "float"})
         texts = body.get("texts") or []
         images = body.get("images") or []
+        index_rows = body.get("rows") or []
         if isinstance(texts, str):
             texts = [texts]
-        if not isinstance(texts, list) or not isinstance(images, list):
-            raise ApiError(422, "texts and images must be lists")
-        if not texts and not images:
-            raise ApiError(422, "give texts or images to search with", "texts")
-        if len(texts) + len(images) > s.max_items:
-            raise ApiError(422, f"{len(texts) + len(images)} queries, over this server's limit of "
-                           f"{s.max_items} (--max-items)", "texts")
+        if not all(isinstance(x, list) for x in (texts, images, index_rows)):
+            raise ApiError(422, "texts, images and rows must be lists")
+        if not texts and not images and not index_rows:
+            raise ApiError(422, "give texts, images or rows to search with", "texts")
+        n = len(texts) + len(images) + len(index_rows)
+        if n > s.max_items:
+            raise ApiError(422, f"{n} queries, over this server's limit of {s.max_items} (--max-items)",
+                           "texts")
+        for i, r in enumerate(index_rows):
+            # A multipart form sends numbers as text.
+            r = int(r) if isinstance(r, str) and r.isdigit() else r
+            if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(server.index):
+                raise ApiError(422, f"rows[{i}] must be a row id of the index, 0 to "
+                               f"{len(server.index) - 1}", f"rows[{i}]")
+            index_rows[i] = r
+        fold = optional(body, "fold", (int, float), None)
+        if fold is not None and not -1 <= fold <= 1:
+            raise ApiError(422, "fold is a cosine, between -1 and 1 (e.g. 0.95)", "fold")
         for i, t in enumerate(texts):
             if not isinstance(t, str) or not t.strip():
                 raise ApiError(422, f"texts[{i}] must be a non-empty string", f"texts[{i}]")
@@ -841,9 +870,15 @@ def create_app(server: Server) -> Guard:
         threshold = optional(body, "threshold", (int, float), None)
         jobs = [(_text_job, server, t) for t in texts]
         jobs += [(_image_job, server, item, f"images[{i}]") for i, item in enumerate(images)]
-        return jobs, (texts, len(images), k, threshold)
+        return jobs, (texts, len(images), index_rows, k, threshold, fold)
 
-    return Guard(app, server)
+    public = {"/health"}
+    if server.index is not None and s.page:
+        from .page import PAGE_FILES, add_page
+
+        add_page(app, server, s.image_cache_bytes)
+        public |= set(PAGE_FILES)  # the page's own files hold no data; the key guards what they fetch
+    return Guard(app, server, frozenset(public))
 
 
 def _text_job(server: Server, text: str) -> tuple[str, Tensor, int]:
