@@ -189,7 +189,7 @@ def test_a_second_run_on_the_same_folder_refuses(tiny_ckpt, photos, tmp_path):
     assert r.returncode == 0, r.stderr
     # A rerun with other settings would mix two runs' parts: refused, naming what differs.
     r = run_cli([str(photos), *common(tiny_ckpt, out), "--part-size", "6"])
-    assert r.returncode == 1 and "part_size: 5 there, 6 now" in r.stderr
+    assert r.returncode == 2 and "part_size: 5 there, 6 now" in r.stderr
 
 
 def test_a_missing_input_or_a_list_of_no_paths_is_a_usage_error_and_writes_nothing(tiny_ckpt, photos,

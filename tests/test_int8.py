@@ -178,11 +178,11 @@ def test_load_int8_uses_no_deprecated_quantized_api(tiny_ckpt, monkeypatch):
     assert model.precision == "int8" and torch.isfinite(emb).all()
 
 
-def test_int8_default_dtype_follows_the_cpu(tiny_ckpt):
-    from siglip_so400m.api import pick_dtype
-
+def test_int8_runs_the_other_layers_in_float32_unless_told_as_every_command_does(tiny_ckpt):
     model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8")
-    assert model.vision_model.post_layernorm.weight.dtype == pick_dtype(torch.device("cpu"))
+    assert model.vision_model.post_layernorm.weight.dtype == torch.float32
+    model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8", dtype=torch.bfloat16)
+    assert model.vision_model.post_layernorm.weight.dtype == torch.bfloat16
 
 
 def test_quantize_options_are_checked(tiny_ckpt):

@@ -147,10 +147,10 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
     tokenizer: a tokenizer.json or SentencePiece .model to use instead of the checkpoint folder's
         (for a big_vision .npz whose tokenizer lies elsewhere).
     quantize: "int8" turns the linear layers into int8 matmuls for CPU inference (weights per output
-        channel, activations per tensor, quantized on the fly; see int8.py), faster than bf16, with
-        embeddings at cosine >= 0.99 to fp32. The rest runs in `dtype`, by default bf16 where the CPU
-        computes it natively (AVX512-BF16 or AMX), else float32. The model is then for inference
-        only (the linear layers' float weights are released); quantizing costs a few seconds at load.
+        channel, activations per row, quantized on the fly; see int8.py), with embeddings at cosine
+        >= 0.99 to fp32. The rest runs in `dtype`, by default float32, as `--dtype int8` means in
+        every command. The model is then for inference only (the linear layers' float weights are
+        released); quantizing costs a few seconds at load.
     vision_layers: build only the image tower's first N blocks and no pooling head, a backbone for
         image_features() (LLaVA-OneVision runs 26 of so400m's 27); the dropped blocks' and the
         head's weights are never read, and encode_image is refused.
@@ -171,7 +171,7 @@ def load(name: str | Path | Checkpoint = DEFAULT_REPO, *, revision: str | None =
     # int8 quantizes from the float32 weights, then moves the remaining parameters to its dtype.
     load_weights(model, ckpt, dtype=torch.float32 if quantize else dtype or torch.float32, device=device)
     if quantize:
-        quantize_int8(model, dtype or pick_dtype(torch.device("cpu")))
+        quantize_int8(model, dtype or torch.float32)
     model.eval()
     model.checkpoint = ckpt
     return model, Processor.from_checkpoint(ckpt, tokenizer)

@@ -58,7 +58,7 @@ from .collection import (
     write_json,
     write_part,
 )
-from .errors import SiglipError, UsageError
+from .errors import RecordMismatch, SiglipError, UsageError
 from .faults import kill_point
 from .items import Decode, Item, expand_inputs, scan_shard, worker_init
 from .modelspec import add_model_arguments
@@ -240,14 +240,16 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
                                           "logit_bias": bias, "complete": False})
         except (EmbedError, OSError) as e:
             problem = str(e)
+            kind = type(e) if isinstance(e, EmbedError) else EmbedError  # SettingsChanged exits 2
             if held:
                 held.release()
     if world > 1:
-        flag = [problem]
+        flag = [(problem, kind.__name__ if problem else None)]
         dist.broadcast_object_list(flag, src=0)
-        problem = flag[0]
+        problem, name = flag[0]
+        kind = SettingsChanged if name == "SettingsChanged" else EmbedError
     if problem:
-        raise EmbedError(problem)
+        raise kind(problem)
 
     try:
         net, processor = opened or run.open(towers, ckpt=ckpt)
@@ -283,6 +285,10 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     finally:
         if held:
             held.release()
+
+
+class SettingsChanged(EmbedError, RecordMismatch):
+    """The output folder holds a run with other settings, which this one cannot continue (exit 2)."""
 
 
 class RanksDisagree(EmbedError):
@@ -331,7 +337,7 @@ def _check_manifest(out: Path, identity: dict, ckpt) -> None:
     diff = [f"{k}: {old.get(k, IDENTITY_DEFAULTS.get(k))!r} there, {identity[k]!r} now"
             for k in IDENTITY_KEYS if old.get(k, IDENTITY_DEFAULTS.get(k)) != identity[k]]
     if diff:
-        raise EmbedError(f"{out} holds a run with other settings, which this one cannot continue ("
+        raise SettingsChanged(f"{out} holds a run with other settings, which this one cannot continue ("
                          + "; ".join(diff) + "); rerun with the same inputs and settings, or give "
                          "another --output")
 

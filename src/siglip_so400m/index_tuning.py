@@ -213,7 +213,7 @@ def tuning_queries(coll: Collection, *, file: str | os.PathLike | None = None, m
         if captions:
             captions = captions[:count]
             log(f"embedding {len(captions)} captions from the metadata with {model} to tune for text queries")
-            return (_embed_texts(model, captions), np.full(len(captions), -1),
+            return (_embed_texts(coll, model, captions), np.full(len(captions), -1),
                     f"{len(captions)} captions embedded by {model}")
     # A tenth of the rows (the rest train the quantizers), but at least the queries a recall needs
     # where the collection has them, and never more than half of it.
@@ -244,13 +244,21 @@ def _captions(coll: Collection, at_most: int, rng: np.random.Generator) -> list[
     return [out[i] for i in rng.permutation(len(out))]
 
 
-def _embed_texts(model: str, texts: list[str], batch: int = 32) -> np.ndarray:
+def _embed_texts(coll: Collection, model: str, texts: list[str], batch: int = 32) -> np.ndarray:
     import torch
     import torch.nn.functional as F
 
     from .api import load
+    from .modelspec import check_record, checkpoint_record
+    from .weights import resolve
 
-    net, proc = load(model, towers=("text",))
+    ckpt = resolve(model, towers=("text",))
+    if coll.manifest.get("model") is not None:
+        # Queries from another checkpoint than the collection's would tune for another space.
+        check_record(coll.manifest, checkpoint_record(ckpt), str(coll.folder),
+                     fields=("model", "revision", "weights"),
+                     advice="give the --model the collection was embedded with")
+    net, proc = load(ckpt, towers=("text",))
     with torch.inference_mode():
         out = [F.normalize(net.encode_text(proc.texts(texts[s : s + batch])).float(), dim=-1).numpy()
                for s in range(0, len(texts), batch)]

@@ -92,12 +92,9 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0,
-              mask: Tensor | list[int] | None = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(Dh)) v for (B, H, N, Dh) tensors; q may have fewer positions than k;
-    `mask` (B, 1, 1, N) bool keeps the keys where it is True (padded NaFlex batches, to sdpa); a
-    list of lengths means B = 1 and sequences packed along N, each attending within itself (packed
-    NaFlex batches: no work on padding).
+    `mask` (B, 1, 1, N) bool keeps the keys where it is True (padded NaFlex batches, to sdpa).
 
     bf16 CPU inference over long sequences (the image tower's 729 patches) on CPUs without AMX
     computes each head with two oneDNN matmuls around a float32 softmax: 13 ms a layer where sdpa's
@@ -107,9 +104,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0,
     sdpa keeps them in float32, so its output error is about half (2e-3 vs 5e-3 relative to fp32),
     both far below what moves a normalized embedding (tests/test_fast_paths.py). Everything else,
     fp32 included (where parity with transformers matters), goes to sdpa."""
-    if isinstance(mask, list):
-        return torch.cat([attention(*qkv, dropout) for qkv in zip(q.split(mask, 2), k.split(mask, 2),
-                                                                  v.split(mask, 2), strict=True)], dim=2)
     B, H, Nq, Dh = q.shape
     if not (mask is None and _cpu_inference(q) and q.dtype == torch.bfloat16 and Nq >= 256
             and dropout == 0.0 and not _cpu_has_amx() and _onednn(torch.bfloat16)):

@@ -52,9 +52,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
 
-    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | list[int] | None = None) -> Tensor:
-        """Attention over all of x (over the keys where `mask`, (B, 1, 1, N) bool, is True; or, for a
-        list of lengths, within each of the sequences packed one after the other along N); with
+    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | None = None) -> Tensor:
+        """Attention over all of x (over the keys where `mask`, (B, 1, 1, N) bool, is True); with
         last_only, for the last position's query alone."""
         B, N, D = x.shape
         H = self.num_heads
@@ -88,7 +87,7 @@ class EncoderLayer(nn.Module):
         self.layer_norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = MLP(dim, mlp_dim)
 
-    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | list[int] | None = None) -> Tensor:
+    def forward(self, x: Tensor, last_only: bool = False, mask: Tensor | None = None) -> Tensor:
         x = (x[:, -1:] if last_only else x) + self.self_attn(self.layer_norm1(x), last_only, mask)
         return x + self.mlp(self.layer_norm2(x))
 
@@ -106,11 +105,10 @@ class Encoder(nn.Module):
         )
 
     def blocks(self, x: Tensor, depth: int | None = None, last_only: bool = False,
-               mask: Tensor | list[int] | None = None) -> Iterator[Tensor]:
+               mask: Tensor | None = None) -> Iterator[Tensor]:
         """Yields the output of each of the first `depth` blocks (all by default), (B, N, D) each;
         with last_only the final one computes the last position alone (B, 1, D), all the text
-        tower pools. `mask` (B, 1, 1, N) bool hides padding keys (NaFlex batches); a list of lengths
-        says x is (1, T, D), that many images packed (see Attention)."""
+        tower pools. `mask` (B, 1, 1, N) bool hides padding keys (NaFlex batches)."""
         layers = self.layers[:depth]
         for i, layer in enumerate(layers):
             last = last_only and i == len(layers) - 1
@@ -142,13 +140,10 @@ class VisionEmbeddings(nn.Module):
         self.position_embedding = _embedding(cfg.num_positions, cfg.hidden_size)
         self._resized: dict = {}  # (h, w, dtype, device) -> (source table, its stamp, resized table)
 
-    def patches(self, patches: Tensor, shapes: list[tuple[int, int]], packed: bool = False) -> Tensor:
+    def patches(self, patches: Tensor, shapes: list[tuple[int, int]]) -> Tensor:
         """NaFlex: (B, N, P*P*C) patches, each image's grid (h, w) -> (B, N, D) embeddings. An
-        image's own h * w positions get its resized table; padding gets zeros (masked anyway).
-        packed: (1, T, P*P*C), the images' own patches one after the other -> (1, T, D)."""
+        image's own h * w positions get its resized table; padding gets zeros (masked anyway)."""
         x = linear(patches, self.patch_embedding)  # (B, N, D)
-        if packed:
-            return x + torch.cat([self.positions(h, w) for h, w in shapes])
         N = x.shape[1]
         pos = torch.stack([F.pad(self.positions(h, w), (0, 0, 0, N - h * w)) for h, w in shapes])
         return x + pos  # (B, N, D)
@@ -276,17 +271,12 @@ class MAPHead(nn.Module):
             scores = scores.masked_fill(~mask, float("-inf"))
         return torch.softmax(scores, dim=-1)[:, :, 0]
 
-    def forward(self, x: Tensor, mask: Tensor | list[int] | None = None) -> Tensor:
-        """(B, N, D) tokens -> (B, D); `mask` (B, 1, 1, N) hides padding keys, or a list of lengths
-        says x is (1, T, D) holding that many images' tokens one after the other."""
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        """(B, N, D) tokens -> (B, D); `mask` (B, 1, 1, N) hides padding keys."""
         D = x.shape[-1]
         q, k, v = self._qkv(x)
-        if isinstance(mask, list):  # packed: the probe attends within each image
-            y = torch.cat([F.scaled_dot_product_attention(q, k_i, v_i)
-                           for k_i, v_i in zip(k.split(mask, 2), v.split(mask, 2), strict=True)])
-        else:
-            # NaFlex batches: the probe must not pool the padding (transformers #36382).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
+        # NaFlex batches: the probe must not pool the padding (transformers #36382).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, 1, Dh)
         B = y.shape[0]
         y = linear(y.transpose(1, 2).reshape(B, 1, D), self.attention.out_proj)
         # No residual around the attention (the probe is not a token); the MLP has one.
@@ -305,12 +295,10 @@ class VisionTower(nn.Module):
     # int8 1.99 vs 1.49 s; scripts/benchmark_backbone.py times both. False runs batches whole. It
     # steps aside while gradients are recorded and under autocast, where the plain ops run.
     per_image_on_cpu: bool = True
-    # SigLIP 2 NaFlex on CPU (with per_image_on_cpu): the images' own tokens packed into one sequence,
-    # every linear layer run once over all of them and attention within each image, so nothing is
-    # computed over padding and the matmuls stay large; False runs the images one at a time. Both
-    # equal the masked padded batch (per_image_on_cpu = False) to float rounding. Measured in
-    # docs/naflex.md (scripts/benchmark_naflex.py).
-    pack_naflex_on_cpu: bool = True
+    # SigLIP 2 NaFlex on CPU: the same loop, each image at its own length, so nothing is computed over
+    # padding. Packing the images' tokens into one sequence was measured no faster (scripts/
+    # benchmark_naflex.py, docs/results.md: 1% ahead in bf16 and 6% behind in fp32 on an AMX Xeon)
+    # and is not worth a path of its own; both beat the masked padded batch.
 
     def __init__(self, cfg: VisionConfig, num_layers: int | None = None):
         super().__init__()
@@ -335,7 +323,7 @@ class VisionTower(nn.Module):
             # (oneDNN picks other kernels for other batch sizes), which embed's resumable output needs.
             return torch.cat([self(image) for image in self._images(pixel_values)])
         (x,), mask = self._tokens(pixel_values, [len(self.encoder.layers)], norm=True)  # (B, N, D)
-        return self.head(x, mask)  # NaFlex packed: x (1, T, D), mask the lengths -> (B, D)
+        return self.head(x, mask)  # (B, D)
 
     def _cpu_inference(self, pixel_values: Tensor | NaFlexPixels) -> bool:
         return (self.per_image_on_cpu and pixel_values.device.type == "cpu"
@@ -347,7 +335,7 @@ class VisionTower(nn.Module):
         if isinstance(pixel_values, NaFlexPixels):
             # Each image at its own length: no attention, MLP or pooling over padding at all.
             padded = not bool(pixel_values.mask.all())
-            return not self.pack_naflex_on_cpu and (len(pixel_values) > 1 or padded)
+            return len(pixel_values) > 1 or padded
         return pixel_values.ndim == 4 and pixel_values.shape[0] > 1
 
     @staticmethod
@@ -358,10 +346,9 @@ class VisionTower(nn.Module):
         return [image[None] for image in pixel_values]
 
     def _tokens(self, pixel_values: Tensor | NaFlexPixels, depths: list[int],
-                norm: bool) -> tuple[list[Tensor], Tensor | list[int] | None]:
+                norm: bool) -> tuple[list[Tensor], Tensor | None]:
         """The (B, N, D) tokens after each block count in `depths`, and what the attention masks
-        with: None, the (B, 1, 1, N) key mask of a padded NaFlex batch, or, for a NaFlex batch
-        packed on CPU, the images' lengths (the tokens then (1, T, D), T their sum)."""
+        with: None, or the (B, 1, 1, N) key mask of a padded NaFlex batch."""
         # Where and in what the tokens live: the position table's, which int8 never releases (a
         # NaFlex patch embedding is a Linear, quantized and its float weight left on the meta device).
         weight = self.embeddings.position_embedding.weight
@@ -373,14 +360,9 @@ class VisionTower(nn.Module):
                                 "checkpoint's own processor (load() returns it)")
             shapes = self._check_naflex(pixel_values)
             patches = pixel_values.patches.to(weight.device, weight.dtype)  # (B, N, P*P*C)
-            if self._cpu_inference(pixel_values) and self.pack_naflex_on_cpu:
-                mask = [h * w for h, w in shapes]
-                patches = torch.cat([patches[i, :n] for i, n in enumerate(mask)])[None]  # (1, T, P*P*C)
-                x = self.embeddings.patches(patches, shapes, packed=True)  # (1, T, D)
-            else:
-                x = self.embeddings.patches(patches, shapes)  # (B, N, D)
-                if not bool(pixel_values.mask.all()):
-                    mask = pixel_values.mask.to(weight.device)[:, None, None, :]  # (B, 1, 1, N)
+            x = self.embeddings.patches(patches, shapes)  # (B, N, D)
+            if not bool(pixel_values.mask.all()):
+                mask = pixel_values.mask.to(weight.device)[:, None, None, :]  # (B, 1, 1, N)
         else:
             self._check_pixels(pixel_values)
             x = self.embeddings(pixel_values.to(weight.dtype))  # (B, N, D)
@@ -431,11 +413,8 @@ class VisionTower(nn.Module):
                 per_image = [self._tokens(image, depths, norm)[0] for image in pixel_values.unpadded()]
                 out = [[image[k][0] for image in per_image] for k in range(len(depths))]  # (n_i, D)
             else:
-                batch, mask = self._tokens(pixel_values, depths, norm)
-                if isinstance(mask, list):  # packed: (1, T, D) -> (n_i, D) each
-                    out = [list(x[0].split(mask)) for x in batch]
-                else:
-                    out = [[x[i, : h * w] for i, (h, w) in enumerate(shapes)] for x in batch]
+                batch, _ = self._tokens(pixel_values, depths, norm)
+                out = [[x[i, : h * w] for i, (h, w) in enumerate(shapes)] for x in batch]
             if grid:  # (n_i, D) -> (D, h_i, w_i)
                 out = [[x.t().reshape(-1, h, w) for x, (h, w) in zip(same_layer, shapes, strict=True)]
                        for same_layer in out]

@@ -36,12 +36,16 @@ from .collection import (
     parts_record,
     shard_dirs,
 )
-from .errors import SiglipError, UsageError
+from .errors import RecordMismatch, SiglipError, UsageError
 from .modelspec import add_model_arguments
 
 # A folder that cannot be searched or indexed: the collection's own error (the message says what to
 # change), under the name the search job has always raised.
 SearchError = CollectionError
+
+
+class StaleIndex(CollectionError, RecordMismatch):
+    """An index built over other parts than the folder holds now: rebuild it (exit 2)."""
 
 
 def _faiss():
@@ -149,25 +153,25 @@ class Index:
     def _open(self, info: Path, coll: Collection) -> dict:
         data = json.loads(info.read_text())
         if data["n"] != len(coll):
-            raise SearchError(f"{info} covers {data['n']} embeddings but the folder holds "
+            raise StaleIndex(f"{info} covers {data['n']} embeddings but the folder holds "
                               f"{len(coll)}: run `siglip-so400m index {self.folder}` again")
         # Row ids are positions in the parts' name order: the same count over renamed parts (an
         # embed run that padded old part numbers) would point every id at another image.
         now = parts_record(self.folder)
         if data.get("parts") is None:
-            raise SearchError(f"{info} does not record which parts it was built over (an index made "
+            raise StaleIndex(f"{info} does not record which parts it was built over (an index made "
                               "before indexes recorded them), so its row ids cannot be checked against "
                               f"img_emb/: run `siglip-so400m index {self.folder}` again")
         if data["parts"] != now:
             was = {n: r for n, r in data["parts"]}
             diff = [f"{n} ({r} rows) not indexed" for n, r in now if was.get(n) != r][:3] + \
                    [f"{n} indexed but gone" for n in was if n not in dict(now)][:3]
-            raise SearchError(f"{info} was built over other img_emb/ parts than the folder holds now ("
+            raise StaleIndex(f"{info} was built over other img_emb/ parts than the folder holds now ("
                               + ", ".join(diff) + f"): its row ids would point at other images; run "
                               f"`siglip-so400m index {self.folder}` again")
         if data.get("row_order") != "name" and not coll.name_order_is_part_order:
             # Built when ids followed part numbers, which unpadded names sort apart from.
-            raise SearchError(f"{info} was built with row ids in part-number order, which the "
+            raise StaleIndex(f"{info} was built with row ids in part-number order, which the "
                               f"file names here do not sort in: run `siglip-so400m index {self.folder}` "
                               "again")
         return data
@@ -466,6 +470,8 @@ def dedup_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error("--neighbours must be at least 1")
     try:
         groups = dedup(Index.load(a.folder), a.threshold, a.neighbours)
+    except UsageError as e:
+        p.error(str(e))
     except SearchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from .api import load, pick_dtype
 from .data import DataError, GlobalBatches, ImageTextDataset, read_pairs
-from .errors import SiglipError, UsageError
+from .errors import RecordMismatch, SiglipError, UsageError
 from .faults import kill_point
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
@@ -41,6 +41,10 @@ from .modelspec import add_model_arguments, resolve_device
 from .weights import TOKENIZER_FILES, CheckpointError, FolderLock, atomic_write, fsync, resolve
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
+
+
+class SettingsChanged(CheckpointError, RecordMismatch):
+    """A resume with other settings than the run it resumes (exit 2): it would not continue that run."""
 
 
 @dataclass
@@ -413,7 +417,7 @@ def _restore(state_dir: Path, saved: dict, params: dict[str, nn.Parameter], opt,
     was = state.get("settings", settings)
     changed = [k for k in settings if k in was and was[k] != settings[k]]
     if changed:
-        raise CheckpointError(
+        raise SettingsChanged(
             f"{state_dir} was saved by a run with other settings: "
             + ", ".join(f"{_flag(k)} {was[k]} then, {settings[k]} now" for k in changed)
             + ". A resumed run must keep them (they set the learning-rate schedule and the data "

@@ -203,6 +203,7 @@ def _load_index(folder: str, ckpt, record: dict):
     """The search index (the [search] extra). Queries are embedded by the server's own model and
     processor, so the index must come from the same checkpoint, precision and patch budget: another
     model's embeddings would live in another space, and every hit would be wrong without any error."""
+    from ..errors import UsageError
     from ..modelspec import check_record, stored_record
 
     try:
@@ -212,6 +213,8 @@ def _load_index(folder: str, ckpt, record: dict):
                          "'siglip_so400m[search]'") from None
     try:
         index = Index.load(folder)
+    except UsageError:
+        raise  # a stale index: exit 2, as every record mismatch
     except SearchError as e:
         raise ValueError(f"--index {folder}: {e}") from None
     if index.manifest.get("model") is None:
