@@ -419,3 +419,13 @@ def test_usage_errors_exit_2_and_failures_1_decided_in_one_place(capsys):
     # Whatever a command lets through reaches cli.main as one line with its status.
     assert cli.main(["search", "/nonexistent/folder", "x"]) in (1, 2)
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_int8_and_graph_backends_take_the_cpu_when_device_is_auto_even_beside_a_gpu(monkeypatch):
+    from siglip_so400m.modelspec import ModelSpec
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # as on a GPU machine
+    run = ModelSpec(dtype="int8").resolve()
+    assert run.device.type == "cpu" and run.quantize == "int8" and run.dtype == torch.float32
+    with pytest.raises(UsageError, match="--dtype int8 runs on the CPU only"):
+        ModelSpec(dtype="int8", device="cuda").resolve()

@@ -139,7 +139,10 @@ class ModelSpec:
         if on_graphs and self.device not in (None, "auto", "cpu"):
             raise UsageError(f"--backend {self.backend} runs the graphs on the CPU; leave --device out "
                              "(or give cpu)")
-        device = torch.device("cpu") if on_graphs else resolve_device(self.device)
+        # The graphs and int8's kernels run on the CPU: there "auto" means the CPU, GPU or not.
+        cpu_only = on_graphs or name == "int8"
+        device = torch.device("cpu") if cpu_only and self.device in (None, "auto") else \
+            resolve_device(self.device)
         if name == "int8" and device.type != "cpu":
             raise UsageError(f"--dtype int8 runs on the CPU only, not on {device} (--device cpu; or "
                              f"--dtype bfloat16 on {device.type})")
@@ -222,7 +225,7 @@ class ResolvedSpec:
         if self.spec.threads:
             torch.set_num_threads(self.spec.threads)
         ckpt = ckpt or self.checkpoint(towers)
-        sized = self.processor(ckpt, tokenizer)  # a bad size is refused before the weights are read
+        self.processor(ckpt, tokenizer)  # a size this checkpoint cannot take: refused before any weight
         if self.spec.backend != "torch":
             try:
                 model, processor = backends.open_graphs(self.spec.graphs, self.spec.backend, ckpt, towers,
@@ -235,8 +238,7 @@ class ResolvedSpec:
         else:
             model, processor = load(ckpt, dtype=self.dtype, device=self.device, towers=towers,
                                     quantize=self.quantize, tokenizer=tokenizer)
-        processor.image = sized.image
-        return model, processor
+        return model, processor.sized(self.spec.image_size, self.spec.max_num_patches)
 
     def record(self, ckpt: Checkpoint, processor: Processor) -> dict:
         """What an output computed by this run records (see check_record)."""
