@@ -144,7 +144,7 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
     import torch.distributed as dist
 
     from .modelspec import ModelSpec
-    from .weights import Checkpoint, logit_params
+    from .weights import Checkpoint, file_in_the_way, logit_params
 
     pyarrow_modules()  # fail at once, not after the first part
     if batch_size < 1 or part_size < 1 or workers < 0:
@@ -170,12 +170,9 @@ def embed(inputs: str | os.PathLike | Sequence[str | os.PathLike], output: str |
 
     def prepare() -> tuple[list[Part], Checkpoint, dict]:
         nonlocal opened
-        for above in (out, *out.parents):  # the nearest existing one must be a folder
-            if above.exists():
-                if not above.is_dir():
-                    raise InputError(f"--output {out}: {above} is a file, not a folder; give a new "
-                                     "folder or one an embed run wrote")
-                break
+        if (above := file_in_the_way(out)) is not None:
+            raise InputError(f"--output {out}: {above} is a file, not a folder; give a new folder or "
+                             "one an embed run wrote")
         try:
             files, shards = expand_inputs(specs, recursive)
         except items.InputError as e:

@@ -38,7 +38,15 @@ from .faults import kill_point
 from .loss import distributed_sigmoid_loss
 from .model import SigLIP
 from .modelspec import add_model_arguments, resolve_device
-from .weights import TOKENIZER_FILES, CheckpointError, FolderLock, atomic_write, fsync, resolve
+from .weights import (
+    TOKENIZER_FILES,
+    CheckpointError,
+    FolderLock,
+    atomic_write,
+    file_in_the_way,
+    fsync,
+    resolve,
+)
 
 CHECKPOINT = "checkpoint"  # the resumable state, inside the output folder
 
@@ -159,12 +167,9 @@ def train(cfg: TrainConfig) -> Path:
     """Run (or resume) a fine-tuning; returns the output folder with the model in the Hub layout.
     One run at a time writes an output folder: a second one is refused (FolderInUse)."""
     out = Path(cfg.output_dir)
-    for above in (out, *out.parents):  # the nearest existing one must be a folder
-        if above.exists():
-            if not above.is_dir():
-                raise UsageError(f"--output-dir {out}: {above} is a file, not a folder; give a new folder "
-                                 "or one a fine-tuning run wrote")
-            break
+    if (above := file_in_the_way(out)) is not None:
+        raise UsageError(f"--output {out}: {above} is a file, not a folder; give a new folder or one a "
+                         "fine-tuning run wrote")
     rank, world, device = _setup_distributed(cfg.device)
     pairs = read_pairs(cfg.data)
     if cfg.batch_size > len(pairs):

@@ -411,6 +411,15 @@ def _umask() -> int:
     return mask
 
 
+def file_in_the_way(folder: str | os.PathLike) -> Path | None:
+    """The file that keeps an output folder from being made there (the folder itself, or its nearest
+    existing parent), if any: found before anything is written."""
+    for above in (Path(folder), *Path(folder).parents):
+        if above.exists():
+            return None if above.is_dir() else above
+    return None
+
+
 class FolderInUse(SiglipError):
     """Another process holds an output folder's lock."""
 
