@@ -312,6 +312,11 @@ def test_the_attention_overlay_without_the_pytorch_image_tower_is_501(model, col
 
 # ---- /v1/search by row ("more like this") and with near-duplicates folded ----
 
+def test_a_row_that_is_a_digit_but_not_a_number_is_422_not_500(client):
+    for row in ("²", "9" * 5000):  # str.isdigit() is True for both, int() fails on them
+        error(client.post("/v1/search", json={"rows": [row]}), 422, "rows[0] must be a row id")
+
+
 def test_search_by_a_row_finds_it_first_and_fold_marks_its_copy(client, collection):
     rows = collection["rows"]
     original, copy = rows["photo_03.png"], rows["copy.png"]

@@ -429,3 +429,37 @@ def test_int8_and_graph_backends_take_the_cpu_when_device_is_auto_even_beside_a_
     assert run.device.type == "cpu" and run.quantize == "int8" and run.dtype == torch.float32
     with pytest.raises(UsageError, match="--dtype int8 runs on the CPU only"):
         ModelSpec(dtype="int8", device="cuda").resolve()
+
+
+def test_a_collection_embedded_at_another_image_size_is_queried_at_that_size(tiny_ckpt, pictures, tmp_path):
+    out = tmp_path / "emb"
+    siglip_so400m.embed(pictures, out, model=str(tiny_ckpt), dtype="float32", image_size=48, workers=0,
+                        progress=False)
+    index = Index.load(out)
+    path = sorted(pictures.glob("*.png"))[4]
+    row = next(i for i in range(len(index)) if index.collection.metadata(i)["image_path"] == str(path))
+    hit = index.search(images=[str(path)], k=1)[0][0]
+    assert hit["id"] == row and hit["cosine"] > 0.999  # at the checkpoint's 32 px it is another vector
+    pytest.importorskip("fastapi")
+    from siglip_so400m.api import Processor
+    from siglip_so400m.modelspec import computed_with
+    from siglip_so400m.serve import _load_index
+    from siglip_so400m.weights import resolve
+
+    ckpt = resolve(str(tiny_ckpt))  # a server at the checkpoint's own size: refused, naming both
+    with pytest.raises(RecordMismatch, match="image_size: 48 there, 32 now.*--image-size 48"):
+        _load_index(str(out), ckpt, computed_with(ckpt, Processor.from_checkpoint(ckpt), "float32"))
+
+
+def test_a_graph_backends_collection_is_queried_by_eager_float32_and_old_int8_is_refused(
+        tiny_ckpt, pictures, tmp_path):
+    out = tmp_path / "emb"
+    siglip_so400m.embed(pictures, out, model=str(tiny_ckpt), dtype="float32", workers=0, progress=False)
+    manifest = json.loads((out / "manifest.json").read_text())
+    # Embedded through `export --fp16` ONNX graphs: labelled fp16, checked against eager float32.
+    (out / "manifest.json").write_text(json.dumps({**manifest, "backend": "onnx", "dtype": "fp16"}))
+    assert Index.load(out).search(texts=["a photo"], k=2)[0]
+    # int8 before activations were quantized per row: another computation, refused by name.
+    (out / "manifest.json").write_text(json.dumps({**manifest, "dtype": "int8"}))
+    with pytest.raises(RecordMismatch, match="quantization: None there"):
+        Index.load(out).search(texts=["a photo"], k=2)

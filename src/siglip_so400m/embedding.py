@@ -64,10 +64,9 @@ from .items import Decode, Item, expand_inputs, scan_shard, worker_init
 from .modelspec import add_model_arguments
 from .weights import DEFAULT_REPO
 
-LIST_SUFFIXES = (".txt", ".csv", ".parquet")
 # Settings that must match for a rerun to continue a run: the rest (batch size excepted, see
 # below) only changes speed.
-IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "backend", "image_size",
+IDENTITY_KEYS = ("format", "model", "revision", "weights", "dtype", "quantization", "backend", "image_size",
                  "embedding_dim", "part_size", "captions", "batch_size", "inputs_sha256", "parts",
                  "max_num_patches")
 # What a manifest written before a key existed meant by it: runs before --backend ran on torch.

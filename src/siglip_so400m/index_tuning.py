@@ -252,7 +252,11 @@ def _embed_texts(coll: Collection, model: str, texts: list[str], batch: int = 32
     from .modelspec import check_record, checkpoint_record
     from .weights import resolve
 
-    ckpt = resolve(model, towers=("text",))
+    m = coll.manifest
+    # The collection's own checkpoint: at the revision it was embedded with, as search takes it.
+    named = str(Path(model).resolve()) if Path(model).exists() else model
+    revision = m.get("revision") if m.get("model") == named else None
+    ckpt = resolve(model, revision=revision, towers=("text",))
     if coll.manifest.get("model") is not None:
         # Queries from another checkpoint than the collection's would tune for another space.
         check_record(coll.manifest, checkpoint_record(ckpt), str(coll.folder),

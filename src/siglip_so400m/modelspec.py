@@ -256,25 +256,57 @@ def checkpoint_record(ckpt: Checkpoint) -> dict:
             "weights": None if ckpt.revision else hashlib.sha256(ckpt.identity().encode()).hexdigest()[:16]}
 
 
+# What --dtype int8 computes: activations quantized per row, everything between the int8 matmuls in
+# float32. Records before it (per-tensor activations) have no `quantization`, read as None.
+INT8_SCHEME = "int8 per-row activations, float32 between"
+
+
 def computed_with(ckpt: Checkpoint, processor: Processor, precision: str, backend: str = "torch") -> dict:
-    """The record: checkpoint, precision the towers computed in, backend, and the image
-    preprocessing that decides the embeddings (fixed size, or NaFlex patch budget)."""
-    return {**checkpoint_record(ckpt), "dtype": precision, "backend": backend, **processor.image_record()}
+    """The record: checkpoint, precision the towers computed in (and int8's scheme), backend, and
+    the image preprocessing that decides the embeddings (fixed size, or NaFlex patch budget)."""
+    return {**checkpoint_record(ckpt), "dtype": precision,
+            "quantization": INT8_SCHEME if precision == "int8" and backend == "torch" else None,
+            "backend": backend, **processor.image_record()}
 
 
 def stored_record(stored: Mapping, ckpt: Checkpoint) -> dict:
     """A record as written, read as this version means it: an output that recorded no patch budget
-    (None, from before the record held the budget in force) was computed at the checkpoint's own."""
+    (None, from before the record held the budget in force) was computed at the checkpoint's own,
+    and one without `quantization` with none, or with int8's earlier scheme."""
     from .api import Processor
 
     record = dict(stored)
     if "max_num_patches" in record and record["max_num_patches"] is None:
         record["max_num_patches"] = Processor.from_checkpoint(ckpt).image_record()["max_num_patches"]
+    record.setdefault("quantization", None)
     return record
 
 
+def as_eager(record: Mapping) -> dict:
+    """A record as a reader that embeds its queries eagerly compares it: embeddings that a graph
+    backend computed were checked against the eager float32 model when they were made (backends.py),
+    so they are float32's, whatever the graphs' own precision label (fp16 weights, bf16, int8)."""
+    out = dict(record)
+    if out.get("backend", "torch") != "torch":
+        out.update(dtype="float32", backend="torch", quantization=None)
+    return out
+
+
+def fixed_size(record: Mapping, ckpt: Checkpoint) -> int | tuple[int, int] | None:
+    """The image size a fixed-size checkpoint's output was computed at (None for NaFlex, or when
+    the record has none), as --image-size takes it."""
+    size = record.get("image_size")
+    if ckpt.config.vision_config.naflex or size is None:
+        return None
+    return tuple(size) if isinstance(size, list) else size
+
+
 # Fields that two records must share for outputs to be comparable, in the order a refusal lists them.
-RECORD_FIELDS = ("model", "revision", "weights", "dtype", "backend", "image_size", "max_num_patches")
+RECORD_FIELDS = ("model", "revision", "weights", "dtype", "quantization", "backend", "image_size",
+                 "max_num_patches")
+# What a reader that embeds queries (search, eval --embeddings, serve --index) compares: not the
+# backend (see as_eager).
+QUERY_FIELDS = tuple(f for f in RECORD_FIELDS if f != "backend")
 
 
 def check_record(stored: Mapping, current: Mapping, where: str, *, fields: tuple[str, ...] = RECORD_FIELDS,

@@ -188,7 +188,16 @@ class Index:
         return len(self.collection)
 
     def _load_model(self, tower: str):
-        from .modelspec import ModelSpec, check_record, computed_with, stored_record
+        from .modelspec import (
+            QUERY_FIELDS,
+            ModelSpec,
+            as_eager,
+            check_record,
+            computed_with,
+            fixed_size,
+            stored_record,
+        )
+        from .weights import resolve
 
         if self._model is not None and tower in self._model.towers:
             return self._model, self._processor
@@ -198,21 +207,24 @@ class Index:
                               "(--model, or Index.load(..., model=...))")
         m = self.manifest
         revision = self._revision or (m.get("revision") if self._model_name == m["model"] else None)
-        # Queries in the collection's own precision and patch budget unless told otherwise; told
-        # otherwise, the record check below refuses what would not match the collection.
-        dtype = self._dtype if self._dtype not in (None, "auto") else m.get("dtype") or "float32"
-        budget = self.max_num_patches or m.get("max_num_patches")
-        run = ModelSpec(model=self._model_name, revision=revision, dtype=dtype,
-                        device=str(self._device or "auto"), max_num_patches=budget).resolve()
         towers = tuple({tower, *(self._model.towers if self._model is not None else ())})
-        ckpt = run.checkpoint(towers)
+        ckpt = resolve(self._model_name, revision=revision, towers=towers)
+        # Queries in the collection's own precision, image size and patch budget unless told
+        # otherwise; told otherwise, the record check below refuses what would not match.
+        stored = as_eager(stored_record(m, ckpt)) if m.get("model") is not None else dict(m)
+        dtype = self._dtype if self._dtype not in (None, "auto") else stored.get("dtype") or "float32"
+        naflex = ckpt.config.vision_config.naflex
+        budget = self.max_num_patches if self.max_num_patches is not None else \
+            stored.get("max_num_patches") if naflex else None
+        run = ModelSpec(model=self._model_name, revision=revision, dtype=dtype,
+                        device=str(self._device or "auto"), image_size=fixed_size(stored, ckpt),
+                        max_num_patches=budget).resolve()
         processor = run.processor(ckpt)
         if m.get("model") is not None:
-            # A query embedded by another checkpoint, precision or budget lives in another space
-            # than the collection's rows: every hit would be wrong without a word.
-            check_record(stored_record(m, ckpt), computed_with(ckpt, processor, run.precision),
-                         str(self.folder),
-                         fields=("model", "revision", "weights", "dtype", "max_num_patches"),
+            # A query embedded by another checkpoint, precision, size or budget lives in another
+            # space than the collection's rows: every hit would be wrong without a word.
+            check_record(stored, computed_with(ckpt, processor, run.precision), str(self.folder),
+                         fields=QUERY_FIELDS,
                          advice="query it with the model and settings that embedded it (leave --model, "
                                 "--dtype and --max-num-patches out to take them from its manifest.json)")
         self._model, self._processor = run.open(towers, ckpt=ckpt)
@@ -425,6 +437,9 @@ def search_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         p.error(f"--{e}")
     from .image import ImageReadError
 
+    for flag, value in (("--threads", a.threads), ("--max-num-patches", a.max_num_patches)):
+        if value is not None and value < 1:
+            p.error(f"{flag} must be at least 1")
     if a.threads:
         import torch
 

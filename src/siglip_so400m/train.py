@@ -41,6 +41,7 @@ from .modelspec import add_model_arguments, resolve_device
 from .weights import (
     TOKENIZER_FILES,
     CheckpointError,
+    FolderInUse,
     FolderLock,
     atomic_write,
     file_in_the_way,
@@ -178,10 +179,19 @@ def train(cfg: TrainConfig) -> Path:
         raise DataError(f"--batch-size {cfg.batch_size} is larger than the dataset ({len(pairs)} pairs "
                         f"in {cfg.data}): a batch would hold the same pair more than once, each copy a "
                         f"negative of the other; use --batch-size {len(pairs)} or less, or more data")
-    held = None
+    held, failure = None, None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        held = FolderLock(out, "fine-tuning run")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            held = FolderLock(out, "fine-tuning run")
+        except FolderInUse as e:
+            failure = str(e)
+    if world > 1:  # every rank learns rank 0's verdict, so none waits alone at the first collective
+        box = [failure]
+        dist.broadcast_object_list(box, src=0)
+        failure = box[0]
+    if failure is not None:
+        raise FolderInUse(failure)
     try:
         return _train(cfg, out, rank, world, device, pairs)
     finally:

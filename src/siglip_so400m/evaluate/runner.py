@@ -31,7 +31,8 @@ class Loaded:
                  device: str | torch.device | None, towers: tuple[str, ...],
                  max_num_patches: int | None = None, embeddings: str | os.PathLike | None = None,
                  image_size: int | None = None):
-        from ..modelspec import ModelSpec, computed_with
+        from ..modelspec import ModelSpec, as_eager, computed_with, fixed_size
+        from ..weights import resolve
 
         self.collection = _collection(embeddings) if embeddings is not None else None
         if isinstance(dtype, torch.dtype):
@@ -39,7 +40,7 @@ class Loaded:
         if self.collection is not None and dtype in (None, "auto"):
             # The texts in the precision the images were embedded in: the collection's record is
             # the default, as it is for search.
-            dtype = self.collection.manifest.get("dtype")
+            dtype = as_eager(self.collection.manifest).get("dtype")
         if isinstance(model, tuple):
             self.net, self.processor = model
             ckpt = getattr(self.net, "checkpoint", None)
@@ -49,10 +50,12 @@ class Loaded:
                 except ValueError as e:
                     raise EvalError(str(e)) from None
         else:
+            ckpt = resolve(model, revision=revision, towers=towers)
+            if self.collection is not None and image_size is None:  # the collection's size, as dtype
+                image_size = fixed_size(self.collection.manifest, ckpt)
             run = ModelSpec(model=model, revision=revision, dtype=dtype or "auto",
                             device=str(device or "auto"), image_size=image_size,
                             max_num_patches=max_num_patches).resolve()
-            ckpt = run.checkpoint(towers)
             self.net, self.processor = run.open(towers, ckpt=ckpt)
         self.device = next(self.net.parameters()).device
         self.precision = self.net.precision
@@ -118,16 +121,13 @@ def embed_items(net: SigLIP, processor: Processor, items: Sequence[Item], *, bat
 def embeddings_from_folder(folder: str | os.PathLike, items: Sequence[Item], loaded: Loaded) -> Tensor:
     """The items' rows of an `embed` output folder, (N, D) float32 (stored float16) on the model's
     device. The folder must come from the same model; every item must be in it."""
-    from ..modelspec import check_record, stored_record
+    from ..modelspec import QUERY_FIELDS, as_eager, check_record, stored_record
 
     coll = loaded.collection if loaded.collection is not None else _collection(folder)
     if loaded.record is not None:
-        stored = stored_record(coll.manifest, loaded.checkpoint)
-        # Not the backend: a graph backend's embeddings were checked against eager float32 at start.
-        check_record(stored, loaded.record, str(folder),
-                     fields=("model", "revision", "weights", "dtype", "image_size", "max_num_patches"),
-                     advice="evaluate with the settings it was embedded with (--model, --dtype, "
-                            "--max-num-patches), or embed again")
+        check_record(as_eager(stored_record(coll.manifest, loaded.checkpoint)), loaded.record, str(folder),
+                     fields=QUERY_FIELDS, advice="evaluate with the settings it was embedded with "
+                     "(--model, --dtype, --image-size, --max-num-patches), or embed again")
 
     def key(path: str | None, shard: str | None, k: str | None) -> tuple:
         # Absolute paths, so that an embed run from another working directory still matches; a shard

@@ -204,7 +204,7 @@ def _load_index(folder: str, ckpt, record: dict):
     processor, so the index must come from the same checkpoint, precision and patch budget: another
     model's embeddings would live in another space, and every hit would be wrong without any error."""
     from ..errors import UsageError
-    from ..modelspec import check_record, stored_record
+    from ..modelspec import QUERY_FIELDS, as_eager, check_record, fixed_size, stored_record
 
     try:
         from ..search import Index, SearchError
@@ -221,11 +221,12 @@ def _load_index(folder: str, ckpt, record: dict):
         raise ValueError(f"--index {folder} has no manifest.json naming the model that embedded it "
                          "(clip-retrieval's layout), so the server cannot check that its --model did; "
                          f"search it with `siglip-so400m search {folder} --model CHECKPOINT`")
-    m = stored_record(index.manifest, ckpt)
-    check_record(m, record, f"--index {folder}",
-                 fields=("model", "revision", "weights", "dtype", "max_num_patches"),
+    m = as_eager(stored_record(index.manifest, ckpt))
+    size = fixed_size(m, ckpt)
+    check_record(m, as_eager(record), f"--index {folder}", fields=QUERY_FIELDS,
                  advice=f"start the server with the settings it was embedded with (--model {m['model']}"
                         + (f" --dtype {m['dtype']}" if m.get("dtype") else "")
+                        + (f" --image-size {size if isinstance(size, int) else size[0]}" if size else "")
                         + (f" --max-num-patches {m['max_num_patches']}" if m.get("max_num_patches") else "")
                         + ")")
     return index

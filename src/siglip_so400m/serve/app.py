@@ -847,7 +847,7 @@ def create_app(server: Server) -> Guard:
                            "texts")
         for i, r in enumerate(index_rows):
             # A multipart form sends numbers as text.
-            r = int(r) if isinstance(r, str) and r.isdigit() else r
+            r = int(r) if isinstance(r, str) and r.isascii() and r.isdigit() and len(r) < 19 else r
             if not isinstance(r, int) or isinstance(r, bool) or not 0 <= r < len(server.index):
                 raise ApiError(422, f"rows[{i}] must be a row id of the index, 0 to "
                                f"{len(server.index) - 1}", f"rows[{i}]")

@@ -212,8 +212,9 @@ class Batcher:
             if self._closing:
                 raise Closed("the server is shutting down")
             if len(self._calls) >= self.max_calls:
-                raise QueueFull(f"the label queue is full ({self.max_calls} classify requests with new "
-                                "labels waiting)")
+                raise QueueFull(f"the model's queue for unbatched work is full ({self.max_calls} "
+                                "requests waiting: classify requests with new labels, attention "
+                                "overlays)")
             self._calls.append((fn, future))
             self._cond.notify()
         return future
