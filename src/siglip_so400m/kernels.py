@@ -3,9 +3,9 @@
 Each takes a faster kernel only for CPU inference (no gradient needed, no autocast) on x86, where a
 one-time probe found oneDNN's private fused linear working (bf16 only where oneDNN supports it on
 this CPU), and otherwise falls back to the plain op, so training, autocast, other CPUs and other
-devices compute exactly what the plain model computes. Speeds
-quoted are measured at so400m's shapes on a 2-core Zen 4 (AVX512-BF16, no AMX); see
-scripts/benchmark.py.
+devices compute exactly what the plain model computes. The paths are chosen by CPU features, not
+by a measurement on this machine; what they gained where they were measured, by machine and date:
+docs/results.md (scripts/benchmark.py).
 """
 
 from __future__ import annotations
@@ -75,9 +75,9 @@ def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """layer(x), then tanh-GELU if asked.
 
     CPU inference goes through oneDNN's matmul with bias and GELU fused, on the plain weight (no
-    repacked copy): 205-215 GFLOP/s in fp32 where MKL's F.linear reaches 176-200, and a few percent
-    more in bf16 (415-435 vs 396-417 GFLOP/s, the chip's bf16 peak). A layer that
-    int8.quantize_int8() prepared runs as an int8 matmul (see int8.py)."""
+    repacked copy), which measured faster than MKL's F.linear in fp32 and a few percent faster in
+    bf16 (docs/results.md). A layer that int8.quantize_int8() prepared runs as an int8 matmul (see
+    int8.py)."""
     packed = getattr(layer, "int8", None)
     if packed is not None:  # prepared by int8.quantize_int8()
         if torch.is_grad_enabled() and x.requires_grad:
@@ -97,9 +97,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tenso
     `mask` (B, 1, 1, N) bool keeps the keys where it is True (padded NaFlex batches, to sdpa).
 
     bf16 CPU inference over long sequences (the image tower's 729 patches) on CPUs without AMX
-    computes each head with two oneDNN matmuls around a float32 softmax: 13 ms a layer where sdpa's
-    flash kernel takes 19 (Zen 4, AVX512-BF16). With AMX sdpa's kernel wins by far (6 vs 17 ms a
-    layer on a Xeon with AMX), so it runs there.
+    computes each head with two oneDNN matmuls around a float32 softmax, which measured faster than
+    sdpa's flash kernel on an AVX512-BF16 CPU without AMX; with AMX sdpa's kernel wins by far, so it
+    runs there (docs/results.md).
     The scores are rounded to bf16 before the softmax, as in transformers' eager bf16 attention;
     sdpa keeps them in float32, so its output error is about half (2e-3 vs 5e-3 relative to fp32),
     both far below what moves a normalized embedding (tests/test_fast_paths.py). Everything else,

@@ -291,8 +291,8 @@ class VisionTower(nn.Module):
     LLaVA-OneVision runs 26 of so400m's 27 blocks), with `features()` and no pooled embedding."""
 
     # CPU inference runs a batch one image at a time: the activations of one image stay in cache.
-    # Measured per image, batch 8 vs batch 1 (2-core Zen 4): fp32 3.73 vs 3.55 s, bf16 2.04 vs 1.97 s,
-    # int8 1.99 vs 1.49 s; scripts/benchmark_backbone.py times both. False runs batches whole. It
+    # A batch of 8 run whole was slower per image than one image at a time in fp32, bf16 and int8
+    # (docs/results.md; scripts/benchmark_backbone.py times both). False runs batches whole. It
     # steps aside while gradients are recorded and under autocast, where the plain ops run.
     per_image_on_cpu: bool = True
     # SigLIP 2 NaFlex on CPU: the same loop, each image at its own length, so nothing is computed over
