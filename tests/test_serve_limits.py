@@ -424,7 +424,7 @@ def test_batcher_call_queue_is_bounded():
     model = torch.nn.Linear(1, 1)
     batcher = Batcher(model, max_batch=1, max_wait_s=0, max_queue=4, metrics=Metrics(), max_calls=3)
     futures = [batcher.call(lambda: 1) for _ in range(3)]  # not started: they wait
-    with pytest.raises(QueueFull, match="3 classify requests"):
+    with pytest.raises(QueueFull, match="3 requests waiting"):
         batcher.call(lambda: 1)
     batcher.start()
     assert [f.result(5) for f in futures] == [1, 1, 1]
