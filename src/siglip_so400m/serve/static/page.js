@@ -108,7 +108,7 @@ async function search(query, kind, label, k = PAGE) {
     state = {query, kind, label, k, hits};
     hits.slice(more).forEach(add);
     const shown = hits.filter((h) => !h.duplicate_of).length;
-    $("status").textContent = `${shown} results for ${label}, best first`
+    $("status").textContent = `${shown} result${shown === 1 ? "" : "s"} for ${label}, best first`
       + (hits.length > shown ? ` (${hits.length - shown} near-duplicates folded)` : "")
       + (kind === "text" ? "; p = SigLIP's probability that the image matches the text"
         : "; cos = cosine similarity to the query image");
