@@ -369,7 +369,7 @@ def test_every_command_takes_its_model_as_model_and_names_its_output_folder_outp
 
 
 # Modules that make up one job between them and may share private names.
-JOBS = {"search": "search", "index_tuning": "search", "exporting": "export", "backends": "export"}
+JOBS = {"search": "search", "index_tuning": "search"}
 
 
 def _job(module: str) -> str:

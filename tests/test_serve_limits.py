@@ -101,7 +101,7 @@ async def post(app, path: str, body: dict | None = None, content: bytes | None =
              "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50000),
              "headers": [(b"content-type", b"application/json"),
                          (b"content-length", str(len(content)).encode())]}
-    sent, out, given = False, {"headers": {}, "body": b""}, asyncio.Event()
+    sent, given = False, asyncio.Event()
 
     async def receive():
         nonlocal sent
@@ -112,6 +112,13 @@ async def post(app, path: str, body: dict | None = None, content: bytes | None =
             return {"type": "http.request", "body": content, "more_body": False}
         await given.wait()  # no disconnect
         return {"type": "http.disconnect"}
+
+    return await _answer(app, scope, receive)
+
+
+async def _answer(app, scope: dict, receive) -> Reply:
+    """Run the ASGI app on one request and collect its answer."""
+    out = {"status": None, "headers": {}, "body": b""}
 
     async def send(msg):
         if msg["type"] == "http.response.start":
@@ -131,7 +138,7 @@ async def stalled_post(app, path: str, sent: bytes = b"{") -> Reply:
              "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"",
              "root_path": "", "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 50001),
              "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")]}
-    first, out, never = True, {"headers": {}, "body": b""}, asyncio.Event()
+    first, never = True, asyncio.Event()
 
     async def receive():
         nonlocal first
@@ -140,15 +147,7 @@ async def stalled_post(app, path: str, sent: bytes = b"{") -> Reply:
             return {"type": "http.request", "body": sent, "more_body": True}
         await never.wait()
 
-    async def send(msg):
-        if msg["type"] == "http.response.start":
-            out["status"] = msg["status"]
-            out["headers"] = {k.decode(): v.decode() for k, v in msg["headers"]}
-        elif msg["type"] == "http.response.body":
-            out["body"] += msg.get("body", b"")
-
-    await app(scope, receive, send)
-    return Reply(out["status"], out["headers"], out["body"])
+    return await _answer(app, scope, receive)
 
 
 def run(coro, timeout: float = 30):

@@ -223,8 +223,8 @@ def open_graphs(folder: str | Path, backend: str, ckpt: Checkpoint, towers: Sequ
             graphs[tower] = exporting.Graph(path, backend, precision)
         except exporting.ExportError as e:
             raise BackendError(f"--graphs {folder}: {e}; export again") from None
-        sample = exporting._samples(eager, processor, tower)
-        check = exporting._parity(eager, tower, sample, graphs[tower], backend, precision)
+        sample = exporting.samples(eager, processor, tower)
+        check = exporting.parity(eager, tower, sample, graphs[tower], backend, precision)
         bad = exporting.gate_failures(check, precision)
         if bad:
             raise GraphMismatch(f"--graphs {folder}: the {tower} graph {path.name} ({RUNTIME_NAME[backend]}, "

@@ -160,11 +160,11 @@ def export(model: str | Path | Checkpoint = DEFAULT_REPO, output: str | Path = "
     try:
         checks = []
         for tower in towers:
-            sample = _samples(sig, processor, tower)
+            sample = samples(sig, processor, tower)
             log(f"exporting the {tower} tower to {format} ({precision}) ...")
             graph = _export_tower(sig, tower, sample, work, format, dtype, fp16)
             log(f"checking {graph.name} in {'ONNX Runtime' if format == 'onnx' else 'OpenVINO'} ...")
-            check = _parity(sig, tower, sample, graph, format, dtype)
+            check = parity(sig, tower, sample, graph, format, dtype)
             log(check.line())
             _gate(check, precision)
             checks.append(check)
@@ -261,7 +261,7 @@ def _naflex(sig: nn.Module, tower: str) -> bool:
     return tower == "vision" and sig.config.vision_config.naflex
 
 
-def _samples(sig: nn.Module, processor, tower: str) -> _Sample:
+def samples(sig: nn.Module, processor, tower: str) -> _Sample:
     """Three inputs for the trace and the parity gate: pixels in the processor's [-1, 1] range, and
     tokenized texts where the checkpoint has a tokenizer (else random ids over the vocabulary).
     NaFlex: three images of other aspect ratios through the checkpoint's processor (other grids,
@@ -453,7 +453,7 @@ def _eager(sig: nn.Module, tower: str, inputs: tuple[torch.Tensor, ...]) -> np.n
         return encode(inputs[0], normalize=True).float().numpy()
 
 
-def _parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path | Graph, fmt: str,
+def parity(sig: nn.Module, tower: str, sample: _Sample, graph: Path | Graph, fmt: str,
             dtype: str) -> TowerCheck:
     """The gate's figures; `graph` a path, or a Graph already open (backends' start-up check runs
     the very session the job then uses)."""
