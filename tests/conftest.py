@@ -19,6 +19,13 @@ from siglip_so400m.testing import (
     train_spiece,
 )
 
+# The kernel choices the tests' processes measure (siglip_so400m.autotune) go to a folder of this
+# run, shared by its subprocesses, not to the user's ~/.cache.
+if "SIGLIP_SO400M_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["SIGLIP_SO400M_CACHE"] = tempfile.mkdtemp(prefix="siglip-so400m-kernels-")
+
 # A checkpoint folder made beforehand by `python -m siglip_so400m.testing DIR --tiny`, for
 # environments without transformers (scripts/check_dependency_floors.py); tests that compare
 # against transformers still need it.

@@ -61,6 +61,7 @@ def fresh_probe(monkeypatch):
     from siglip_so400m import kernels
 
     monkeypatch.setattr(kernels, "_onednn_works", {}, raising=False)
+    monkeypatch.setattr(kernels, "_ways", {})  # and the ways measured with it
     return kernels
 
 
@@ -82,6 +83,7 @@ def test_fast_linear_falls_back_to_f_linear_when_the_onednn_probe_fails(fresh_pr
     # Reach the probe's call on every CPU: without this, a CPU with no oneDNN bf16 (an AVX2 EPYC)
     # is refused before the broken op is tried, and the test would not test the fallback.
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    monkeypatch.setattr(fresh_probe, "_mkl_packed_available", lambda: False)  # F.linear: the one way left
     layer, x = linear_inputs(dtype)
     with caplog.at_level("DEBUG", logger="siglip_so400m.kernels"), torch.inference_mode():
         first = fresh_probe.linear(x, layer, gelu=True)

@@ -13,9 +13,9 @@ import siglip_so400m
 from siglip_so400m import int8
 
 TEXTS = ["a photo of 2 cats", "a red circle", "Café naïve résumé", "東京 猫 😀"]
-KERNELS = [pytest.param(True, id="onednn"), pytest.param(False, id="int_mm")]
-# The route the model takes by itself (onednn=None): it must be right on every CPU, whichever it picks.
-ROUTES = [*KERNELS, pytest.param(None, id="default")]
+# Each route (oneDNN with s8 or u8 activations, torch._int_mm), and the one the model measures
+# fastest by itself (onednn=None): each must be right on every CPU.
+ROUTES = {"onednn-s8": (True, 0), "onednn-u8": (True, 128), "int_mm": (False, 0), "default": (None, 0)}
 
 
 def pixels(n: int, size: int) -> torch.Tensor:
@@ -33,13 +33,14 @@ def onednn_or_skip(onednn: bool | None, dtype: torch.dtype = torch.float32) -> N
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("gelu", [False, True])
-@pytest.mark.parametrize("onednn", ROUTES)
-def test_int8_linear_is_within_the_rounding_bound_of_f_linear(onednn, gelu, dtype):
+@pytest.mark.parametrize("route", ROUTES)
+def test_int8_linear_is_within_the_rounding_bound_of_f_linear(route, gelu, dtype):
+    onednn, zero_point = ROUTES[route]
     onednn_or_skip(onednn, dtype)
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(160, 200)
     x = torch.randn(3, 17, 160, generator=g).to(dtype)
-    w = int8.quantize_weight(layer.weight, layer.bias, onednn, dtype)
+    w = int8.quantize_weight(layer.weight, layer.bias, onednn, dtype, zero_point=zero_point)
     with torch.inference_mode():
         got = int8.linear(x, w, gelu=gelu)
     assert got.dtype == dtype and got.shape == (3, 17, 200)
@@ -74,16 +75,19 @@ def test_activation_quantization_never_wraps_around(dtype):
         assert q.dtype == torch.int8 and q.abs().max() <= 127
         err = (q.float() * s - x.float()).abs() / s
         assert (err <= 0.5 + 127 * 2**-8).all(), err.max()
+        u, su = int8.quantize_activation(x, 128)  # oneDNN's u8 activations: the same levels + 128
+        assert u.dtype == torch.uint8 and torch.equal(u.int() - 128, q.int()) and torch.equal(su, s)
 
 
-@pytest.mark.parametrize("onednn", ROUTES)
-def test_a_new_activation_is_quantized_anew(onednn):
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_new_activation_is_quantized_anew(route):
+    onednn, zero_point = ROUTES[route]
     """int8.linear reuses the last activation's quantization (q, k and v read the same x); a
     different tensor, or the same one written in place, must not get the stale one."""
     onednn_or_skip(onednn)
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)
-    w = int8.quantize_weight(layer.weight, layer.bias, onednn)
+    w = int8.quantize_weight(layer.weight, layer.bias, onednn, zero_point=zero_point)
     x1, x2 = torch.randn(5, 64), 3 * torch.randn(5, 64)
     with torch.no_grad():
         y1, y2 = int8.linear(x1, w), int8.linear(x2, w)
@@ -94,12 +98,13 @@ def test_a_new_activation_is_quantized_anew(onednn):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("onednn", ROUTES)
-def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, onednn, dtype):
+@pytest.mark.parametrize("route", ROUTES)
+def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, route, dtype):
+    onednn, zero_point = ROUTES[route]
     onednn_or_skip(onednn, dtype)
     ref, proc = siglip_so400m.load(tiny_ckpt)
     model, _ = siglip_so400m.load(tiny_ckpt)
-    int8.quantize_int8(model, dtype, onednn)
+    int8.quantize_int8(model, dtype, onednn, zero_point)
     assert model.precision == "int8"
     px, ids = pixels(4, 32), proc.texts(TEXTS)
     with torch.inference_mode():
@@ -119,14 +124,14 @@ def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, onednn, dtype):
         model.encode_image(pixels(1, 32).requires_grad_())
 
 
+@pytest.mark.parametrize("zero_point", [0, 128], ids=["s8", "u8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_onednn_runs_by_default_with_a_weight_range_that_makes_it_exact_at_so400m_shapes(dtype):
-    """The model's own route is oneDNN's int8 matmul (about as fast as a float32 matmul, where
-    torch._int_mm without VNNI or AMX is about 50x slower) with 8-bit weights, or with 7-bit ones
-    where the CPU's kernel saturates 8-bit products (AVX2 without VNNI, for float32 activations):
-    its result equals torch._int_mm's exact integer sums on the same operands at the image MLP's
-    widths, 1152 -> 4304 (64 tokens, not 729: _int_mm is the slow reference), for activations of
-    both signs."""
+def test_each_onednn_route_is_exact_with_its_weight_range_at_so400m_shapes(dtype, zero_point):
+    """oneDNN's int8 matmul, with s8 or u8 (q + 128) activations, with 8-bit weights or with 7-bit
+    ones where the CPU's kernel saturates 8-bit products (AVX2 without VNNI, for float32
+    activations): its result equals torch._int_mm's exact integer sums on the same operands at the
+    image MLP's widths, 1152 -> 4304 (64 tokens, not 729: _int_mm is the slow reference), for
+    activations of both signs."""
     if not int8._ONEDNN:
         pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
     limit = int8.onednn_weight_max(dtype)
@@ -134,13 +139,66 @@ def test_onednn_runs_by_default_with_a_weight_range_that_makes_it_exact_at_so400
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(1152, 4304)
     x = (3 * torch.randn(64, 1152, generator=g)).to(dtype)
-    w = int8.quantize_weight(layer.weight, layer.bias, dtype=dtype)
-    assert w.onednn and w.weight_max == limit
+    w = int8.quantize_weight(layer.weight, layer.bias, True, dtype, zero_point=zero_point)
+    assert w.onednn and w.weight_max == limit and w.zero_point == zero_point
     exact = int8.quantize_weight(layer.weight, layer.bias, False, dtype, weight_max=limit)
     with torch.inference_mode():
         got, ref = int8.linear(x, w).float(), int8.linear(x.clone(), exact).float()
     tol = 1e-4 if dtype == torch.float32 else 2**-7  # the output's own rounding
     assert ((got - ref).abs().max() / ref.abs().max()).item() < tol
+
+
+@pytest.fixture
+def measuring(monkeypatch, tmp_path):
+    """A fresh kernel-choice cache, and a clock the test sets: fake_ms[name] per call of candidate
+    `name` (1 ms for any other)."""
+    from siglip_so400m import autotune
+
+    monkeypatch.setenv("SIGLIP_SO400M_CACHE", str(tmp_path))
+    monkeypatch.delenv("SIGLIP_SO400M_AUTOTUNE", raising=False)
+    autotune.forget()
+    fake_ms: dict[str, float] = {}
+
+    def clock(name, fn):
+        fn()
+        return fake_ms.get(name, 1.0) / 1e3
+
+    monkeypatch.setattr(autotune, "_time", clock)
+    yield fake_ms
+    autotune.forget()
+
+
+@pytest.mark.parametrize("fastest", ["oneDNN, u8", "oneDNN, s8", "torch._int_mm"])
+def test_the_default_route_is_the_one_measured_fastest_not_the_one_a_flag_suggests(measuring, fastest):
+    if fastest != "torch._int_mm" and not int8.onednn_works(torch.float32):
+        pytest.skip("oneDNN's int8 matmul is not exact (or missing) here, so it is never a candidate")
+    measuring.update({name: 5.0 for name in int8.ROUTES} | {fastest: 1.0})
+    layer = torch.nn.Linear(96, 40)
+    w = int8.quantize_weight(layer.weight, layer.bias)
+    assert (w.onednn, w.zero_point) == {"oneDNN, u8": (True, 128), "oneDNN, s8": (True, 0),
+                                        "torch._int_mm": (False, 0)}[fastest]
+
+
+def test_int8_measured_slower_than_float32_is_refused_naming_both_times(measuring, tiny_ckpt):
+    """Where int8's kernels are slow (oneDNN's reference kernel for s8 activations on a VNNI CPU
+    without AMX took minutes for one image), --dtype int8 is refused with the measured times, not
+    run at a fraction of float32's speed."""
+    measuring.update({"int8": 9.0, "float32": 2.0})
+    with pytest.raises(int8.Int8Slower) as e:
+        siglip_so400m.load(tiny_ckpt, quantize="int8")
+    msg = str(e.value)
+    # Six linear layers of one So400m encoder layer: 6 x 9 ms against 6 x 2 ms.
+    assert "54.0 ms in int8 against 12.0 ms in float32" in msg and "--dtype float32" in msg
+    from siglip_so400m.errors import SiglipError
+
+    assert isinstance(e.value, SiglipError)  # one line and exit 1 on the command line
+    measuring.update({"int8": 1.0, "float32": 2.0})
+    from siglip_so400m import autotune
+
+    autotune.forget()
+    (next(iter(autotune.cache_file().parent.glob("kernels-*.json")))).unlink()
+    model, _ = siglip_so400m.load(tiny_ckpt, quantize="int8")  # faster: loads
+    assert model.precision == "int8"
 
 
 def test_a_wrong_onednn_int8_result_falls_back_to_int_mm(monkeypatch, caplog):
@@ -193,14 +251,15 @@ def test_quantize_options_are_checked(tiny_ckpt):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("onednn", ROUTES)
-def test_an_int8_embedding_is_bit_identical_alone_and_in_a_mixed_batch(tiny_ckpt, onednn, dtype):
+@pytest.mark.parametrize("route", ROUTES)
+def test_an_int8_embedding_is_bit_identical_alone_and_in_a_mixed_batch(tiny_ckpt, route, dtype):
     """The server batches texts and images from different clients: one client's input must not move
     another's vector. Activations are quantized per row (token), so a row's int8 operands, and so its
     exact integer sums, do not depend on its batch-mates."""
+    onednn, zero_point = ROUTES[route]
     onednn_or_skip(onednn, dtype)
     model, proc = siglip_so400m.load(tiny_ckpt)
-    int8.quantize_int8(model, dtype, onednn)
+    int8.quantize_int8(model, dtype, onednn, zero_point)
     loud = ["!!!! " * 12, "東京 猫 😀 " * 8]  # batch-mates whose activations differ from the text's
     with torch.inference_mode():
         alone = model.encode_text(proc.texts(TEXTS[:1]))

@@ -400,9 +400,9 @@ class Graph:
     """One exported tower run by its runtime: numpy arrays in (one per graph input, in the graph's
     order: NaFlex's image graph takes three), (B, D) float32 normalized out.
 
-    ONNX Runtime runs on the CPU execution provider; OpenVINO on the CPU with the inference precision
-    of the export ("f32" unless the export asked for bf16: OpenVINO's default on CPUs with bf16 is
-    bf16, which would not be exact)."""
+    ONNX Runtime runs on the CPU execution provider with its threads' spinning off; OpenVINO on the
+    CPU with the inference precision of the export ("f32" unless the export asked for bf16:
+    OpenVINO's default on CPUs with bf16 is bf16, which would not be exact)."""
 
     def __init__(self, path: str | Path, runtime: str, precision: str = "float32"):
         self.path = Path(path)
@@ -410,8 +410,13 @@ class Graph:
         if runtime == "onnx":
             import onnxruntime as ort
 
+            opts = ort.SessionOptions()
+            # Spinning threads keep their cores busy between calls, which slows every other runtime
+            # in the process (torch's preprocessing in the server; a benchmark's other runtimes).
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
             try:
-                self._session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+                self._session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
             except Exception as e:  # ORT raises its own pybind error types
                 raise ExportError(f"ONNX Runtime cannot load {self.path}: {e}") from None
             self.inputs = [i.name for i in self._session.get_inputs()]

@@ -1,11 +1,11 @@
-"""Inference fast paths for the linear layers, which do over 85% of SigLIP's work.
+"""Inference fast paths for the linear layers (over 85% of SigLIP's work) and attention.
 
-Each takes a faster kernel only for CPU inference (no gradient needed, no autocast) on x86, where a
-one-time probe found oneDNN's private fused linear working (bf16 only where oneDNN supports it on
-this CPU), and otherwise falls back to the plain op, so training, autocast, other CPUs and other
-devices compute exactly what the plain model computes. The paths are chosen by CPU features, not
-by a measurement on this machine; what they gained where they were measured, by machine and date:
-docs/results.md (scripts/benchmark.py).
+CPU inference (no gradient needed, no autocast) on x86 runs, for each kind of call, the way that
+measured fastest on this machine at that shape (autotune.py): never a way because a CPU flag says
+it should be fast. oneDNN's private ops are candidates only where a one-time probe found them
+working (bf16 only where oneDNN supports it on this CPU). Training, autocast, other CPUs and other
+devices run the plain ops, so they compute exactly what the plain model computes. What the ways
+gained where they were measured, by machine and date: docs/results.md.
 """
 
 from __future__ import annotations
@@ -18,10 +18,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import int8
+from . import autotune, int8
 
 _log = logging.getLogger(__name__)
 _X86 = ("x86_64", "amd64", "i386", "i686", "x86")
+_FAST = (torch.float32, torch.bfloat16)
 _onednn_works: dict[torch.dtype, bool] = {}  # per dtype, probed once at first use
 
 
@@ -62,52 +63,156 @@ def _probe_onednn(dtype: torch.dtype) -> bool:
     return True
 
 
-@functools.cache
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "amx_bf16" in next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-
-
 def linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """layer(x), then tanh-GELU if asked.
 
-    CPU inference goes through oneDNN's matmul with bias and GELU fused, on the plain weight (no
-    repacked copy), which measured faster than MKL's F.linear in fp32 and a few percent faster in
-    bf16 (docs/results.md). A layer that int8.quantize_int8() prepared runs as an int8 matmul (see
-    int8.py)."""
+    CPU inference runs the way measured fastest for this shape on this machine (autotune.py): the
+    plain F.linear, oneDNN's matmul with the bias and GELU fused (on the plain weight, or on a copy
+    packed once into oneDNN's blocked layout), or MKL's matmul on a packed copy (float32). A layer
+    that int8.quantize_int8() prepared runs as an int8 matmul (see int8.py)."""
     packed = getattr(layer, "int8", None)
     if packed is not None:  # prepared by int8.quantize_int8()
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("an int8 model is for inference only (its float weights were released); "
                                "load without quantize= to train")
         return int8.linear(x, packed, gelu)
-    if _cpu_inference(x) and x.dtype in (torch.float32, torch.bfloat16) and x.dtype == layer.weight.dtype \
-            and _onednn(x.dtype):
-        return torch.ops.mkldnn._linear_pointwise(x, layer.weight, layer.bias,
-                                                  "gelu" if gelu else "none", [], "tanh" if gelu else "")
-    y = F.linear(x, layer.weight, layer.bias)
+    if not (_cpu_inference(x) and x.dtype in _FAST and x.dtype == layer.weight.dtype):
+        return _plain(x, layer.weight, layer.bias, gelu)
+    return _LINEAR[_linear_way(x, layer, gelu)](x, layer, gelu)
+
+
+def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    y = F.linear(x, weight, bias)
     return F.gelu(y, approximate="tanh") if gelu else y
+
+
+def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu" if gelu else "none", [],
+                                              "tanh" if gelu else "")
+
+
+def _mkl_linear(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
+    y = torch.ops.mkl._mkl_linear(x, _packed(layer, "mkl", x), layer.weight, layer.bias, _rows(x))
+    return F.gelu(y, approximate="tanh") if gelu else y
+
+
+_LINEAR = {
+    "F.linear": lambda x, layer, gelu: _plain(x, layer.weight, layer.bias, gelu),
+    "oneDNN": lambda x, layer, gelu: _onednn_linear(x, layer.weight, layer.bias, gelu),
+    "oneDNN, packed": lambda x, layer, gelu: _onednn_linear(x, _packed(layer, "onednn", x), layer.bias, gelu),
+    "MKL, packed": _mkl_linear,
+}
+_ways: dict[tuple, str] = {}  # (threads, key) -> the way chosen, this process
+
+
+def _rows(x: Tensor) -> int:
+    return x.numel() // x.shape[-1]
+
+
+def _linear_way(x: Tensor, layer: nn.Linear, gelu: bool) -> str:
+    N, K = layer.weight.shape
+    key = f"linear {str(x.dtype)[6:]} {autotune.rows_bucket(_rows(x))}x{K}x{N}{' gelu' if gelu else ''}"
+    memo = (torch.get_num_threads(), key)
+    way = _ways.get(memo)
+    if way is None:
+        names = ["F.linear"]
+        if _onednn(x.dtype):
+            names += ["oneDNN", "oneDNN, packed"]
+        if x.dtype == torch.float32 and _mkl_packed_available():
+            names.append("MKL, packed")
+        way = "F.linear"
+        if len(names) > 1:
+            # The ways that lose keep no packed copy: only the chosen one's stays on the layer.
+            way = autotune.choose(key, {n: functools.partial(_LINEAR[n], x, layer, gelu) for n in names},
+                                  "F.linear", check=_close)
+            _drop_packed(layer, keep={"oneDNN, packed": "onednn", "MKL, packed": "mkl"}.get(way))
+        _ways[memo] = way
+    return way
+
+
+def _close(ref: Tensor, got: Tensor) -> bool:
+    """Whether another way's result is the reference's up to rounding: float32 summation order, or
+    bf16's 8-bit mantissa."""
+    tol = 1e-4 if ref.dtype == torch.float32 else 2**-6
+    return got.shape == ref.shape and got.dtype == ref.dtype and bool(
+        ((got.float() - ref.float()).abs() <= tol * (ref.float().abs() + ref.float().abs().mean())).all())
+
+
+@functools.cache
+def _mkl_packed_available() -> bool:
+    ops = getattr(torch.ops, "mkl", None)
+    return (platform.machine().lower() in _X86 and torch._C.has_mkl and hasattr(ops, "_mkl_linear")
+            and hasattr(ops, "_mkl_reorder_linear_weight"))
+
+
+def _stamp(w: Tensor) -> tuple:
+    try:  # a weight changed in place (training) has a new version; a new weight a new address
+        version = w._version
+    except RuntimeError:  # an inference tensor: never changed in place
+        version = None
+    return w.data_ptr(), version, w.dtype, tuple(w.shape)
+
+
+def _packed(layer: nn.Linear, kind: str, x: Tensor) -> Tensor:
+    """The layer's weight packed once for `kind`'s matmul ("onednn": oneDNN's blocked layout;
+    "mkl": MKL's packed GEMM operand), made again if the weight changed. A copy beside the weight:
+    the memory this costs is in docs/performance.md."""
+    store = layer.__dict__.setdefault("_packed_weights", {})
+    stamp = _stamp(layer.weight)
+    hit = store.get(kind)
+    if hit is None or hit[0] != stamp:
+        w = layer.weight.detach()
+        if kind == "onednn":
+            packed = torch.ops.mkldnn._reorder_linear_weight(w, _rows(x))
+        else:
+            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, _rows(x))
+        store[kind] = hit = (stamp, packed)
+    return hit[1]
+
+
+def _drop_packed(layer: nn.Linear, keep: str | None) -> None:
+    store = layer.__dict__.get("_packed_weights", {})
+    for kind in [k for k in store if k != keep]:
+        del store[kind]
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tensor | None = None) -> Tensor:
     """softmax(q k^T / sqrt(Dh)) v for (B, H, N, Dh) tensors; q may have fewer positions than k;
     `mask` (B, 1, 1, N) bool keeps the keys where it is True (padded NaFlex batches, to sdpa).
 
-    bf16 CPU inference over long sequences (the image tower's 729 patches) on CPUs without AMX
-    computes each head with two oneDNN matmuls around a float32 softmax, which measured faster than
-    sdpa's flash kernel on an AVX512-BF16 CPU without AMX; with AMX sdpa's kernel wins by far, so it
-    runs there (docs/results.md).
-    The scores are rounded to bf16 before the softmax, as in transformers' eager bf16 attention;
-    sdpa keeps them in float32, so its output error is about half (2e-3 vs 5e-3 relative to fp32),
-    both far below what moves a normalized embedding (tests/test_fast_paths.py). Everything else,
-    fp32 included (where parity with transformers matters), goes to sdpa."""
+    F.scaled_dot_product_attention, or, for CPU inference without a mask where it measured faster
+    for this shape on this machine (autotune.py; it did on an AVX512-BF16 CPU without AMX, not with
+    AMX), each head as two oneDNN matmuls around a float32 softmax. In bf16 that rounds the scores
+    to bf16 before the softmax, as transformers' eager bf16 attention does; sdpa keeps them in
+    float32, so its output error is about half (2e-3 vs 5e-3 relative to fp32), both far below what
+    moves a normalized embedding (tests/test_fast_paths.py)."""
+    if mask is None and dropout == 0.0 and _cpu_inference(q) and q.dtype in _FAST \
+            and _onednn(q.dtype) and _attention_way(q, k, v) == "per head":
+        return _per_head(q, k, v)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
+
+def _attention_way(q: Tensor, k: Tensor, v: Tensor) -> str:
     B, H, Nq, Dh = q.shape
-    if not (mask is None and _cpu_inference(q) and q.dtype == torch.bfloat16 and Nq >= 256
-            and dropout == 0.0 and not _cpu_has_amx() and _onednn(torch.bfloat16)):
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+    bucket = autotune.rows_bucket
+    key = f"attention {str(q.dtype)[6:]} {bucket(B * H)}x{bucket(Nq)}x{bucket(k.shape[2])}x{Dh}"
+    memo = (torch.get_num_threads(), key)
+    way = _ways.get(memo)
+    if way is None:
+        ways = {"sdpa": functools.partial(F.scaled_dot_product_attention, q, k, v),
+                "per head": functools.partial(_per_head, q, k, v)}
+        way = _ways[memo] = autotune.choose(key, ways, "sdpa", check=_attention_close)
+    return way
+
+
+def _attention_close(ref: Tensor, got: Tensor) -> bool:
+    # bf16 scores rounded before the softmax: about 5e-3 relative (see attention()); fp32: rounding.
+    tol = 2e-2 if ref.dtype == torch.bfloat16 else 1e-4
+    return got.shape == ref.shape and bool((got.float() - ref.float()).norm() <= tol * ref.float().norm())
+
+
+def _per_head(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    B, H, _, Dh = q.shape
     mm = torch.ops.mkldnn._linear_pointwise  # mm(a, b) = a @ b^T
     q = (q * Dh**-0.5).contiguous()
     k = k.contiguous()

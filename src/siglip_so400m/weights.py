@@ -11,13 +11,11 @@ name mapping while this module keeps all file access.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from . import bigvision
 from .config import FP32_KEYS, SiglipConfig
 from .errors import SiglipError
+from .files import atomic_write, fsync  # noqa: F401  (the package's one atomic write; jobs import it from here)
 
 DEFAULT_REPO = "google/siglip-so400m-patch14-384"
 WEIGHTS = "model.safetensors"
@@ -354,61 +353,6 @@ def logit_params(ckpt: Checkpoint) -> tuple[float, float]:
                 return (float(f.get_tensor("logit_scale").float().reshape(-1)[0]),
                         float(f.get_tensor("logit_bias").float().reshape(-1)[0]))
     raise CheckpointError(f"{ckpt.name} has no logit_scale / logit_bias (is this a SigLIP checkpoint?)")
-
-
-def fsync(path: str | os.PathLike) -> None:
-    """Flush a file, or a folder's entries, to the disk: a rename is only as durable as what it
-    renames, so after a power cut the new name must not point at unwritten data."""
-    if os.name == "nt" and Path(path).is_dir():
-        return  # Windows cannot open a folder; NTFS journals its entries
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[Path], object], *, durable: bool = True) -> None:
-    """Replace `path` all at once or not at all. write(tmp) fills a temporary file beside it (hidden,
-    ending in .tmp, named by mkstemp so that no other writer picks it), which is fsync'd, renamed
-    over `path`, and the folder fsync'd: after a kill or a power cut `path` is the old file or the
-    whole new one, never a truncated one. durable=False skips the fsyncs, for a cache that is
-    rebuilt when damaged: still atomic for readers, not across a power cut. The one atomic write
-    of the package (embed's parts and manifest, the faiss index and its index.json, fine-tuning's
-    weights, the label cache)."""
-    path = Path(path)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        # mkstemp makes the file 0600 whatever the umask; the output gets the mode open() would give
-        # it, so that a collection embedded for a team can be read by the team.
-        os.chmod(tmp, 0o666 & ~_umask())
-        if durable:
-            fsync(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    if durable:
-        fsync(path.parent)
-
-
-def _umask() -> int:
-    """The process's umask, read without changing it where Linux shows it (another thread's
-    os.umask(0) window would make its own files world-writable)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
 
 
 def file_in_the_way(folder: str | os.PathLike) -> Path | None:

@@ -1,0 +1,196 @@
+"""Kernels chosen by measurement, not by CPU flags.
+
+The first time a CPU fast path meets a kind of call (an op, a dtype and a shape, with the number of
+rows rounded up to a power of two), every candidate that computes the same thing is timed on that
+shape, and the fastest is used from then on. A candidate that fails, or whose result is not the
+reference candidate's within the op's tolerance, is not used. The reference candidate (the plain
+PyTorch op) is kept unless another one is at least `MARGIN` faster, so that noise does not flip a
+choice between two equals.
+
+Choices are kept in memory for the process and on disk, one JSON file per CPU model, thread count
+and torch version (`$SIGLIP_SO400M_CACHE`, else `$XDG_CACHE_HOME/siglip_so400m`, else
+`~/.cache/siglip_so400m`), so the next process starts with them: two processes on one machine pick the
+same kernels, and the same input gives the same bits. A cache that cannot be read is measured again;
+one that cannot be written is only kept in memory. Every choice is logged at DEBUG level
+(logger `siglip_so400m.autotune`), with each candidate's time. `SIGLIP_SO400M_AUTOTUNE=0` turns the
+measuring off: the reference candidates run everywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import logging
+import os
+import platform
+import random
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from .files import atomic_write
+
+_log = logging.getLogger(__name__)
+MARGIN = 0.03  # another candidate must be this much faster than the reference to replace it
+ROUNDS = 5  # timed calls per candidate (after one untimed call), in a shuffled order each round
+_lock = threading.RLock()
+_choices: dict[str, dict] = {}  # key -> {"use": candidate, "ms": {candidate: ms or None}}, this process
+_loaded: str | None = None  # the cache file whose choices are in _choices
+
+
+def enabled() -> bool:
+    return os.environ.get("SIGLIP_SO400M_AUTOTUNE", "1") not in ("0", "false", "no", "off")
+
+
+def rows_bucket(m: int) -> int:
+    """The number of rows a choice is made for: m rounded up to a power of two (at least 16)."""
+    return max(16, 1 << max(0, m - 1).bit_length())
+
+
+@functools.cache
+def _cpu() -> str:
+    name, flags = platform.processor() or platform.machine(), ""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith(("flags", "Features")):
+                flags = line.split(":", 1)[1].strip()
+                break
+    return f"{name} | flags {hashlib.sha256(flags.encode()).hexdigest()[:12]}"
+
+
+def machine() -> str:
+    """What a choice depends on: the CPU model and its features, the thread count, the torch build."""
+    return f"{_cpu()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+
+
+def cache_file() -> Path:
+    root = os.environ.get("SIGLIP_SO400M_CACHE")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siglip_so400m"
+    name = hashlib.sha256(machine().encode()).hexdigest()[:16]
+    return Path(root) / f"kernels-{name}.json"
+
+
+def _load(path: Path) -> None:
+    global _loaded
+    if _loaded == str(path):
+        return
+    _choices.clear()
+    _loaded = str(path)
+    try:
+        data = json.loads(path.read_text())
+        if data.get("machine") == machine() and isinstance(data.get("choices"), dict):
+            _choices.update({k: v for k, v in data["choices"].items()
+                             if isinstance(v, dict) and isinstance(v.get("use"), str)})
+    except FileNotFoundError:
+        pass
+    except (OSError, ValueError, AttributeError) as e:
+        _log.debug("kernel choices in %s not read (%s): measuring again", path, e)
+
+
+def _save(path: Path, key: str, choice: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # another process may have added its choices since this one read the file
+            on_disk = json.loads(path.read_text()).get("choices", {})
+        except (OSError, ValueError, AttributeError):
+            on_disk = {}
+        merged = {**on_disk, key: choice}
+        text = json.dumps({"machine": machine(), "choices": merged}, indent=1, sort_keys=True) + "\n"
+        atomic_write(path, lambda tmp: tmp.write_text(text), durable=False)
+    except OSError as e:
+        _log.debug("kernel choice %s = %s kept in memory only: %s cannot be written (%s)", key, choice["use"],
+                   path, e)
+
+
+def choose(key: str, candidates: dict[str, Callable[[], object]], reference: str,
+           check: Callable[[object, object], bool] | None = None) -> str:
+    """The name of the candidate to use for `key`: remembered, or measured now.
+
+    candidates: name -> a call that runs it once on the shape of `key` (inputs made by the caller);
+    reference: the candidate that is always correct (the plain op), kept unless another is MARGIN
+    faster; check(reference's result, candidate's result): whether the candidate may be used."""
+    if not enabled():
+        return reference
+    with _lock:
+        path = cache_file()
+        _load(path)
+        known = _choices.get(key)
+        if known is not None and known["use"] in candidates:
+            return known["use"]
+        choice, times = _measure(candidates, reference, check)
+        _choices[key] = known = {"use": choice, "ms": {n: None if t is None else round(t * 1e3, 4)
+                                                       for n, t in times.items()}}
+        _log.debug("%s: %s (%s)", key, choice, ", ".join(
+            f"{n} {t:.3g} ms" if t is not None else f"{n} not usable" for n, t in known["ms"].items()))
+        _save(path, key, known)
+        return choice
+
+
+def known(key: str) -> str | None:
+    """The candidate chosen for `key` in this process or on disk, without measuring (None: not yet,
+    or measuring is off)."""
+    if not enabled():
+        return None
+    with _lock:
+        _load(cache_file())
+        return _choices.get(key, {}).get("use")
+
+
+def measured(key: str) -> dict[str, float | None]:
+    """The milliseconds each candidate took when `key` was chosen (None: not usable), {} if unknown."""
+    with _lock:
+        _load(cache_file())
+        return dict(_choices.get(key, {}).get("ms", {}))
+
+
+def _time(name: str, fn: Callable[[], object]) -> float:
+    """Seconds one call of candidate `name` takes (tests replace this to decide the measurement)."""
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _measure(candidates: dict[str, Callable[[], object]], reference: str,
+             check: Callable[[object, object], bool] | None) -> tuple[str, dict[str, float | None]]:
+    ref_out = candidates[reference]()  # the reference must work: its errors are the caller's
+    usable = {reference: candidates[reference]}
+    for name, fn in candidates.items():
+        if name == reference:
+            continue
+        try:
+            out = fn()  # also its untimed first call (primitive creation, first touch)
+            if check is None or check(ref_out, out):
+                usable[name] = fn
+            else:
+                _log.debug("%s not used: its result differs from %s's", name, reference)
+        except Exception as e:  # a private op that fails here is simply not a candidate
+            _log.debug("%s not used: %s", name, e)
+    best: dict[str, float | None] = {name: None for name in candidates}
+    names = list(usable)
+    for _ in range(ROUNDS if len(usable) > 1 else 0):
+        random.shuffle(names)  # drift in the machine's speed hits every candidate alike
+        for name in names:
+            t = _time(name, usable[name])
+            best[name] = t if best[name] is None else min(best[name], t)
+    if len(usable) == 1:
+        return reference, best
+    fastest = min(usable, key=lambda n: best[n])
+    if fastest != reference and best[fastest] > (1 - MARGIN) * best[reference]:
+        fastest = reference
+    return fastest, best
+
+
+def forget() -> None:
+    """Drop this process's choices (tests; a changed cache location)."""
+    global _loaded
+    with _lock:
+        _choices.clear()
+        _loaded = None
