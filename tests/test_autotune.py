@@ -186,3 +186,46 @@ def test_attention_takes_the_way_measured_fastest_and_both_agree(clock):
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
     for way, got in out.items():
         assert ((got.double() - ref).norm() / ref.norm()).item() < 1e-2, way
+
+
+@pytest.mark.parametrize("faster", ["float32", "bfloat16"])
+def test_dtype_auto_on_the_cpu_is_bf16_only_where_bf16_measured_faster(clock, monkeypatch, faster):
+    from siglip_so400m import api
+
+    ms, _ = clock
+    monkeypatch.setattr(api, "_cpu_has_native_bf16", lambda: True)  # bf16 instructions: measure
+    ms.update({"float32": 5.0, "bfloat16": 5.0} | {faster: 1.0})
+    assert api.pick_dtype(torch.device("cpu")) == getattr(torch, faster)
+    # Without bf16 instructions torch would emulate it: float32, and nothing is timed.
+    monkeypatch.setattr(api, "_cpu_has_native_bf16", lambda: False)
+    autotune.forget()
+    for p in autotune.cache_file().parent.glob("kernels-*.json"):
+        p.unlink()
+    _, calls = clock
+    calls.clear()
+    assert api.pick_dtype(torch.device("cpu")) == torch.float32 and calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_stacked_projections_compute_each_layer_and_follow_a_changed_weight(clock, dtype):
+    """Attention's q, k and v as one matmul on a stacked copy of their weights, where that measured
+    faster: the same numbers as each layer alone, and a new copy once any weight changed."""
+    ms, _ = clock
+    ms.update({"one by one": 5.0, "stacked": 1.0})
+    torch.manual_seed(0)
+    layers = tuple(torch.nn.Linear(64, 48).to(dtype) for _ in range(3))
+    x = torch.randn(2, 11, 64, dtype=dtype)
+    tol = 1e-5 if dtype == torch.float32 else 2**-7
+
+    def check():
+        with torch.inference_mode():
+            got = kernels.projections(x, layers)
+        for m, y in zip(layers, got, strict=True):
+            ref = F.linear(x.double(), m.weight.double(), m.bias.double())
+            assert y.shape == ref.shape and ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol
+
+    check()
+    assert set(kernels._ways.values()) >= {"stacked"} and "_stacked" in layers[0].__dict__
+    with torch.no_grad():
+        layers[2].weight.mul_(-3)  # only v's weight changes
+    check()

@@ -7,7 +7,9 @@ import json
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
+from . import autotune
 from .config import SiglipConfig
 from .image import ImageInput, ImageProcessor, NaFlexImageProcessor, NaFlexPixels
 from .int8 import quantize_int8
@@ -190,9 +192,9 @@ def pick_device(device: str | None = None) -> torch.device:
 
 def pick_dtype(device: torch.device) -> torch.dtype:
     """The fast inference dtype for a device: bf16 where the hardware computes it natively (CUDA
-    from sm_80, Ampere, on; x86 CPUs with AVX512-BF16 or AMX), fp16 on older GPUs (T4, V100), float32
-    elsewhere. bf16 embeddings keep a cosine similarity above 0.999 to fp32; pass float32 for exact
-    transformers parity."""
+    from sm_80, Ampere, on; x86 CPUs with AVX512-BF16 or AMX where a bf16 matmul measured faster than
+    a float32 one), fp16 on older GPUs (T4, V100), float32 elsewhere. bf16 embeddings keep a cosine
+    similarity above 0.999 to fp32; pass float32 for exact transformers parity."""
     if device.type == "cuda":
         # torch.cuda.is_bf16_supported() alone counts emulation, which is slow (T4, V100); and it
         # speaks of the current device, so the target's own compute capability decides.
@@ -200,9 +202,23 @@ def pick_dtype(device: torch.device) -> torch.dtype:
         native = torch.cuda.get_device_capability(index)[0] >= 8 \
             and torch.cuda.is_bf16_supported(including_emulation=False)
         return torch.bfloat16 if native else torch.float16
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if device.type == "cpu" and _cpu_has_native_bf16() and _bf16_measured_faster():
         return torch.bfloat16
     return torch.float32
+
+
+def _bf16_measured_faster() -> bool:
+    """Whether a bf16 matmul at the image MLP's shape (729 x 1152 -> 4304) measured faster than a
+    float32 one on this machine (autotune.py: once per machine, then read from the cache file).
+    Only asked where the CPU has bf16 instructions: elsewhere torch emulates bf16 many times slower,
+    and measuring it would cost seconds for nothing."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(729, 1152, generator=g), torch.randn(4304, 1152, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    with torch.inference_mode():
+        return autotune.choose("dtype auto: float32 or bfloat16 at 729x1152x4304",
+                               {"float32": lambda: F.linear(x, w), "bfloat16": lambda: F.linear(xb, wb)},
+                               "float32") == "bfloat16"
 
 
 def _cpu_has_native_bf16() -> bool:

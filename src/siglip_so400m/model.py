@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from .config import SiglipConfig, TextConfig, VisionConfig
 from .image import NaFlexPixels
-from .kernels import attention, linear
+from .kernels import attention, linear, projections
 
 
 class Attention(nn.Module):
@@ -57,10 +57,14 @@ class Attention(nn.Module):
         last_only, for the last position's query alone."""
         B, N, D = x.shape
         H = self.num_heads
-        xq = x[:, -1:] if last_only else x
-        q = linear(xq, self.q_proj).view(B, -1, H, D // H).transpose(1, 2)  # (B, H, Nq, Dh)
-        k = linear(x, self.k_proj).view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, Dh)
-        v = linear(x, self.v_proj).view(B, N, H, D // H).transpose(1, 2)
+        if last_only:
+            q = linear(x[:, -1:], self.q_proj)
+            k, v = projections(x, (self.k_proj, self.v_proj))
+        else:
+            q, k, v = projections(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, -1, H, D // H).transpose(1, 2)  # (B, H, Nq, Dh)
+        k = k.view(B, N, H, D // H).transpose(1, 2)  # (B, H, N, Dh)
+        v = v.view(B, N, H, D // H).transpose(1, 2)
         y = attention(q, k, v, self.dropout if self.training else 0.0, mask)  # (B, H, Nq, Dh)
         return linear(y.transpose(1, 2).reshape(B, -1, D), self.out_proj)
 
