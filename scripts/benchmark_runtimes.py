@@ -10,9 +10,10 @@ provider, thread spinning off) and transformers' SiglipVisionModel (sdpa), all o
 the same inputs, all in this process. Each round runs every implementation once per batch size, in
 an order shuffled anew each round, with a pause after each call so that the last runtime's threads
 settle; the figure is the best of --rounds rounds after a warm-up. The matrix-product rate at the
-image tower's MLP shape (729x1152x4304) is measured in the same run (bf16 and fp32: the faster of
-F.linear and oneDNN's matmul; int8: the faster of torch._int_mm and oneDNN's int8 matmul), and every
-time is also printed as the model's FLOPs per second over it.
+image tower's MLP shape (729x1152x4304) is measured in the same run, before the rounds and again
+after them (bf16 and fp32: the faster of F.linear and oneDNN's matmul; int8: the faster of
+torch._int_mm and oneDNN's int8 matmul), and every time is also printed as the model's FLOPs per
+second over the rate before.
 
 Printed at the end: for each batch size and precision, ours against each peer (the peer's time over
 ours: above 1 is ours ahead) and int8 against ours in fp32. Without native bf16 (AVX2 only) no bf16
@@ -164,6 +165,11 @@ def main() -> None:
                 best[(B, name)] = min(best[(B, name)], time.perf_counter() - t)
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True)
 
+    # The machine's speed drifts (other tenants of a shared host): the rates again, after the rounds.
+    after = gemm_rates(d, 5, only=KEY)
+    info["gemm_after"] = {"bf16_gflops": after["bf16"][KEY], "fp32_gflops": after["fp32"][KEY]}
+    print(f"# GEMM at {KEY} after the rounds: bf16 {after['bf16'][KEY]:.0f}, fp32 {after['fp32'][KEY]:.0f} "
+          "GFLOP/s (the table uses the rates before)")
     print("\n| batch | implementation | seconds | of GEMM | max diff vs ours fp32 |")
     print("|---|---|---|---|---|")
     for B in args.batches:

@@ -133,7 +133,7 @@ def test_the_linear_layers_take_the_way_measured_fastest(clock, dtype):
             kernels.linear(x, layer, gelu=True)
         assert set(kernels._ways.values()) == {fastest}
         # Only the chosen way keeps a packed copy of the weight.
-        packed = set(layer.__dict__.get("_packed_weights", {}))
+        packed = set(kernels._copies.get(layer, {}))
         assert packed == ({"onednn"} if fastest == "oneDNN, packed" else {"mkl"} if fastest == "MKL, packed"
                           else set())
 
@@ -225,7 +225,96 @@ def test_stacked_projections_compute_each_layer_and_follow_a_changed_weight(cloc
             assert y.shape == ref.shape and ((y.double() - ref).abs() / (ref.abs() + 1)).max() < tol
 
     check()
-    assert set(kernels._ways.values()) >= {"stacked"} and "_stacked" in layers[0].__dict__
+    assert set(kernels._ways.values()) >= {"stacked"} and "stacked" in kernels._copies.get(layers[0], {})
     with torch.no_grad():
         layers[2].weight.mul_(-3)  # only v's weight changes
     check()
+
+
+def packed_ways(dtype: torch.dtype) -> list[str]:
+    return [w for w in linear_ways(dtype) if "packed" in w]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_packed_copy_is_made_again_after_a_dtype_round_trip_and_forget_drops_it(monkeypatch, dtype):
+    """model.bfloat16().float() gives new weights that may land at the old address with a fresh
+    version counter; a weight changed through .data bypasses the counter: forget() is the way."""
+    ways = packed_ways(dtype)
+    if not ways:
+        pytest.skip("no packed way here (no oneDNN, no MKL)")
+    for way in ways:
+        monkeypatch.setattr(kernels, "_linear_way", lambda x, layer, gelu, way=way: way)
+        torch.manual_seed(0)
+        layer = torch.nn.Linear(96, 200).to(dtype)
+        x = torch.randn(4, 96, dtype=dtype)
+        tol = 1e-5 if dtype == torch.float32 else 2**-7
+
+        def check(layer=layer, x=x, tol=tol, way=way):
+            ref = F.linear(x.double(), layer.weight.double(), layer.bias.double())
+            with torch.inference_mode():
+                got = kernels.linear(x, layer)
+            assert ((got.double() - ref).abs() / (ref.abs() + 1)).max() < tol, way
+
+        check()
+        with torch.no_grad():
+            layer.weight.add_(0.3)  # moves every output; then a round trip through another dtype
+        layer.to(torch.float16).to(dtype)
+        check()
+        layer.weight.data.mul_(-1)  # no version counter sees this one
+        kernels.forget(layer)
+        assert layer not in kernels._copies
+        check()
+
+
+def test_a_model_that_ran_the_packed_ways_still_deep_copies_and_pickles(tiny_ckpt, monkeypatch):
+    import copy
+    import io
+
+    import siglip_so400m
+
+    ways = packed_ways(torch.float32) + packed_ways(torch.bfloat16)
+    if not ways:
+        pytest.skip("no packed way here (no oneDNN, no MKL)")
+    model, _ = siglip_so400m.load(tiny_ckpt)
+    monkeypatch.setattr(kernels, "_linear_way", lambda x, layer, gelu: packed_ways(x.dtype)[0])
+    px = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.inference_mode():
+        ref = model.encode_image(px)
+    assert kernels._copies  # the packed copies exist
+    clone = copy.deepcopy(model)
+    torch.save(model, io.BytesIO())
+    with torch.inference_mode():
+        torch.testing.assert_close(clone.encode_image(px), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_a_choice_another_process_wrote_meanwhile_is_read_not_measured_again(clock):
+    ms, calls = clock
+    ms.update({"a": 1.0, "b": 5.0})
+    assert autotune.known("unrelated") is None  # this process has read the (empty) file
+    path = autotune.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"machine": autotune.machine(), "choices": {"op": {"use": "b", "ms": {}}}}))
+    assert autotune.choose("op", {"a": lambda: 0, "b": lambda: 0}, "a") == "b" and calls == []
+
+
+def test_a_candidate_far_slower_on_its_first_call_is_not_timed_further(clock, monkeypatch):
+    import time
+
+    _, calls = clock
+    monkeypatch.setattr(autotune, "SLOW", 2)
+    cands = {"ref": lambda: 0, "crawl": lambda: time.sleep(0.25) or 0}
+    assert autotune.choose("op", cands, "ref") == "ref"
+    assert "crawl" not in calls and autotune.measured("op")["crawl"] is None
+
+
+def test_a_cache_file_of_the_wrong_shape_is_measured_again_not_a_crash(clock):
+    ms, _ = clock
+    ms.update({"a": 2.0, "b": 1.0})
+    path = autotune.cache_file()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for text in (json.dumps({"machine": autotune.machine(), "choices": ["a"]}), "[1, 2]",
+                 json.dumps({"machine": autotune.machine(), "choices": {"op": {"use": "a", "ms": "x"}}})):
+        path.write_text(text)
+        autotune.forget()
+        assert autotune.choose("op", {"a": lambda: 0, "b": lambda: 0}, "a") == "b"
+        path.unlink()

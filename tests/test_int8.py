@@ -23,10 +23,10 @@ def pixels(n: int, size: int) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=g) * 2 - 1
 
 
-def onednn_or_skip(onednn: bool | None, dtype: torch.dtype = torch.float32) -> None:
+def onednn_or_skip(onednn: bool | None, dtype: torch.dtype = torch.float32, zero_point: int = 0) -> None:
     if onednn and not int8._ONEDNN:
         pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
-    if onednn and not int8.onednn_works(dtype):
+    if onednn and not int8.onednn_works(dtype, zero_point):
         pytest.skip(f"oneDNN's int8 matmul gives wrong results on this CPU for {dtype} activations, so the "
                     "model does not use it here (int8.onednn_works); the 'default' case tests what runs")
 
@@ -36,7 +36,7 @@ def onednn_or_skip(onednn: bool | None, dtype: torch.dtype = torch.float32) -> N
 @pytest.mark.parametrize("route", ROUTES)
 def test_int8_linear_is_within_the_rounding_bound_of_f_linear(route, gelu, dtype):
     onednn, zero_point = ROUTES[route]
-    onednn_or_skip(onednn, dtype)
+    onednn_or_skip(onednn, dtype, zero_point)
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(160, 200)
     x = torch.randn(3, 17, 160, generator=g).to(dtype)
@@ -54,7 +54,7 @@ def test_int8_linear_is_within_the_rounding_bound_of_f_linear(route, gelu, dtype
     full = xd.abs().amax(-1, keepdim=True) / (127 * (1 - 2**-8))
     torch.testing.assert_close(s_x, full, rtol=1e-6 if dtype == torch.float32 else 2**-8, atol=0)
     s_w = wd.abs().amax(1) / w.weight_max  # 127, or 63 where oneDNN needs 7-bit weights
-    assert w.weight_max == (int8.onednn_weight_max(dtype) if w.onednn else 127)
+    assert w.weight_max == (int8.onednn_weight_max(dtype, w.zero_point) if w.onednn else 127)
     bound = (xd.abs() @ wd.new_ones(160, 1)) * s_w / 2 + (s_x / 2) * wd.abs().sum(1) + 160 * s_x * s_w / 4
     if gelu:
         ref, bound = F.gelu(ref, approximate="tanh"), 1.13 * bound
@@ -84,7 +84,7 @@ def test_a_new_activation_is_quantized_anew(route):
     onednn, zero_point = ROUTES[route]
     """int8.linear reuses the last activation's quantization (q, k and v read the same x); a
     different tensor, or the same one written in place, must not get the stale one."""
-    onednn_or_skip(onednn)
+    onednn_or_skip(onednn, torch.float32, zero_point)
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 32)
     w = int8.quantize_weight(layer.weight, layer.bias, onednn, zero_point=zero_point)
@@ -101,7 +101,7 @@ def test_a_new_activation_is_quantized_anew(route):
 @pytest.mark.parametrize("route", ROUTES)
 def test_int8_embeddings_stay_close_to_fp32_tiny(tiny_ckpt, route, dtype):
     onednn, zero_point = ROUTES[route]
-    onednn_or_skip(onednn, dtype)
+    onednn_or_skip(onednn, dtype, zero_point)
     ref, proc = siglip_so400m.load(tiny_ckpt)
     model, _ = siglip_so400m.load(tiny_ckpt)
     int8.quantize_int8(model, dtype, onednn, zero_point)
@@ -134,7 +134,7 @@ def test_each_onednn_route_is_exact_with_its_weight_range_at_so400m_shapes(dtype
     activations of both signs."""
     if not int8._ONEDNN:
         pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
-    limit = int8.onednn_weight_max(dtype)
+    limit = int8.onednn_weight_max(dtype, zero_point)
     assert limit in (127, 63), f"oneDNN's int8 matmul is not exact here for {dtype} with either weight range"
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(1152, 4304)
@@ -170,7 +170,7 @@ def measuring(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("fastest", ["oneDNN, u8", "oneDNN, s8", "torch._int_mm"])
 def test_the_default_route_is_the_one_measured_fastest_not_the_one_a_flag_suggests(measuring, fastest):
-    if fastest != "torch._int_mm" and not int8.onednn_works(torch.float32):
+    if fastest != "torch._int_mm" and not int8.onednn_works(torch.float32, 128 if "u8" in fastest else 0):
         pytest.skip("oneDNN's int8 matmul is not exact (or missing) here, so it is never a candidate")
     measuring.update({name: 5.0 for name in int8.ROUTES} | {fastest: 1.0})
     layer = torch.nn.Linear(96, 40)
@@ -179,10 +179,11 @@ def test_the_default_route_is_the_one_measured_fastest_not_the_one_a_flag_sugges
                                         "torch._int_mm": (False, 0)}[fastest]
 
 
-def test_int8_measured_slower_than_float32_is_refused_naming_both_times(measuring, tiny_ckpt):
+def test_int8_measured_slower_than_float32_is_refused_naming_both_times(measuring, tiny_ckpt, monkeypatch):
     """Where int8's kernels are slow (oneDNN's reference kernel for s8 activations on a VNNI CPU
     without AMX took minutes for one image), --dtype int8 is refused with the measured times, not
     run at a fraction of float32's speed."""
+    monkeypatch.delenv("SIGLIP_SO400M_INT8_SPEED_CHECK", raising=False)  # the suite turns it off
     measuring.update({"int8": 9.0, "float32": 2.0})
     with pytest.raises(int8.Int8Slower) as e:
         siglip_so400m.load(tiny_ckpt, quantize="int8")
@@ -257,7 +258,7 @@ def test_an_int8_embedding_is_bit_identical_alone_and_in_a_mixed_batch(tiny_ckpt
     another's vector. Activations are quantized per row (token), so a row's int8 operands, and so its
     exact integer sums, do not depend on its batch-mates."""
     onednn, zero_point = ROUTES[route]
-    onednn_or_skip(onednn, dtype)
+    onednn_or_skip(onednn, dtype, zero_point)
     model, proc = siglip_so400m.load(tiny_ckpt)
     int8.quantize_int8(model, dtype, onednn, zero_point)
     loud = ["!!!! " * 12, "東京 猫 😀 " * 8]  # batch-mates whose activations differ from the text's
@@ -268,3 +269,30 @@ def test_an_int8_embedding_is_bit_identical_alone_and_in_a_mixed_batch(tiny_ckpt
         img_mixed = model.encode_image(torch.cat([10 * pixels(3, 32)[1:], pixels(1, 32)]))
     assert torch.equal(alone[0], mixed[1]), (alone[0] - mixed[1]).abs().max()
     assert torch.equal(img_alone[0], img_mixed[-1]), (img_alone[0] - img_mixed[-1]).abs().max()
+
+
+def test_the_speed_check_times_int8_with_its_activation_quantizing(measuring, monkeypatch):
+    """Every timed int8 call must quantize its input, as every layer of the model does: a cached
+    quantization would time the matmul alone and pass int8 where it is slower than float32."""
+    from siglip_so400m import autotune
+
+    real = int8.quantize_activation
+    count = [0]
+
+    def counting(*a, **kw):
+        count[0] += 1
+        return real(*a, **kw)
+
+    monkeypatch.setattr(int8, "quantize_activation", counting)
+    quantized_per_call = []
+
+    def clock(name, fn):
+        before = count[0]
+        fn()
+        if name == "int8":
+            quantized_per_call.append(count[0] - before)
+        return 1e-3
+
+    monkeypatch.setattr(autotune, "_time", clock)
+    int8.check_speed(torch.float32)
+    assert quantized_per_call and all(n == 1 for n in quantized_per_call), quantized_per_call

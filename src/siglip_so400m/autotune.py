@@ -33,14 +33,16 @@ from pathlib import Path
 
 import torch
 
-from .files import atomic_write
+from .files import atomic_write, cache_dir
 
 _log = logging.getLogger(__name__)
 MARGIN = 0.03  # another candidate must be this much faster than the reference to replace it
+SLOW = 20  # a candidate whose first call takes this many times the reference's is not timed further
 ROUNDS = 5  # timed calls per candidate (after one untimed call), in a shuffled order each round
 _lock = threading.RLock()
 _choices: dict[str, dict] = {}  # key -> {"use": candidate, "ms": {candidate: ms or None}}, this process
 _loaded: str | None = None  # the cache file whose choices are in _choices
+_lock_depth = 0  # how many choose() calls of this process are measuring (under _lock)
 
 
 def enabled() -> bool:
@@ -71,43 +73,88 @@ def machine() -> str:
 
 
 def cache_file() -> Path:
-    root = os.environ.get("SIGLIP_SO400M_CACHE")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siglip_so400m"
-    name = hashlib.sha256(machine().encode()).hexdigest()[:16]
-    return Path(root) / f"kernels-{name}.json"
+    """This machine's choices, in the package's cache folder (files.cache_dir)."""
+    return cache_dir() / f"kernels-{hashlib.sha256(machine().encode()).hexdigest()[:16]}.json"
 
 
-def _load(path: Path) -> None:
+def _load(path: Path | None, again: bool = False) -> None:
+    """The choices on disk into _choices (once per file; again: re-read, keeping this process's)."""
     global _loaded
-    if _loaded == str(path):
+    if path is None or (_loaded == str(path) and not again):
         return
-    _choices.clear()
+    if _loaded != str(path):
+        _choices.clear()
     _loaded = str(path)
+    _choices.update({k: v for k, v in _read(path).items() if k not in _choices})
+
+
+def _read(path: Path) -> dict[str, dict]:
     try:
         data = json.loads(path.read_text())
-        if data.get("machine") == machine() and isinstance(data.get("choices"), dict):
-            _choices.update({k: v for k, v in data["choices"].items()
-                             if isinstance(v, dict) and isinstance(v.get("use"), str)})
+        choices = data.get("choices") if isinstance(data, dict) and data.get("machine") == machine() else None
+        if not isinstance(choices, dict):
+            return {}
+        return {k: v for k, v in choices.items() if isinstance(v, dict) and isinstance(v.get("use"), str)
+                and isinstance(v.get("ms", {}), dict)}
     except FileNotFoundError:
-        pass
-    except (OSError, ValueError, AttributeError) as e:
+        return {}
+    except (OSError, ValueError) as e:
         _log.debug("kernel choices in %s not read (%s): measuring again", path, e)
+        return {}
 
 
-def _save(path: Path, key: str, choice: dict) -> None:
+def _save(path: Path | None, key: str, choice: dict) -> None:
     try:
+        if path is None:
+            raise OSError("no cache folder: neither $SIGLIP_SO400M_CACHE nor a home folder")
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # another process may have added its choices since this one read the file
-            on_disk = json.loads(path.read_text()).get("choices", {})
-        except (OSError, ValueError, AttributeError):
-            on_disk = {}
-        merged = {**on_disk, key: choice}
+        merged = {**_read(path), key: choice}  # another process may have added its choices
         text = json.dumps({"machine": machine(), "choices": merged}, indent=1, sort_keys=True) + "\n"
         atomic_write(path, lambda tmp: tmp.write_text(text), durable=False)
     except OSError as e:
-        _log.debug("kernel choice %s = %s kept in memory only: %s cannot be written (%s)", key, choice["use"],
-                   path, e)
+        _log.warning("kernel choice %s = %s kept in memory only, %s cannot be written (%s): the next "
+                     "process measures again and may choose another kernel, whose last bits differ",
+                     key, choice["use"], path, e)
+
+
+@contextlib.contextmanager
+def _across_processes(path: Path | None):
+    """Held while a process measures and writes a choice: a second process waits, then reads the
+    first one's choice instead of measuring the same thing at the same time (where the two would
+    slow each other down and might choose differently). POSIX only; elsewhere, nothing."""
+    global _lock_depth
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    lock = None
+    # Nested measuring (stacked projections time linear layers, which choose their own way) holds
+    # the lock already: a second flock on a new descriptor of the same file would wait for ever.
+    _lock_depth += 1
+    if fcntl is not None and path is not None and _lock_depth == 1:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except OSError:
+            if lock is not None:
+                lock.close()
+            lock = None
+    try:
+        yield
+    finally:
+        _lock_depth -= 1
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            lock.close()
+
+
+def _cache_file_or_none() -> Path | None:
+    try:
+        return cache_file()
+    except (RuntimeError, KeyError) as e:  # no home folder (Path.home() fails) and no $SIGLIP_SO400M_CACHE
+        _log.debug("no folder for kernel choices (%s): they stay in memory", e)
+        return None
 
 
 def choose(key: str, candidates: dict[str, Callable[[], object]], reference: str,
@@ -120,17 +167,22 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], reference: str
     if not enabled():
         return reference
     with _lock:
-        path = cache_file()
+        path = _cache_file_or_none()
         _load(path)
-        known = _choices.get(key)
-        if known is not None and known["use"] in candidates:
-            return known["use"]
-        choice, times = _measure(candidates, reference, check)
-        _choices[key] = known = {"use": choice, "ms": {n: None if t is None else round(t * 1e3, 4)
-                                                       for n, t in times.items()}}
-        _log.debug("%s: %s (%s)", key, choice, ", ".join(
-            f"{n} {t:.3g} ms" if t is not None else f"{n} not usable" for n, t in known["ms"].items()))
-        _save(path, key, known)
+        hit = _choices.get(key)
+        if hit is not None and hit["use"] in candidates:
+            return hit["use"]
+        with _across_processes(path):
+            _load(path, again=True)  # another process may have measured it meanwhile
+            hit = _choices.get(key)
+            if hit is not None and hit["use"] in candidates:
+                return hit["use"]
+            choice, times = _measure(candidates, reference, check)
+            _choices[key] = hit = {"use": choice, "ms": {n: None if t is None else round(t * 1e3, 4)
+                                                         for n, t in times.items()}}
+            _log.debug("%s: %s (%s)", key, choice, ", ".join(
+                f"{n} {t:.3g} ms" if t is not None else f"{n} not usable" for n, t in hit["ms"].items()))
+            _save(path, key, hit)
         return choice
 
 
@@ -140,15 +192,19 @@ def known(key: str) -> str | None:
     if not enabled():
         return None
     with _lock:
-        _load(cache_file())
+        _load(_cache_file_or_none())
         return _choices.get(key, {}).get("use")
 
 
 def measured(key: str) -> dict[str, float | None]:
-    """The milliseconds each candidate took when `key` was chosen (None: not usable), {} if unknown."""
+    """The milliseconds each candidate took when `key` was chosen (None: not usable), {} if unknown
+    or measuring is off."""
+    if not enabled():
+        return {}
     with _lock:
-        _load(cache_file())
-        return dict(_choices.get(key, {}).get("ms", {}))
+        _load(_cache_file_or_none())
+        ms = _choices.get(key, {}).get("ms", {})
+        return {n: t for n, t in ms.items() if t is None or isinstance(t, (int, float))}
 
 
 def _time(name: str, fn: Callable[[], object]) -> float:
@@ -160,17 +216,24 @@ def _time(name: str, fn: Callable[[], object]) -> float:
 
 def _measure(candidates: dict[str, Callable[[], object]], reference: str,
              check: Callable[[object, object], bool] | None) -> tuple[str, dict[str, float | None]]:
+    start = time.perf_counter()
     ref_out = candidates[reference]()  # the reference must work: its errors are the caller's
+    ref_first = time.perf_counter() - start
     usable = {reference: candidates[reference]}
     for name, fn in candidates.items():
         if name == reference:
             continue
         try:
+            start = time.perf_counter()
             out = fn()  # also its untimed first call (primitive creation, first touch)
-            if check is None or check(ref_out, out):
-                usable[name] = fn
-            else:
+            first = time.perf_counter() - start
+            if check is not None and not check(ref_out, out):
                 _log.debug("%s not used: its result differs from %s's", name, reference)
+            elif first > max(SLOW * ref_first, 0.2):  # no need to time it ROUNDS times more
+                _log.debug("%s not used: its first call took %.3g s, %s's %.3g s", name, first, reference,
+                           ref_first)
+            else:
+                usable[name] = fn
         except Exception as e:  # a private op that fails here is simply not a candidate
             _log.debug("%s not used: %s", name, e)
     best: dict[str, float | None] = {name: None for name in candidates}

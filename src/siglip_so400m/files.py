@@ -1,5 +1,5 @@
-"""Files written whole or not at all: the one atomic write of the package and the fsync it needs.
-Imports nothing of the package, so every module may use it."""
+"""Files written whole or not at all (the one atomic write of the package and the fsync it needs),
+and the package's cache folder. Imports nothing of the package, so every module may use it."""
 
 from __future__ import annotations
 
@@ -63,3 +63,11 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def cache_dir() -> Path:
+    """$SIGLIP_SO400M_CACHE, else $XDG_CACHE_HOME/siglip_so400m, else ~/.cache/siglip_so400m: where
+    zero-shot's label embeddings and the kernel choices (autotune.py) are kept."""
+    if os.environ.get("SIGLIP_SO400M_CACHE"):
+        return Path(os.environ["SIGLIP_SO400M_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siglip_so400m"

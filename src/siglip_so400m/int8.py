@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 from dataclasses import dataclass
 
@@ -46,30 +47,31 @@ _ONEDNN = (torch.backends.mkldnn.is_available() and hasattr(torch.ops, "onednn")
            and hasattr(torch.ops.onednn, "qlinear_pointwise")
            and hasattr(torch.ops.onednn, "qlinear_prepack"))
 _log = logging.getLogger(__name__)
-_onednn_works: dict[torch.dtype, int] = {}  # activations' dtype -> onednn_weight_max, probed once
+_onednn_works: dict[tuple, int] = {}  # (activations' dtype, zero point) -> onednn_weight_max, probed once
+_OFF = ("0", "false", "no", "off")
 WEIGHT_MAX = 127  # 8-bit weights; 63 (7 bits) where oneDNN's kernel saturates 8-bit ones
 
 
-def onednn_weight_max(dtype: torch.dtype) -> int:
+def onednn_weight_max(dtype: torch.dtype, zero_point: int = 0) -> int:
     """The largest |weight level| with which oneDNN's int8 matmul gives the right numbers here for
-    activations in `dtype`: 127, 63, or 0 (not at all: torch._int_mm is used). Probed once per
-    dtype against torch._int_mm on the same int8 operands (exact integer sums).
+    activations in `dtype` taken as s8 (zero_point 0) or u8 (128): 127, 63, or 0 (not at all). Probed
+    once per dtype and zero point against torch._int_mm on the same int8 operands (exact sums).
 
     Not an idle check: on an AMD EPYC with AVX2 only (no VNNI, no AVX-512), torch 2.13's
     qlinear_pointwise with float32 activations and 8-bit weights was 11-38% off (bf16 was exact),
     which made `--dtype int8` embeddings silently wrong there; with 7-bit weights it is exact."""
-    limit = _onednn_works.get(dtype)
+    limit = _onednn_works.get((dtype, zero_point))
     if limit is None:
-        limit = _onednn_works[dtype] = _probe_onednn(dtype)
+        limit = _onednn_works[dtype, zero_point] = _probe_onednn(dtype, zero_point)
     return limit
 
 
-def onednn_works(dtype: torch.dtype) -> bool:
-    """Whether the model uses oneDNN's int8 matmul for activations in `dtype` (onednn_weight_max)."""
-    return onednn_weight_max(dtype) > 0
+def onednn_works(dtype: torch.dtype, zero_point: int = 0) -> bool:
+    """Whether oneDNN's int8 matmul may run for activations in `dtype` (onednn_weight_max)."""
+    return onednn_weight_max(dtype, zero_point) > 0
 
 
-def _probe_onednn(dtype: torch.dtype) -> int:
+def _probe_onednn(dtype: torch.dtype, zero_point: int) -> int:
     if not _ONEDNN:
         return 0
     g = torch.Generator().manual_seed(0)
@@ -79,8 +81,9 @@ def _probe_onednn(dtype: torch.dtype) -> int:
     for limit in (WEIGHT_MAX, 63):
         try:
             with torch.inference_mode():
-                got = _matmul(x, quantize_weight(layer.weight, layer.bias, True, weight_max=limit)).float()
-                ref = _matmul(x, quantize_weight(layer.weight, layer.bias, False, weight_max=limit)).float()
+                w, b = layer.weight, layer.bias
+                got = _matmul(x, quantize_weight(w, b, True, dtype, limit, zero_point)).float()
+                ref = _matmul(x, quantize_weight(w, b, False, dtype, limit)).float()
             # The same int8 operands: only the output's own rounding may differ (bf16: 2^-8 relative).
             tol = 1e-4 if dtype == torch.float32 else 2**-7
             if torch.allclose(got, ref, rtol=tol, atol=tol * ref.abs().max().item()):
@@ -90,8 +93,8 @@ def _probe_onednn(dtype: torch.dtype) -> int:
                            "on the same int8 operands")
         except Exception as e:  # a private op that fails or is wrong is not used
             reasons.append(f"with weights within +-{limit}: {e}")
-    _log.debug("oneDNN int8 matmul not used for %s activations, torch._int_mm instead: %s", dtype,
-               "; ".join(reasons))
+    _log.debug("oneDNN int8 matmul not used for %s activations as %s, torch._int_mm instead: %s", dtype,
+               "u8" if zero_point else "s8", "; ".join(reasons))
     return 0
 
 
@@ -121,7 +124,7 @@ def quantize_weight(weight: Tensor, bias: Tensor | None, onednn: bool | None = N
         chosen = route(weight, dtype)
         onednn, zero_point = chosen != "torch._int_mm", (128 if chosen == "oneDNN, u8" else 0)
     if weight_max is None:
-        weight_max = (onednn_weight_max(dtype) or WEIGHT_MAX) if onednn else WEIGHT_MAX
+        weight_max = (onednn_weight_max(dtype, zero_point) or WEIGHT_MAX) if onednn else WEIGHT_MAX
     w = weight.detach().float()
     scale = (w.abs().amax(dim=1) / weight_max).clamp(min=1e-12)  # (N,)
     q = (w / scale[:, None]).round_().clamp_(-weight_max, weight_max).to(torch.int8)  # (N, K)
@@ -145,19 +148,24 @@ def route(weight: Tensor, dtype: torch.dtype) -> str:
     activations as u8 (q + 128, zero point 128: the form oneDNN's fast kernels on VNNI CPUs without
     AMX take; s8 activations ran its reference kernel there, one image in over 290 s) or as s8, or
     torch._int_mm. oneDNN only where its probe found it exact (onednn_weight_max); each route's
-    result must equal torch._int_mm's on the same int8 operands."""
-    if not onednn_works(dtype):
+    result must equal torch._int_mm's on the same int8 operands (timed with the same weight levels;
+    where oneDNN needs 7-bit weights, its routes then use them and torch._int_mm 8-bit ones). With
+    measuring off (SIGLIP_SO400M_AUTOTUNE=0): oneDNN with s8 activations where exact."""
+    limits = {name: onednn_weight_max(dtype, zp) for name, zp in (("oneDNN, u8", 128), ("oneDNN, s8", 0))}
+    if not autotune.enabled():
+        return "oneDNN, s8" if limits["oneDNN, s8"] else "torch._int_mm"
+    if not any(limits.values()):
         return "torch._int_mm"
     N, K = weight.shape
     key = f"int8 {str(dtype)[6:]} {TOKENS}x{K}x{N}"
     known = autotune.known(key)
     if known in ROUTES:
         return known
-    limit = onednn_weight_max(dtype)
+    levels = min(v for v in limits.values() if v)
     x = torch.randn(TOKENS, K, generator=torch.Generator().manual_seed(0)).to(dtype)
-    ways = {"oneDNN, u8": quantize_weight(weight, None, True, dtype, limit, 128),
-            "oneDNN, s8": quantize_weight(weight, None, True, dtype, limit, 0),
-            "torch._int_mm": quantize_weight(weight, None, False, dtype, limit)}
+    ways = {name: quantize_weight(weight, None, True, dtype, levels, 128 if name == "oneDNN, u8" else 0)
+            for name, limit in limits.items() if limit}
+    ways["torch._int_mm"] = quantize_weight(weight, None, False, dtype, levels)
     with torch.inference_mode():
         return autotune.choose(
             key, {name: functools.partial(_matmul, x, w) for name, w in ways.items()}, "torch._int_mm",
@@ -267,8 +275,9 @@ def check_speed(dtype: torch.dtype = torch.float32) -> dict[str, float]:
             x = torch.randn(TOKENS, K, generator=g)
             x8 = x.to(dtype)
             with torch.inference_mode():
+                # _matmul quantizes x8 on every call (linear() would reuse the first call's).
                 autotune.choose(key, {"float32": functools.partial(F.linear, x, weight, bias),
-                                      "int8": functools.partial(linear, x8, w8)}, "float32")
+                                      "int8": functools.partial(_matmul, x8, w8)}, "float32")
         ms = autotune.measured(key)
         if ms.get("int8") is None or ms.get("float32") is None:
             return {}
@@ -296,8 +305,9 @@ def quantize_int8(module: nn.Module, dtype: torch.dtype = torch.float32, onednn:
 
     onednn=None (load's way): each layer takes its measured route (route()), and int8 is refused
     where it measured slower than float32 (check_speed, Int8Slower); True / False force oneDNN
-    (activations with `zero_point`: 0, s8, or 128, u8) / torch._int_mm without measuring."""
-    if onednn is None:
+    (activations with `zero_point`: 0, s8, or 128, u8) / torch._int_mm without measuring.
+    SIGLIP_SO400M_INT8_SPEED_CHECK=0 skips check_speed (int8 wanted for its memory, not its speed)."""
+    if onednn is None and os.environ.get("SIGLIP_SO400M_INT8_SPEED_CHECK", "1") not in _OFF:
         check_speed(dtype)
     count = 0
     for m in module.modules():

@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import logging
 import platform
+import threading
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +112,7 @@ def _projections_way(x: Tensor, layers: tuple[nn.Linear, ...]) -> str:
                 "stacked": lambda: _stacked_projections(x, layers)}
         way = _ways[memo] = autotune.choose(key, ways, "one by one", check=_all_close)
         if way != "stacked":
-            layers[0].__dict__.pop("_stacked", None)
+            _drop(layers[0], "stacked")
     return way
 
 
@@ -128,12 +130,9 @@ class _Stacked:
 
 
 def _stacked(layers: tuple[nn.Linear, ...]) -> _Stacked:
-    """The layers' weights stacked, kept on the first layer, made again if any of them changed."""
-    stamp = tuple(_stamp(t) for m in layers for t in (m.weight, m.bias) if t is not None)
-    hit = layers[0].__dict__.get("_stacked")
-    if hit is None or hit[0] != stamp:
-        hit = layers[0].__dict__["_stacked"] = (stamp, _Stacked(layers))
-    return hit[1]
+    """The layers' weights stacked (kept for the first layer), made again if any of them changed."""
+    return _copy(layers[0], "stacked", [t for m in layers for t in (m.weight, m.bias) if t is not None],
+                 lambda: _Stacked(layers))
 
 
 def _plain(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -> Tensor:
@@ -147,14 +146,18 @@ def _onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None, gelu: bool) -
 
 
 def _mkl_linear(x: Tensor, layer: nn.Linear, gelu: bool) -> Tensor:
-    y = torch.ops.mkl._mkl_linear(x, _packed(layer, "mkl", x), layer.weight, layer.bias, _rows(x))
+    # MKL's packed operand is for the rows it was packed for: with other rows the op runs the plain
+    # weight (the same numbers, unpacked speed).
+    rows, packed = _packed(layer, "mkl", x)
+    y = torch.ops.mkl._mkl_linear(x, packed, layer.weight, layer.bias, rows)
     return F.gelu(y, approximate="tanh") if gelu else y
 
 
 _LINEAR = {
     "F.linear": lambda x, layer, gelu: _plain(x, layer.weight, layer.bias, gelu),
     "oneDNN": lambda x, layer, gelu: _onednn_linear(x, layer.weight, layer.bias, gelu),
-    "oneDNN, packed": lambda x, layer, gelu: _onednn_linear(x, _packed(layer, "onednn", x), layer.bias, gelu),
+    "oneDNN, packed": lambda x, layer, gelu: _onednn_linear(x, _packed(layer, "onednn", x)[1], layer.bias,
+                                                            gelu),
     "MKL, packed": _mkl_linear,
 }
 _ways: dict[tuple, str] = {}  # (threads, key) -> the way chosen, this process
@@ -177,10 +180,11 @@ def _linear_way(x: Tensor, layer: nn.Linear, gelu: bool) -> str:
             names.append("MKL, packed")
         way = "F.linear"
         if len(names) > 1:
-            # The ways that lose keep no packed copy: only the chosen one's stays on the layer.
             way = autotune.choose(key, {n: functools.partial(_LINEAR[n], x, layer, gelu) for n in names},
                                   "F.linear", check=_close)
-            _drop_packed(layer, keep={"oneDNN, packed": "onednn", "MKL, packed": "mkl"}.get(way))
+            for way_, kind in (("oneDNN, packed", "onednn"), ("MKL, packed", "mkl")):
+                if way != way_:  # a way that lost keeps no copy of the weight
+                    _drop(layer, kind)
         _ways[memo] = way
     return way
 
@@ -200,35 +204,74 @@ def _mkl_packed_available() -> bool:
             and hasattr(ops, "_mkl_reorder_linear_weight"))
 
 
-def _stamp(w: Tensor) -> tuple:
-    try:  # a weight changed in place (training) has a new version; a new weight a new address
-        version = w._version
-    except RuntimeError:  # an inference tensor: never changed in place
-        version = None
-    return w.data_ptr(), version, w.dtype, tuple(w.shape)
+# Copies of weights made for a faster way (packed, stacked), per layer: {layer: {kind: (the tensors
+# they were made from, their versions, the copy)}}. Beside the model, not on it, so that a model
+# still deep-copies and pickles (oneDNN's packed tensors do neither), and freed with the layer.
+_copies: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_copies_lock = threading.Lock()
 
 
-def _packed(layer: nn.Linear, kind: str, x: Tensor) -> Tensor:
-    """The layer's weight packed once for `kind`'s matmul ("onednn": oneDNN's blocked layout;
-    "mkl": MKL's packed GEMM operand), made again if the weight changed. A copy beside the weight:
+def _versions(tensors: list[Tensor]) -> tuple:
+    out = []
+    for t in tensors:
+        try:
+            out.append(t._version)
+        except RuntimeError:  # an inference tensor keeps no version counter
+            out.append(None)
+    return tuple(out)
+
+
+def _copy(owner: object, kind: str, sources: list[Tensor], make):
+    """The copy `make()` makes from `sources`, made once and again whenever a source was replaced
+    (model.to(), a new Parameter, load_state_dict(assign=True)) or changed in place through autograd's
+    version counter (an optimizer step, copy_ under no_grad). The entry holds the source tensors
+    themselves, so that a freed weight's memory cannot come back at the same address and pass for
+    it. A change made through `.data` bypasses the version counter: forget(model) after one."""
+    current = [t.detach() for t in sources]
+    with _copies_lock:
+        hit = _copies.setdefault(owner, {}).get(kind)
+    if hit is not None and len(hit[0]) == len(current) and hit[1] == _versions(sources) and all(
+            _same(a, b) for a, b in zip(hit[0], current, strict=True)):
+        return hit[2]
+    copy = make()
+    with _copies_lock:
+        _copies.setdefault(owner, {})[kind] = (current, _versions(sources), copy)
+    return copy
+
+
+def _same(a: Tensor, b: Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+
+
+def _drop(owner: object, kind: str) -> None:
+    with _copies_lock:
+        _copies.get(owner, {}).pop(kind, None)
+
+
+def forget(module: nn.Module | None = None) -> None:
+    """Drop the packed and stacked weight copies of `module`'s layers (all, without one), to free
+    their memory, or after changing weights through `.data`, which no version counter records."""
+    with _copies_lock:
+        if module is None:
+            _copies.clear()
+        else:
+            for m in module.modules():
+                _copies.pop(m, None)
+
+
+def _packed(layer: nn.Linear, kind: str, x: Tensor) -> tuple[int, Tensor]:
+    """The rows it was packed for and the layer's weight packed for `kind`'s matmul ("onednn":
+    oneDNN's blocked layout; "mkl": MKL's packed GEMM operand), made once. A copy beside the weight:
     the memory this costs is in docs/performance.md."""
-    store = layer.__dict__.setdefault("_packed_weights", {})
-    stamp = _stamp(layer.weight)
-    hit = store.get(kind)
-    if hit is None or hit[0] != stamp:
+    rows = _rows(x)
+
+    def pack():
         w = layer.weight.detach()
         if kind == "onednn":
-            packed = torch.ops.mkldnn._reorder_linear_weight(w, _rows(x))
-        else:
-            packed = torch.ops.mkl._mkl_reorder_linear_weight(w, _rows(x))
-        store[kind] = hit = (stamp, packed)
-    return hit[1]
+            return rows, torch.ops.mkldnn._reorder_linear_weight(w, rows)
+        return rows, torch.ops.mkl._mkl_reorder_linear_weight(w, rows)
 
-
-def _drop_packed(layer: nn.Linear, keep: str | None) -> None:
-    store = layer.__dict__.get("_packed_weights", {})
-    for kind in [k for k in store if k != keep]:
-        del store[kind]
+    return _copy(layer, kind, [layer.weight], pack)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tensor | None = None) -> Tensor:

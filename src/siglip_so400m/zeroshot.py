@@ -26,18 +26,14 @@ from torch import Tensor
 from .api import Processor
 from .config import DEFAULT_TEMPLATE
 from .errors import UsageError
+from .files import cache_dir
 from .image import ImageInput, expand_images
 from .model import SigLIP
 from .modelspec import ModelSpec, add_model_arguments
 from .text import Tokenizer, check_text_length, is_prompt_template, shorten, warn_if_truncated
 from .weights import Checkpoint, atomic_write
 
-
-def default_cache_dir() -> Path:
-    """$SIGLIP_SO400M_CACHE, else $XDG_CACHE_HOME/siglip_so400m, else ~/.cache/siglip_so400m."""
-    if os.environ.get("SIGLIP_SO400M_CACHE"):
-        return Path(os.environ["SIGLIP_SO400M_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "siglip_so400m"
+default_cache_dir = cache_dir  # the package's cache folder (files.cache_dir), by its older name
 
 
 def check_labels(labels: Sequence[str]) -> list[str]:
