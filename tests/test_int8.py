@@ -135,6 +135,9 @@ def test_each_onednn_route_is_exact_with_its_weight_range_at_so400m_shapes(dtype
     if not int8._ONEDNN:
         pytest.skip("this torch build has no oneDNN int8 matmul (torch.ops.onednn.qlinear_pointwise)")
     limit = int8.onednn_weight_max(dtype, zero_point)
+    if zero_point and not limit:
+        pytest.skip("oneDNN's int8 matmul is not exact here for u8 activations: its probe keeps it out "
+                    "of the routes (the s8 case asserts that oneDNN works at all)")
     assert limit in (127, 63), f"oneDNN's int8 matmul is not exact here for {dtype} with either weight range"
     g = torch.Generator().manual_seed(0)
     layer = torch.nn.Linear(1152, 4304)
@@ -164,6 +167,7 @@ def measuring(monkeypatch, tmp_path):
         return fake_ms.get(name, 1.0) / 1e3
 
     monkeypatch.setattr(autotune, "_time", clock)
+    monkeypatch.setattr(autotune, "SLOW", float("inf"))  # the test's clock decides, not first calls
     yield fake_ms
     autotune.forget()
 
@@ -294,5 +298,6 @@ def test_the_speed_check_times_int8_with_its_activation_quantizing(measuring, mo
         return 1e-3
 
     monkeypatch.setattr(autotune, "_time", clock)
+    monkeypatch.setattr(autotune, "SLOW", float("inf"))
     int8.check_speed(torch.float32)
     assert quantized_per_call and all(n == 1 for n in quantized_per_call), quantized_per_call

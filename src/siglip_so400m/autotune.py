@@ -131,16 +131,16 @@ def _across_processes(path: Path | None):
     # Nested measuring (stacked projections time linear layers, which choose their own way) holds
     # the lock already: a second flock on a new descriptor of the same file would wait for ever.
     _lock_depth += 1
-    if fcntl is not None and path is not None and _lock_depth == 1:
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except OSError:
-            if lock is not None:
-                lock.close()
-            lock = None
     try:
+        if fcntl is not None and path is not None and _lock_depth == 1:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                lock = open(path.with_name(path.name + ".lock"), "a")  # noqa: SIM115 (held across the yield)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            except OSError:
+                if lock is not None:
+                    lock.close()
+                lock = None
         yield
     finally:
         _lock_depth -= 1
@@ -220,6 +220,7 @@ def _measure(candidates: dict[str, Callable[[], object]], reference: str,
     ref_out = candidates[reference]()  # the reference must work: its errors are the caller's
     ref_first = time.perf_counter() - start
     usable = {reference: candidates[reference]}
+    slow: dict[str, float] = {}  # first-call seconds of the candidates too slow to time further
     for name, fn in candidates.items():
         if name == reference:
             continue
@@ -232,11 +233,12 @@ def _measure(candidates: dict[str, Callable[[], object]], reference: str,
             elif first > max(SLOW * ref_first, 0.2):  # no need to time it ROUNDS times more
                 _log.debug("%s not used: its first call took %.3g s, %s's %.3g s", name, first, reference,
                            ref_first)
+                slow[name] = first
             else:
                 usable[name] = fn
         except Exception as e:  # a private op that fails here is simply not a candidate
             _log.debug("%s not used: %s", name, e)
-    best: dict[str, float | None] = {name: None for name in candidates}
+    best: dict[str, float | None] = {name: slow.get(name) for name in candidates}
     names = list(usable)
     for _ in range(ROUNDS if len(usable) > 1 else 0):
         random.shuffle(names)  # drift in the machine's speed hits every candidate alike
@@ -244,6 +246,7 @@ def _measure(candidates: dict[str, Callable[[], object]], reference: str,
             t = _time(name, usable[name])
             best[name] = t if best[name] is None else min(best[name], t)
     if len(usable) == 1:
+        best[reference] = ref_first  # its one call: enough to compare with the slow ones' first
         return reference, best
     fastest = min(usable, key=lambda n: best[n])
     if fastest != reference and best[fastest] > (1 - MARGIN) * best[reference]:

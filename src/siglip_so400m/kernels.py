@@ -240,7 +240,8 @@ def _copy(owner: object, kind: str, sources: list[Tensor], make):
 
 
 def _same(a: Tensor, b: Tensor) -> bool:
-    return a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape and a.device == b.device
+    return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+            and a.stride() == b.stride() and a.device == b.device)
 
 
 def _drop(owner: object, kind: str) -> None:
