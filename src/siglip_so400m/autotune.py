@@ -1,8 +1,8 @@
 """Kernels chosen by measurement, not by CPU flags.
 
-The first time a CPU fast path meets a kind of call (an op, a dtype and a shape, with the number of
-rows rounded up to a power of two), every candidate that computes the same thing is timed on that
-shape, and the fastest is used from then on. A candidate that fails, or whose result is not the
+The first time a CPU fast path meets a kind of call (an op, a dtype and a shape: the callers decide
+what the key holds), every candidate that computes the same thing is timed on that shape, and the
+fastest is used from then on. A candidate that fails, or whose result is not the
 reference candidate's within the op's tolerance, is not used. The reference candidate (the plain
 PyTorch op) is kept unless another one is at least `MARGIN` faster, so that noise does not flip a
 choice between two equals.

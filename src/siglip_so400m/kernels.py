@@ -104,10 +104,11 @@ def _stacked_projections(x: Tensor, layers: tuple[nn.Linear, ...]) -> list[Tenso
 def _projections_way(x: Tensor, layers: tuple[nn.Linear, ...]) -> str:
     K = x.shape[-1]
     widths = "+".join(str(m.out_features) for m in layers)
-    key = f"projections {str(x.dtype)[6:]} {autotune.rows_bucket(_rows(x))}x{K}x{widths}"
+    key = f"projections {str(x.dtype)[6:]} {K}x{widths}"
     memo = (torch.get_num_threads(), key)
     way = _ways.get(memo)
     if way is None:
+        x = _sample(x)
         ways = {"one by one": lambda: [linear(x, m) for m in layers],
                 "stacked": lambda: _stacked_projections(x, layers)}
         way = _ways[memo] = autotune.choose(key, ways, "one by one", check=_all_close)
@@ -167,12 +168,25 @@ def _rows(x: Tensor) -> int:
     return x.numel() // x.shape[-1]
 
 
+# One way per layer shape, whatever the rows: a text's embedding must not change with the number of
+# texts batched with it (the server batches clients together), and the ways round differently (bf16
+# GELU fused into the matmul or after its rounded output). So each shape is timed at TOKENS rows
+# (one So400m image's tokens) of a made-up input, not at whatever rows came first.
+TOKENS = 729
+
+
+def _sample(x: Tensor, rows: int = TOKENS) -> Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(rows, x.shape[-1], generator=g).to(x.dtype)
+
+
 def _linear_way(x: Tensor, layer: nn.Linear, gelu: bool) -> str:
     N, K = layer.weight.shape
-    key = f"linear {str(x.dtype)[6:]} {autotune.rows_bucket(_rows(x))}x{K}x{N}{' gelu' if gelu else ''}"
+    key = f"linear {str(x.dtype)[6:]} {K}x{N}{' gelu' if gelu else ''}"
     memo = (torch.get_num_threads(), key)
     way = _ways.get(memo)
     if way is None:
+        x = _sample(x)
         names = ["F.linear"]
         if _onednn(x.dtype):
             names += ["oneDNN", "oneDNN, packed"]
@@ -292,9 +306,11 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout: float = 0.0, mask: Tenso
 
 
 def _attention_way(q: Tensor, k: Tensor, v: Tensor) -> str:
-    B, H, Nq, Dh = q.shape
+    # Not by batch size (a text's bits must not depend on its batch-mates): H heads, the lengths
+    # rounded up to a power of two (a NaFlex image's own length decides), the head width.
+    _, H, Nq, Dh = q.shape
     bucket = autotune.rows_bucket
-    key = f"attention {str(q.dtype)[6:]} {bucket(B * H)}x{bucket(Nq)}x{bucket(k.shape[2])}x{Dh}"
+    key = f"attention {str(q.dtype)[6:]} {H}x{bucket(Nq)}x{bucket(k.shape[2])}x{Dh}"
     memo = (torch.get_num_threads(), key)
     way = _ways.get(memo)
     if way is None:
