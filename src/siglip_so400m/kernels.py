@@ -171,11 +171,10 @@ def _rows(x: Tensor) -> int:
 # One way per layer shape, whatever the rows: a text's embedding must not change with the number of
 # texts batched with it (the server batches clients together), and the ways round differently (bf16
 # GELU fused into the matmul or after its rounded output). So each shape is timed at TOKENS rows
-# (one So400m image's tokens) of a made-up input, not at whatever rows came first.
-TOKENS = 729
+# (one So400m image's tokens, int8.TOKENS) of a made-up input, not at whatever rows came first.
 
 
-def _sample(x: Tensor, rows: int = TOKENS) -> Tensor:
+def _sample(x: Tensor, rows: int = int8.TOKENS) -> Tensor:
     g = torch.Generator().manual_seed(0)
     return torch.randn(rows, x.shape[-1], generator=g).to(x.dtype)
 
@@ -241,15 +240,14 @@ def _copy(owner: object, kind: str, sources: list[Tensor], make):
     version counter (an optimizer step, copy_ under no_grad). The entry holds the source tensors
     themselves, so that a freed weight's memory cannot come back at the same address and pass for
     it. A change made through `.data` bypasses the version counter: forget(model) after one."""
-    current = [t.detach() for t in sources]
     with _copies_lock:
         hit = _copies.setdefault(owner, {}).get(kind)
-    if hit is not None and len(hit[0]) == len(current) and hit[1] == _versions(sources) and all(
-            _same(a, b) for a, b in zip(hit[0], current, strict=True)):
+    if hit is not None and len(hit[0]) == len(sources) and hit[1] == _versions(sources) and all(
+            _same(a, b) for a, b in zip(hit[0], sources, strict=True)):
         return hit[2]
     copy = make()
     with _copies_lock:
-        _copies.setdefault(owner, {})[kind] = (current, _versions(sources), copy)
+        _copies.setdefault(owner, {})[kind] = ([t.detach() for t in sources], _versions(sources), copy)
     return copy
 
 

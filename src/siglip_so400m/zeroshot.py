@@ -23,17 +23,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+from . import files
 from .api import Processor
 from .config import DEFAULT_TEMPLATE
 from .errors import UsageError
-from .files import cache_dir
 from .image import ImageInput, expand_images
 from .model import SigLIP
 from .modelspec import ModelSpec, add_model_arguments
 from .text import Tokenizer, check_text_length, is_prompt_template, shorten, warn_if_truncated
 from .weights import Checkpoint, atomic_write
-
-default_cache_dir = cache_dir  # the package's cache folder (files.cache_dir), by its older name
 
 
 def check_labels(labels: Sequence[str]) -> list[str]:
@@ -301,7 +299,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
 
     from .image import ImageReadError
     from .weights import CheckpointError
-    from .zeroshot import LabelCache, ZeroShotClassifier, default_cache_dir
+    from .zeroshot import LabelCache, ZeroShotClassifier
 
     run = ModelSpec.from_args(args).resolve()
     precision = run.precision
@@ -316,7 +314,7 @@ def run_zero_shot(args: argparse.Namespace) -> int:
                                   "tokenizer.model) to tokenize the labels with")
         cache = None
         if not args.no_cache:
-            cache = LabelCache(args.cache_dir or default_cache_dir(), ckpt, processor.tokenizer,
+            cache = LabelCache(args.cache_dir or files.cache_dir(), ckpt, processor.tokenizer,
                                templates, precision)
         # With every label cached, the text tower is neither read nor run.
         towers = ("vision",) if cache and not cache.missing(labels) else ("vision", "text")

@@ -81,9 +81,9 @@ def eval_main(argv: list[str] | None = None, prog: str | None = None) -> int:
         warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)
         try:
             if args.task == "zero-shot":
-                from ..zeroshot import default_cache_dir
+                from ..files import cache_dir
 
-                cache = None if args.no_cache else args.cache_dir or default_cache_dir()
+                cache = None if args.no_cache else args.cache_dir or cache_dir()
                 result = zero_shot(args.data, classes=args.classes, cache_dir=cache,
                                    templates=args.templates_file or args.templates, **common)
             else:
